@@ -1,0 +1,263 @@
+"""common/data.py: loaders on fabricated VOC/COCO folders, every error, the toy generator."""
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import data
+from common.data import DataError, SegDataset
+
+
+def write_voc(root, *, annotations=True, classes=None, num=4, mask_mode="P", grayscale_first=True,
+              mask_dir="SegmentationClass"):
+    """A tiny VOC-layout folder: image i holds class (i % 3) + 1 in a square; image 0 is grayscale."""
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / mask_dir).mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    names = classes or data.VOC_CLASSES
+    if classes:
+        (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    if annotations:
+        (root / "Annotations").mkdir()
+    ids = [f"img_{i}" for i in range(num)]
+    for i, name in enumerate(ids):
+        h, w = 20 + i, 24
+        image = np.full((h, w, 3), 40 * i, np.uint8)
+        if grayscale_first and i == 0:
+            Image.fromarray(image[..., 0], mode="L").save(root / "JPEGImages" / f"{name}.jpg")
+        else:
+            Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg")
+        mask = np.zeros((h, w), np.uint8)
+        cls = i % 3 + 1
+        mask[4:12, 4:12] = cls
+        mask[4, 4:12] = 255
+        if mask_mode == "P":
+            data.save_mask(root / mask_dir / f"{name}.png", mask)
+        else:
+            Image.fromarray(mask, mode="L").save(root / mask_dir / f"{name}.png")
+        if annotations:
+            objects = "".join(f"<object><name>{n}</name></object>" for n in (names[cls], names[1]))
+            (root / "Annotations" / f"{name}.xml").write_text(f"<annotation>{objects}</annotation>")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[:3]) + "\n")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text(ids[3] + "\n")
+    return ids
+
+
+def test_palette_and_save_mask_roundtrip(tmp_path):
+    pal = data.voc_palette()
+    assert pal.shape == (256, 3)
+    assert pal[0].tolist() == [0, 0, 0] and pal[1].tolist() == [128, 0, 0]
+    assert pal[15].tolist() == [192, 128, 128] and pal[20].tolist() == [0, 64, 128]
+    assert pal[255].tolist() == [224, 224, 192]
+    mask = np.array([[0, 1, 20], [255, 7, 0]], np.uint8)
+    data.save_mask(tmp_path / "a" / "m.png", mask)
+    with Image.open(tmp_path / "a" / "m.png") as im:
+        assert im.mode == "P"
+    np.testing.assert_array_equal(data.read_mask(tmp_path / "a" / "m.png"), mask)
+
+
+@pytest.mark.parametrize("mask_mode", ["P", "L"])
+def test_voc_loader_with_annotations(tmp_path, mask_mode):
+    write_voc(tmp_path, mask_mode=mask_mode)
+    ds = SegDataset(tmp_path, "train")
+    assert ds.num_classes == 21 and ds.class_names[0] == "background" and len(ds) == 3
+    assert ds.label_source == "xml"
+    s = ds[0]
+    assert s["name"] == "img_0"
+    assert s["image"].shape == (20, 24, 3) and s["image"].dtype == np.uint8  # grayscale JPEG comes back RGB
+    assert s["mask"].dtype == np.uint8 and set(np.unique(s["mask"])) == {0, 1, 255}
+    # XML names both 'aeroplane' (1) and the square's class: labels follow the XML, not the mask.
+    assert s["label"].shape == (20,) and s["label"].dtype == np.float32
+    assert np.flatnonzero(ds[1]["label"]).tolist() == [0, 1]
+
+
+def test_labels_from_masks_and_classes_txt(tmp_path):
+    write_voc(tmp_path, annotations=False, classes=["background", "cat", "dog", "fox"])
+    ds = SegDataset(tmp_path, "train")
+    assert ds.class_names == ("background", "cat", "dog", "fox") and ds.num_classes == 4
+    assert ds.label_source == "mask"
+    np.testing.assert_array_equal(ds.labels(), [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    labels = data.image_labels(tmp_path, ds.ids, "mask", cache=tmp_path / "cache.npy")
+    assert (tmp_path / "cache.npy").is_file() and labels["img_2"].tolist() == [0, 0, 1]
+
+
+def test_image_modes_come_back_rgb(tmp_path):
+    write_voc(tmp_path, annotations=False)
+    for mode in ("L", "CMYK", "P", "RGBA"):
+        path = tmp_path / f"x_{mode}.png" if mode != "CMYK" else tmp_path / "x.jpg"
+        Image.new(mode, (5, 4)).save(path)
+        out = data.read_image(path)
+        assert out.shape == (4, 5, 3) and out.dtype == np.uint8
+
+
+def test_train_aug_derived_from_aug_masks(tmp_path):
+    write_voc(tmp_path, annotations=False, mask_dir="SegmentationClassAug")
+    with pytest.warns(UserWarning, match="10582"):
+        ids = data.split_ids(tmp_path, "train_aug")
+    assert ids == ["img_0", "img_1", "img_2"]  # all Aug stems minus val
+    ds = SegDataset(tmp_path, "val")  # masks found in SegmentationClassAug
+    assert ds[0]["mask"].shape == (23, 24)
+
+
+def test_extra_dirs_and_test_split(tmp_path):
+    write_voc(tmp_path, annotations=False)
+    (tmp_path / "sal").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20 + i, 24), 200, np.uint8)).save(tmp_path / "sal" / f"img_{i}.png")
+    ds = SegDataset(tmp_path, "train", extra_dirs={"saliency": tmp_path / "sal"})
+    assert ds[2]["saliency"].shape == (22, 24)
+    (tmp_path / "ImageSets" / "Segmentation" / "test.txt").write_text("extra\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "JPEGImages" / "extra.jpg")
+    s = SegDataset(tmp_path, "test")[0]
+    assert "mask" not in s and s["image"].shape == (8, 8, 3)
+
+
+def test_rng_depends_on_seed_epoch_index_not_workers(tmp_path):
+    write_voc(tmp_path, annotations=False)
+    transform = lambda sample, rng: torch.tensor(rng.random(3))
+    ds = SegDataset(tmp_path, "train", transform=transform, seed=7)
+    a = torch.stack([ds[i] for i in range(3)])
+    b = torch.cat(list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)))
+    torch.testing.assert_close(a, b)
+    ds.set_epoch(1)
+    assert not torch.equal(a[0], ds[0])
+    assert torch.equal(SegDataset(tmp_path, "train", transform=transform, seed=7)[1], a[1])
+
+
+def test_coco_layouts(tmp_path):
+    for layout in ("SegmentationClass", "coco_seg_anno"):
+        root = tmp_path / layout
+        (root / "train2014").mkdir(parents=True)
+        mdir = root / "SegmentationClass" / "train2014" if layout == "SegmentationClass" else root / "coco_seg_anno"
+        mdir.mkdir(parents=True)
+        for k in (9, 25):
+            stem = f"COCO_train2014_{k:012d}"
+            Image.new("RGB", (10, 6)).save(root / "train2014" / f"{stem}.jpg")
+            mask = np.zeros((6, 10), np.uint8)
+            mask[1:3, 1:3] = 80 if k == 9 else 1
+            Image.fromarray(mask).save(mdir / f"{stem if layout == 'SegmentationClass' else f'{k:012d}'}.png")
+        spec = data.resolve_data(str(root))
+        assert spec.dataset == "coco"
+        ds = SegDataset(spec.root, "train", dataset="coco")
+        assert ds.num_classes == 81 and ds.class_names[80] == "toothbrush"
+        assert ds.ids == ["COCO_train2014_000000000009", "COCO_train2014_000000000025"]
+        assert np.flatnonzero(ds[0]["label"]).tolist() == [79]
+    assert len(data.COCO_CATEGORY_IDS) == 80 and data.COCO_CATEGORY_IDS[-1] == 90
+
+
+def test_resolve_data(tmp_path):
+    write_voc(tmp_path / "VOCdevkit" / "VOC2012", annotations=False)
+    spec = data.resolve_data(str(tmp_path / "VOCdevkit"))
+    assert spec.root == tmp_path / "VOCdevkit" / "VOC2012" and spec.dataset == "voc"
+    assert data.default_splits(spec) == {"train": "train_aug", "seed": "train", "val": "val"}
+    with pytest.raises(DataError, match="does not exist"):
+        data.resolve_data(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match=r"data.README\.md|--data"):
+        data.resolve_data("NoSuchDatasetName")
+
+
+# ----------------------------------------------------------------------------- errors
+def _one_line(exc):
+    msg = str(exc.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_error_missing_root(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as e:
+        SegDataset(tmp_path / "missing", "train")
+    _one_line(e)
+
+
+def test_error_missing_jpegimages_and_masks(tmp_path):
+    write_voc(tmp_path, annotations=False)
+    (tmp_path / "JPEGImages").rename(tmp_path / "images")
+    with pytest.raises(DataError, match="JPEGImages") as e:
+        SegDataset(tmp_path, "train")
+    _one_line(e)
+    (tmp_path / "images").rename(tmp_path / "JPEGImages")
+    (tmp_path / "SegmentationClass").rename(tmp_path / "masks")
+    with pytest.raises(DataError, match="mask folder"):
+        SegDataset(tmp_path, "train")
+
+
+def test_error_split_files(tmp_path):
+    write_voc(tmp_path, annotations=False)
+    with pytest.raises(DataError, match="trainval.txt is missing"):
+        SegDataset(tmp_path, "trainval")
+    (tmp_path / "ImageSets" / "Segmentation" / "trainval.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="empty"):
+        SegDataset(tmp_path, "trainval")
+    (tmp_path / "ImageSets" / "Segmentation" / "trainval.txt").write_text("img_0\nghost\n")
+    with pytest.raises(DataError, match="1 ids of split 'trainval' have no image.*ghost"):
+        SegDataset(tmp_path, "trainval")
+
+
+def test_error_mask_size_and_values(tmp_path):
+    write_voc(tmp_path, annotations=False, classes=["background", "a", "b", "c"])
+    data.save_mask(tmp_path / "SegmentationClass" / "img_0.png", np.zeros((5, 5), np.uint8))
+    ds = SegDataset(tmp_path, "train")
+    with pytest.raises(DataError, match="5x5 but its image is 24x20") as e:
+        ds[0]
+    _one_line(e)
+    data.save_mask(tmp_path / "SegmentationClass" / "img_1.png", np.full((21, 24), 9, np.uint8))
+    with pytest.raises(DataError, match="value 9.*only 4 classes"):
+        ds[1]
+
+
+def test_error_unreadable_image_and_worker_message(tmp_path):
+    write_voc(tmp_path, annotations=False)
+    (tmp_path / "JPEGImages" / "img_1.jpg").write_bytes(b"not a jpeg")
+    ds = SegDataset(tmp_path, "train")
+    with pytest.raises(DataError, match="cannot read image .*img_1.jpg"):
+        ds[1]
+    # Raised inside a DataLoader worker, the message still reads as one line.
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, collate_fn=lambda x: x)
+    with pytest.raises(DataError) as e:
+        list(loader)
+    assert _one_line(e).startswith("cannot read image")
+
+
+def test_error_bad_xml_class(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "Annotations" / "img_0.xml").write_text("<annotation><object><name>unicorn</name></object></annotation>")
+    with pytest.raises(DataError, match="unicorn"):
+        SegDataset(tmp_path, "train")
+
+
+# ----------------------------------------------------------------------------- toy dataset
+def test_toy_deterministic_and_reused(tmp_path):
+    a = data.make_toy(tmp_path / "a", num_train=6, num_val=2, seed=3)
+    b = data.make_toy(tmp_path / "b", num_train=6, num_val=2, seed=3)
+    for sub in ("JPEGImages/train_00004.jpg", "SegmentationClass/val_00001.png", "saliency/train_00002.png"):
+        assert (a / sub).read_bytes() == (b / sub).read_bytes()
+    before = (a / "JPEGImages" / "train_00000.jpg").stat().st_mtime_ns
+    data.make_toy(a, num_train=6, num_val=2, seed=3)  # same version and arguments: reused
+    assert (a / "JPEGImages" / "train_00000.jpg").stat().st_mtime_ns == before
+    (a / "toy_version.txt").write_text("version=0\n")  # an older generator: regenerated
+    data.make_toy(a, num_train=6, num_val=2, seed=3)
+    assert (a / "toy_version.txt").read_text().startswith(f"version={data.TOY_VERSION}")
+    c = data.make_toy(tmp_path / "c", num_train=6, num_val=2, seed=4)
+    assert (c / "JPEGImages/train_00004.jpg").read_bytes() != (a / "JPEGImages/train_00004.jpg").read_bytes()
+
+
+def test_toy_full_size_speed_and_statistics(tmp_path):
+    start = time.perf_counter()
+    root = data.make_toy(tmp_path / "toy", num_train=1000, num_val=200)
+    assert time.perf_counter() - start < 30
+    train = SegDataset(root, "train")
+    assert len(train) == 1000 and len(SegDataset(root, "val")) == 200
+    assert train.class_names == data.TOY_CLASSES
+    labels = train.labels()
+    single = (labels.sum(1) == 1).mean()
+    assert 0.4 < single < 0.6 and labels.sum(1).max() <= 3 and labels.sum(1).min() >= 1
+    pairs = labels.T @ labels
+    never = [(0, 1), (0, 2), (1, 2), (1, 3)]  # boat-train, boat-cow, train-cow, train-bird
+    assert all(pairs[i, j] == 0 for i, j in never)
+    assert pairs[0, 5] > 50 and pairs[4, 5] > 50  # boat-person and car-person are frequent
+    s = train[0]
+    assert 96 <= s["image"].shape[0] <= 128 and (s["mask"] == 255).any()
+    assert data.split_ids(root, "train_aug") == train.ids
+

@@ -473,7 +473,7 @@ def default_splits(spec: DataSpec) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # The toy dataset
 # ---------------------------------------------------------------------------------------------
-TOY_VERSION = 1
+TOY_VERSION = 2
 TOY_CLASSES = ("background", "boat", "train", "cow", "bird", "car", "person")
 # Unlabeled context (stays background in the masks) that comes with a class, like water under
 # boats, rails under trains and grass under cows: plain CAMs learn it as evidence and spill into it.
@@ -505,7 +505,7 @@ def _toy_polygon(cls: int, rng, size: float) -> list[list[np.ndarray]]:
         sail = np.array([[-0.05 * size, 0.0], [0.05 * size, -1.1 * size * jitter()], [0.6 * size, 0.0]])
         return [hull, sail]
     if cls == 2:  # train: a long box with a cab
-        length, height = 1.6 * size * jitter(), 0.45 * size
+        length, height = 1.2 * size * jitter(), 0.45 * size
         body = np.array([[-length, -height], [length, -height], [length, height], [-length, height]])
         cab = np.array([[length * 0.55, -height * 1.8], [length, -height * 1.8], [length, -height], [length * 0.55, -height]])
         return [body, cab]
@@ -628,7 +628,7 @@ def _toy_sample(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     instances = [c for c in labels for _ in range(1 if rng.random() < 0.7 else 2)]
     rng.shuffle(instances)
     for cls in instances:
-        size = rng.uniform(0.12, 0.3) * min(h, w)
+        size = rng.uniform(0.25, 0.45) * min(h, w)
         # Objects with ground context stand on it; the others float anywhere.
         cx = rng.uniform(0.2, 0.8) * w
         cy = horizon - 0.2 * size if cls in TOY_CONTEXT else rng.uniform(0.2, 0.8) * h

@@ -1,0 +1,149 @@
+"""common/crf.py: the dense CRF cleans a noisy labelling of a synthetic two-region image, returns a
+normalised posterior / valid labels, reduces to the unary when the pairwise weights are zero, and
+rejects bad inputs with clear errors."""
+import numpy as np
+import pytest
+
+from common import crf
+
+pytestmark = pytest.mark.skipif(not crf.available(), reason="pydensecrf (pip install pydensecrf2) not installed")
+
+H, W = 48, 64
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A bright disc on a dark background with mild pixel noise; gt 1 on the disc, 0 elsewhere."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:H, :W]
+    gt = ((yy - 22) ** 2 + (xx - 36) ** 2 < 14 ** 2).astype(np.int64)
+    image = np.where(gt[..., None] == 1, np.array([210, 180, 60]), np.array([40, 60, 120]))
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    return image, gt
+
+
+def _noisy_probs(gt, flip_rate, seed):
+    """Two-class probabilities that favour the true class with p = 0.6, except on a random
+    ``flip_rate`` of pixels, where they favour the wrong one with p = 0.7."""
+    rng = np.random.default_rng(seed)
+    flipped = rng.random(gt.shape) < flip_rate
+    p_fg = np.where(gt == 1, 0.6, 0.4)
+    p_fg = np.where(flipped, np.where(gt == 1, 0.3, 0.7), p_fg)
+    return np.stack([1 - p_fg, p_fg]).astype(np.float32)  # (2, H, W)
+
+
+def test_refine_probs_cleans_noise_and_is_normalised(scene):
+    image, gt = scene
+    probs = _noisy_probs(gt, 0.3, seed=1)
+    acc_before = (probs.argmax(0) == gt).mean()
+    q = crf.refine_probs(image, probs)  # deeplab_v2 defaults
+    acc_after = (q.argmax(0) == gt).mean()
+    assert 0.65 < acc_before < 0.75  # the noise is what the fixture says
+    assert acc_after > 0.97 and acc_after > acc_before + 0.2
+    assert q.shape == (2, H, W) and q.dtype == np.float32
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
+    assert q.min() >= 0.0 and q.max() <= 1.0
+
+
+@pytest.mark.parametrize("preset", ["irn", "cobra_seg"])
+def test_refine_labels_cleans_noise(scene, preset):
+    image, gt = scene
+    rng = np.random.default_rng(2)
+    noisy = np.where(rng.random(gt.shape) < 0.25, 1 - gt, gt)
+    out = crf.refine_labels(image, noisy, 2, **crf.PRESETS[preset])
+    assert out.dtype == np.int64 and out.shape == (H, W)
+    assert set(np.unique(out)) <= {0, 1}
+    acc_before, acc_after = (noisy == gt).mean(), (out == gt).mean()
+    assert acc_after > 0.97 and acc_after > acc_before + 0.15
+
+
+def test_refine_labels_output_range_and_default_preset(scene):
+    image, _ = scene
+    labels = np.random.default_rng(3).integers(0, 4, (H, W))
+    out = crf.refine_labels(image, labels, 4)
+    assert out.dtype == np.int64 and out.min() >= 0 and out.max() <= 3
+    np.testing.assert_array_equal(out, crf.refine_labels(image, labels, 4, **crf.PRESETS["irn"]))
+    # One label: the only possible answer (pydensecrf's unary would divide by n_labels - 1 = 0).
+    np.testing.assert_array_equal(crf.refine_labels(image, np.zeros((H, W), int), 1), np.zeros((H, W)))
+
+
+def test_zero_pairwise_weights_return_the_unary_distribution(scene):
+    """With pos_w = bi_w = 0 mean field keeps Q = softmax(-U): the input probabilities for
+    refine_probs, gt_prob / (1 - gt_prob) on the given label / the others for the label unary."""
+    image, gt = scene
+    probs = _noisy_probs(gt, 0.3, seed=4)
+    off = dict(n_iters=3, pos_w=0, bi_w=0)
+    np.testing.assert_allclose(crf.refine_probs(image, probs, **off), probs, atol=1e-5)
+    labels = np.random.default_rng(5).integers(0, 3, (H, W))
+    np.testing.assert_array_equal(crf.refine_labels(image, labels, 3, **off), labels)
+    # The label unary by hand: -log 0.7 on the label, -log(0.3 / 2) elsewhere -> posterior 0.7 / 0.15.
+    unary = np.full((3, H, W), -np.log(0.15), np.float32)
+    np.put_along_axis(unary, labels[None], -np.log(0.7), axis=0)
+    q = crf.refine_unary(image, unary, **off)
+    np.testing.assert_allclose(np.take_along_axis(q, labels[None], axis=0), 0.7, atol=1e-5)
+
+
+def test_refine_unary_matches_refine_probs(scene):
+    image, gt = scene
+    probs = _noisy_probs(gt, 0.2, seed=6)
+    np.testing.assert_allclose(crf.refine_unary(image, -np.log(probs), **crf.PRESETS["aux_mct"]),
+                               crf.refine_probs(image, probs, **crf.PRESETS["aux_mct"]), atol=1e-5)
+
+
+def test_zero_probabilities_stay_finite(scene):
+    image, gt = scene
+    probs = np.zeros((3, H, W), np.float32)
+    probs[0] = 1 - gt
+    probs[1] = gt  # class 2 has probability 0 everywhere (absent from the image label)
+    q = crf.refine_probs(image, probs, **crf.PRESETS["cosa"])
+    assert np.isfinite(q).all() and q[2].max() < 1e-3
+    np.testing.assert_array_equal(q.argmax(0), gt)
+
+
+def test_presets_are_complete_and_runnable(scene):
+    image, gt = scene
+    names = {"deeplab_v2", "irn", "aux_mct", "psa", "cosa", "aux_sal", "cobra_seg"}
+    assert set(crf.PRESETS) == names
+    keys = {"n_iters", "pos_xy_std", "pos_w", "bi_xy_std", "bi_rgb_std", "bi_w"}
+    for name, params in crf.PRESETS.items():
+        assert set(params) == keys, name
+        q = crf.refine_probs(image, _noisy_probs(gt, 0.1, seed=7), **params)
+        np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
+    assert crf.PRESETS["cosa"]["n_iters"] == 1 and crf.PRESETS["aux_sal"]["n_iters"] == 1
+
+
+def test_non_contiguous_image_is_copied(scene):
+    image, gt = scene
+    flipped = image[:, ::-1]  # a view with negative strides
+    probs = _noisy_probs(gt, 0.2, seed=8)[:, :, ::-1]
+    np.testing.assert_allclose(crf.refine_probs(flipped, probs),
+                               crf.refine_probs(np.ascontiguousarray(flipped), np.ascontiguousarray(probs)), atol=1e-6)
+
+
+def test_validation_errors(scene):
+    image, gt = scene
+    probs = _noisy_probs(gt, 0.2, seed=9)
+    with pytest.raises(ValueError, match="uint8"):
+        crf.refine_probs(image.astype(np.float32), probs)
+    with pytest.raises(ValueError, match="RGB"):
+        crf.refine_probs(image[..., 0], probs)
+    with pytest.raises(ValueError, match="probs must be"):
+        crf.refine_probs(image, probs[:, :-1])
+    with pytest.raises(ValueError, match="probs must be"):
+        crf.refine_probs(image, probs[0])
+    with pytest.raises(ValueError, match="non-negative"):
+        crf.refine_probs(image, probs - 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        crf.refine_probs(image, np.full_like(probs, np.nan))
+    with pytest.raises(ValueError, match="labels must lie"):
+        crf.refine_labels(image, np.full((H, W), 255), 2)
+    with pytest.raises(ValueError, match="integer"):
+        crf.refine_labels(image, gt.astype(np.float32), 2)
+    with pytest.raises(ValueError, match="gt_prob"):
+        crf.refine_labels(image, gt, 2, gt_prob=1.0)
+    with pytest.raises(ValueError, match="unary"):
+        crf.refine_unary(image, np.zeros((2, H + 1, W), np.float32))
+    with pytest.raises(TypeError, match="unknown CRF parameter"):
+        crf.refine_probs(image, probs, sxy=3)
+    with pytest.raises(ValueError, match="n_iters"):
+        crf.refine_probs(image, probs, n_iters=0)

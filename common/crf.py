@@ -85,8 +85,9 @@ def _check_image(image) -> np.ndarray:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"CRF image must be an RGB uint8 (H, W, 3) array, got {desc}; "
                          "denormalize tensors first (common.augment.denormalize)")
-    # pydensecrf reads the raw buffer: a flipped or sliced view would be read in the wrong order.
-    return np.ascontiguousarray(image)
+    # pydensecrf reads the raw buffer through a writable memoryview: a flipped or sliced view would
+    # be read in the wrong order, and a read-only array (np.asarray of a PIL image) is refused.
+    return np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def _check_maps(image: np.ndarray, x, name: str) -> np.ndarray:

@@ -119,7 +119,7 @@ def read_image(path) -> np.ndarray:
     """Any image mode (L, RGB, RGBA, CMYK, P, ...) as uint8 (H, W, 3) RGB."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy, unlike np.asarray
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
     except Exception as exc:  # PIL raises several types for truncated or non-image files
@@ -134,7 +134,7 @@ def read_mask(path) -> np.ndarray:
         with Image.open(path) as image:
             if image.mode not in ("P", "L", "I", "I;16"):
                 raise DataError(f"mask {path} has mode {image.mode}; expected a single-channel (P or L) PNG of class indices")
-            mask = np.asarray(image)
+            mask = np.array(image)
     except DataError:
         raise
     except FileNotFoundError:

@@ -578,7 +578,7 @@ def saliency_crf(image: np.ndarray, a: np.ndarray, eps: float = 1e-8, tau: float
     U_fg = -np.log(a + eps) / (tau * sig(a))
     unary = np.stack([U_bg, U_fg]).astype(np.float32)  # (2, H, W)
     # Impl. (xulianuwa/AuxSegNet, tool/imutils.py crf_for_sal): Gaussian 3/3, bilateral 60/5/5, 1 iteration.
-    # np.array copies: pydensecrf rejects the read-only arrays PIL hands out (reported in /tmp/common_bugs.txt).
+    # np.array copies: pydensecrf rejects read-only buffers, and images decoded by PIL are read-only.
     Q = crf.refine_unary(np.array(image), unary, n_iters=1, pos_xy_std=3, pos_w=3,
                          bi_xy_std=60, bi_rgb_std=5, bi_w=5)
     return np.asarray(Q[1], dtype=np.float32)

@@ -20,7 +20,7 @@ Pipeline of this file (python csd.py runs all of it):
 With --csd off, stage 1 and the prior are skipped and stage 2 is the plain baseline.
 
 Reading guide:
-  Sec. 3.2 "Prior Localization Map Obtaining"   -> build_prior()
+  Sec. 3.2 "Prior Localization Map Obtaining"   -> run_pipeline() "Stage 1 + prior", write_labels()
   Sec. 3.2 "Co-occurrence Oriented Resampling"  -> split_domains(), cooccurrence_counts(),
                                                    cooccurrence_matrix(), cor_distribution()
   Sec. 3.2 "Augmentation-based SCL"             -> CSDTransform (copy-paste), make_composites(),

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -521,9 +522,16 @@ def test_cuda_without_gpu(toy_root, tmp_path, capsys):
     assert e.value.code == 2 and "no CUDA" in capsys.readouterr().err
 
 
+def free_port() -> int:
+    with socket.socket() as sock:  # other test files may run torchrun at the same time: no fixed port
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_torchrun_two_processes(toy_root, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(SCRIPT),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(SCRIPT),
            "--data", str(toy_root), "--out", str(out), *TINY, "--device", "cpu"]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,14 @@ TINY = ["--preset", "toy", "--max-iters", "2", "--batch-size", "4", "--seg-batch
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+def free_port():
+    with socket.socket() as s:  # other test files may run torchrun at the same time
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*argv, torchrun=False, timeout=300):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
            if torchrun else [sys.executable]) + [str(ROOT / "csd.py"), *map(str, argv)]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 

@@ -79,7 +79,6 @@ def test_pseudo_labels_follow_eq6_without_crf():
     assert PL.tolist() == [[[1, 3, 255, 0, 3]]]
 
 
-@pytest.mark.skipif(not common_crf.available(), reason="pydensecrf not installed")
 def test_pseudo_labels_with_crf_use_present_classes_only():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(2, 4, 4, 4, generator=g)
@@ -347,7 +346,6 @@ def test_tta_cam_size_and_flip_symmetry(toy_net):
     assert torch.allclose(cams, cams.flip(-1), atol=1e-4)
 
 
-@pytest.mark.skipif(not common_crf.available(), reason="pydensecrf not installed")
 def test_paper_preset_one_iteration_at_512():
     """The paper network (resnest101e, DeepLabV3+ 256, R 256) with random weights, one full step at 512, batch 1 + 1.
     Only the dCRF runs 1 mean-field iteration instead of 10 (4 CRFs at 512^2 cost ~20 s on CPU; the CRF

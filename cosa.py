@@ -69,24 +69,28 @@ Run:
     python cosa.py --data VOC2012                     (CUDA, paper settings: ViT-B/16, 448 crop, 20K it)
     python cosa.py --data COCO2014                    (CUDA, paper settings: batch 8, 40K it)
     python cosa.py --ablation base                    (Table 3a rows: base, gc, gc_sa, ..., full)
+    python cosa.py --supervision full                 (upper bound: ground-truth masks replace the CPL of Eq. (5))
     torchrun --nproc_per_node=2 cosa.py --data VOC2012
 """
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import inspect
 import json
+import logging
 import math
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import time
-import warnings
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import timm
@@ -94,35 +98,40 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from common import augment, crf, data, miou
 
+import warnings
+
 METHOD = "cosa"
-REPO = Path(__file__).resolve().parent
 
 
-# ---------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Config
-# ---------------------------------------------------------------------------------------------------
+# ==================================================================================================
 @dataclass
 class Args:
-    # --- common interface (DESIGN.md) ---
-    data: str = "toy"  # toy | VOC2012 | COCO2014 | a path
-    preset: str = "auto"  # auto = toy on the toy dataset, paper otherwise
-    out: Optional[str] = None  # run folder; default runs/cosa/<data>-<time>
+    # --- common interface (DESIGN.md): the same fields in all five scripts ---
+    data: str = "toy"  # toy | VOC2012 | COCO2014 | a dataset folder (VOC or COCO layout)
+    preset: str = "auto"  # auto = toy on the toy data, paper otherwise; every flag overrides its preset value
+    out: str = ""  # run folder (default runs/<method>/<data>-<time>); an existing non-empty one is never used
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0  # seeds python, numpy, torch and the data order/augmentations
-    workers: int = 4  # DataLoader workers
+    seed: int = 0  # python, numpy and torch RNGs, the data order and the augmentations
+    workers: int = 4  # DataLoader worker processes
     amp: bool = False  # bf16 autocast on CUDA; ignored (with a note) on CPU
-    resume: Optional[str] = None  # RUN_DIR to continue from its checkpoints/last.pt
-    eval_only: bool = False  # skip training, evaluate --ckpt
-    ckpt: Optional[str] = None  # checkpoint for --eval-only
-    pretrained: bool = True  # ImageNet weights through timm (paper); toy preset: False
-    weights: Optional[str] = None  # local backbone state dict instead of timm's download
-    max_iters: Optional[int] = None  # override the schedule length (warm-ups are not rescaled)
-    stop_after: Optional[int] = None  # testing aid: stop as if interrupted after N iterations
+    deterministic: bool = False  # deterministic cuDNN kernels (off: cudnn.benchmark autotuning)
+    resume: str = ""  # RUN_DIR: continue an interrupted run from its checkpoints/last.pt
+    eval_only: bool = False  # skip training and evaluate --ckpt
+    ckpt: str = ""  # checkpoints/last.pt of a finished run, for --eval-only
+    pretrained: bool = True  # ImageNet weights through timm (internet once, or a populated cache)
+    weights: str = ""  # a local backbone state dict instead of timm's download
+    supervision: str = "image"  # image: the method (WSSS) | full: ground-truth masks replace its pseudo labels
+    max_iters: int = 0  # > 0: cap every training stage at N iterations (warm-ups are not rescaled)
+    stop_after: int = 0  # > 0: stop as if interrupted after N iterations of this process (testing aid)
+    log_every: int = 50  # iterations between log lines
+    ckpt_every: int = 2000  # iterations between checkpoints/last.pt writes
     # --- model (Sec. 4.1, card §3) ---
     backbone: str = "vit_base_patch16_224.orig_in21k_ft_in1k"  # ViT-B/16, official jx_vit_base_p16_224
     backbone_kwargs: str = ""  # extra timm.create_model ints, e.g. "patch_size=8,embed_dim=128"
@@ -132,7 +141,7 @@ class Args:
     # --- data and schedule (Supp. B, card §6) ---
     crop: int = 448  # Sec. 4.1
     scale_min: float = 0.5  # rescale range, Tab. 12
-    scale_max: float = 2.0
+    scale_max: float = 2.0  # rescale range, Tab. 12
     strong_magnitudes: str = "paper"  # appearance-op magnitudes: paper (Tab. 14) | code (randaug.py)
     batch_size: int = 4  # global batch: 2 GPUs x 2 (Supp. B)
     iters: int = 20000  # Supp. B (VOC)
@@ -161,7 +170,7 @@ class Args:
     fixed_thr: float = 0.45  # threshold with --no-dt (Fig. 12 best fixed value)
     gmm_min: float = 0.05  # queue values <= this are dropped before fitting (official gmmfilter_thre)
     # --- component switches (Table 3) ---
-    ablation: Optional[str] = None  # base | gc | gc_sa | gc_sa_raw | gc_sa_csc | gc_sa_raw_csc | full
+    ablation: str = "full"  # Table 3a row: base | gc | gc_sa | gc_sa_raw | gc_sa_csc | gc_sa_raw_csc | full
     no_gc: bool = False  # no guided CAMs: lambda_s2c = 0
     no_sa: bool = False  # no swapping assignments: m = 0, AN = current ON weights
     no_raw: bool = False  # plain CE in CAM2Seg (w = 1)
@@ -175,20 +184,11 @@ class Args:
     seed_eval_limit: int = 0  # evaluate CPL on the first N ids of the seed split (0 = all)
     crf: bool = False  # CoSA*: dense CRF on the AN's softmax (preset "cosa", 1 iteration)
     num_vis: int = 8  # val images drawn into vis/
-    # --- bookkeeping ---
-    log_every: int = 50  # iterations between log lines
-    ckpt_every: int = 2000  # iterations between checkpoints/last.pt writes
 
 
 PRESETS = {
-    "paper_voc": dict(pretrained=True, backbone="vit_base_patch16_224.orig_in21k_ft_in1k", crop=448,
-                      batch_size=4, iters=20000, warmup_iters=1500, loss_warmup=6000, lr=6e-5,
-                      ema_m=0.9994, queue_len=100, decoder_dim=512, decoder_dilation=5, eval_size=448,
-                      eval_scales=(1.0, 0.5, 1.5, 0.75, 1.25), workers=4, ckpt_every=2000, log_every=50),
-    "paper_coco": dict(pretrained=True, backbone="vit_base_patch16_224.orig_in21k_ft_in1k", crop=448,
-                       batch_size=8, iters=40000, warmup_iters=1500, loss_warmup=10000, lr=6e-5,
-                       ema_m=0.9994, queue_len=100, decoder_dim=512, decoder_dilation=5, eval_size=448,
-                       eval_scales=(1.0, 0.5, 1.5, 0.75, 1.25), workers=4, ckpt_every=2000, log_every=50),
+    "paper_voc": dict(pretrained=True),  # the Args defaults are the paper's VOC settings
+    "paper_coco": dict(pretrained=True, batch_size=8, iters=40000, loss_warmup=10000),  # Supp. B (COCO)
     # card §10: random-init small ViT, 8 px patches; EMA horizon 1/(1-m) = 100 it ~ T/12 as in the paper
     # (pitfall 9). CPU budget: 64 px crops (8x8 tokens) and AN scales {1.0, 0.5} (the 1.5 scale alone
     # costs 2/3 of the AN pass); the paper preset keeps 448 px and {1.0, 0.5, 1.5}.
@@ -199,7 +199,6 @@ PRESETS = {
                 eval_size=96, eval_scales=(1.0, 0.5, 1.5), workers=0, seed_eval_limit=200, ckpt_every=300,
                 log_every=100, eval_batch=32),
 }
-
 # Table 3a rows: which components are OFF
 ABLATIONS = {
     "base": ("no_gc", "no_sa", "no_raw", "no_csc", "no_dt"),
@@ -210,98 +209,29 @@ ABLATIONS = {
     "gc_sa_raw_csc": ("no_dt",),
     "full": (),
 }
-CHOICES = {"preset": ("auto", "paper", "toy"), "device": ("auto", "cpu", "cuda"),
-           "ms_cam_merge": ("max", "sum"), "strong_magnitudes": ("paper", "code"), "csc_sim": ("cosine", "dot"), "csc_scope": ("image", "batch"),
-           "ablation": tuple(ABLATIONS)}
-ARCH_FIELDS = ("backbone", "backbone_kwargs", "aux_block", "decoder_dim", "decoder_dilation")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(message)
-
-
-def fail(msg, code=2):
-    """One line on stderr, exit 2 (bad input), no traceback."""
-    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-def build_parser():
-    """argparse from Args; each flag's help is the field's source comment, plus its paper default."""
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Args), flags=re.M))
-    parser = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{comments.get(f.name, '')} [default: {f.default}; --preset may change it]".replace("%", "%%")
-        if f.name == "pretrained":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.type is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=comments.get(f.name))
-        elif f.type is tuple:
-            parser.add_argument(flag, type=float, nargs="+", default=None, help=text)
-        else:
-            kind = int if f.type in (int, Optional[int]) else float if f.type is float else str
-            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(f.name), help=text)
-    return parser
-
-
-def parse_args(argv=None):
-    """CLI > preset > dataclass default. Returns (Args, DataSpec, preset name)."""
-    ns = vars(build_parser().parse_args(argv))
-    spec = data.resolve_data(ns["data"] or Args.data)
-    preset = ns["preset"] or "auto"
-    if preset == "auto":
-        preset = "toy" if spec.name == "toy" else "paper"
-    preset_name = "toy" if preset == "toy" else f"paper_{spec.dataset}"
-    values = dict(PRESETS[preset_name])
-    values.update({k: v for k, v in ns.items() if v is not None})
-    for key in ("pseudo_scales", "eval_scales"):
-        if key in values:
-            values[key] = tuple(float(s) for s in values[key])
-    args = Args(**values)
-    args.preset = preset
-    for switch in ABLATIONS.get(args.ablation or "full", ()):
-        setattr(args, switch, True)
-    return args, spec, preset_name
+CHOICES = {"ms_cam_merge": ("max", "sum"), "strong_magnitudes": ("paper", "code"), "csc_sim": ("cosine", "dot"),
+           "csc_scope": ("image", "batch"), "ablation": tuple(ABLATIONS)}
+LIMITS = {"crop": ">=16", "batch_size": ">=1", "iters": ">=1", "warmup_iters": ">=0", "loss_warmup": ">=0", "lr": ">0",
+          "head_lr_mult": ">0", "ema_m": "[0,1]", "pseudo_scales": ">0", "eval_scales": ">0", "tau_spl": ">0",
+          "tau_csc": ">0", "ppl_alpha": "(0,1)", "ppl_beta": ">0", "ppl_eps": ">0", "queue_len": ">=1", "dt_init": "(0,1)",
+          "fixed_thr": "(0,1)", "cam_threshold": "(0,1)", "lambda_c2s": ">=0", "lambda_s2c": ">=0", "lambda_csc": ">=0",
+          "eval_size": ">=16", "eval_batch": ">=1", "seed_eval_limit": ">=0", "decoder_dim": ">=1", "decoder_dilation": ">=1"}
 
 
 def validate(args):
-    """Hyper-parameter sanity, before anything is written."""
-    checks = [
-        (args.crop >= 16, "--crop must be >= 16"),
-        (args.batch_size >= 1, "--batch-size must be >= 1"),
-        (args.iters >= 1, "--iters must be >= 1"),
-        (args.max_iters is None or args.max_iters >= 1, "--max-iters must be >= 1"),
-        (args.stop_after is None or args.stop_after >= 1, "--stop-after must be >= 1"),
-        (args.warmup_iters >= 0 and args.loss_warmup >= 0, "--warmup-iters/--loss-warmup must be >= 0"),
-        (args.lr > 0 and args.head_lr_mult > 0, "--lr and --head-lr-mult must be > 0"),
-        (0.0 <= args.ema_m <= 1.0, "--ema-m must be in [0, 1]"),
-        (all(s > 0 for s in args.pseudo_scales) and len(args.pseudo_scales) > 0, "--pseudo-scales must be > 0"),
-        (all(s > 0 for s in args.eval_scales) and len(args.eval_scales) > 0, "--eval-scales must be > 0"),
-        (args.tau_spl > 0 and args.tau_csc > 0, "--tau-spl and --tau-csc must be > 0"),
-        (0 < args.ppl_alpha < 1, "--ppl-alpha must be in (0, 1) so that the perplexity stays positive"),
-        (args.ppl_beta > 0 and args.ppl_eps > 0, "--ppl-beta and --ppl-eps must be > 0"),
-        (args.queue_len >= 1, "--queue-len must be >= 1"),
-        (0 < args.dt_init < 1 and 0 < args.fixed_thr < 1, "--dt-init and --fixed-thr must be in (0, 1)"),
-        (0 < args.cam_threshold < 1, "--cam-threshold must be in (0, 1)"),
-        (min(args.lambda_c2s, args.lambda_s2c, args.lambda_csc) >= 0, "loss weights must be >= 0"),
-        (args.eval_size >= 16 and args.eval_batch >= 1, "--eval-size must be >= 16, --eval-batch >= 1"),
-        (args.workers >= 0 and args.seed_eval_limit >= 0, "--workers and --seed-eval-limit must be >= 0"),
-        (args.log_every >= 1 and args.ckpt_every >= 1, "--log-every and --ckpt-every must be >= 1"),
-        (args.decoder_dim >= 1 and args.decoder_dilation >= 1, "--decoder-dim/--decoder-dilation must be >= 1"),
-        (not (args.eval_only and args.resume), "--eval-only and --resume cannot be combined"),
-        (not args.eval_only or args.ckpt, "--eval-only needs --ckpt FILE (a checkpoints/last.pt of a run)"),
-        (not args.crf or crf.available(), "--crf needs pydensecrf (pip install pydensecrf2); or drop --crf"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            fail(msg)
+    """The Table 3a row turns its components off; checks that LIMITS cannot express."""
+    for switch in ABLATIONS[args.ablation]:
+        setattr(args, switch, True)
+    check(args.batch_size % env_world() == 0, f"--batch-size {args.batch_size} (global) is not divisible by the "
+          f"{env_world()} processes")
+    check(not args.crf or crf.available(), "--crf needs pydensecrf (pip install pydensecrf2); or drop --crf")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model (Sec. 3.1, Sec. 4.1 "Implementation Details", card §3)
-# ---------------------------------------------------------------------------------------------------
+
+# ==================================================================================================
+# Model
+# ==================================================================================================
+# Sec. 3.1, Sec. 4.1 "Implementation Details", card §3
 def parse_backbone_kwargs(text):
     kwargs = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -314,19 +244,13 @@ def parse_backbone_kwargs(text):
 
 def create_backbone(args, pretrained):
     """timm ViT whose position embedding is re-interpolated (bicubic) to every input size."""
-    if not timm.is_model(args.backbone):
-        fail(f"unknown timm backbone '{args.backbone}'; pick one from timm.list_models('vit_*')")
     kwargs = dict(num_classes=0, dynamic_img_size=True, drop_path_rate=0.0, **parse_backbone_kwargs(args.backbone_kwargs))
     try:
-        vit = timm.create_model(args.backbone, pretrained=pretrained, **kwargs)
+        vit = timm_model(args.backbone, pretrained, **kwargs)
     except TypeError as e:
         fail(f"timm cannot build '{args.backbone}' with {kwargs}: {e}; CoSA needs a plain ViT (vit_*)")
-    except Exception as e:  # network / cache failures of pretrained=True
-        fail(f"could not load ImageNet weights for '{args.backbone}' through timm ({type(e).__name__}); "
-             "connect to the internet once or populate the timm/HF cache, or pass --weights FILE "
-             "(a local state dict) with --no-pretrained")
-    if not hasattr(vit, "blocks") or not hasattr(vit, "_pos_embed"):
-        fail(f"backbone '{args.backbone}' is not a timm VisionTransformer; CoSA needs block outputs of a ViT")
+    check(hasattr(vit, "blocks") and hasattr(vit, "_pos_embed"),
+          f"backbone '{args.backbone}' is not a timm VisionTransformer; CoSA needs block outputs of a ViT")
     return vit
 
 
@@ -392,19 +316,12 @@ class CoSANet(nn.Module):
                 "seg": self.decoder(feat)}  # (B, C+1, h, w); F is not detached
 
 
-def build_model(args, num_classes, *, load_weights):
-    backbone = create_backbone(args, pretrained=load_weights and args.pretrained and not args.weights)
-    if load_weights and args.weights:
-        try:
-            state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            fail(f"cannot read --weights {args.weights} ({type(e).__name__}); give a torch state dict of "
-                 "the backbone, or use --pretrained to load ImageNet weights through timm")
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if len(missing) == len(backbone.state_dict()):
-            fail(f"--weights {args.weights} matches no parameter of '{args.backbone}'; give a timm state dict "
-                 "of that backbone, or use --pretrained to load ImageNet weights through timm")
+def build_model(args, num_classes, *, init_weights):
+    """ON / AN architecture; init_weights: ImageNet weights (--pretrained) or --weights FILE into the backbone."""
+    backbone = create_backbone(args, pretrained=init_weights and args.pretrained and not args.weights)
+    if init_weights and args.weights:  # an ImageNet classifier in the file is dropped
+        what = f"--weights {args.weights}"
+        load_weights(backbone, state_dict_of(load_checkpoint(args.weights, "--weights"), what), what, ignore=("head.",))
     return CoSANet(backbone, num_classes, args.aux_block, args.decoder_dim, args.decoder_dilation)
 
 
@@ -417,9 +334,10 @@ def ema_update(assign_net, online_net, m):
         b_a.copy_(b_o)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Losses (one function per equation)
-# ---------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# Losses
+# ==================================================================================================
+# one function per equation
 def loss_cls(cls_logits, labels):
     """Eq. (1): L_cls = -1/C sum_c [Y_c log sigma(Z_c) + (1 - Y_c) log(1 - sigma(Z_c))], batch mean."""
     # Eq. (1)
@@ -503,9 +421,10 @@ def loss_csc(cam, region_labels, omega, tau=0.1, sim="cosine", scope="image"):
     return torch.stack(losses).mean()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pseudo labels (Sec. 3.3-3.4, Alg. 1 lines 7-10, card §5)
-# ---------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# Pseudo labels
+# ==================================================================================================
+# Sec. 3.3-3.4, Alg. 1 lines 7-10, card §5
 def normalise_cam(cam):
     """ReLU, then per-(image, class) min-max over space: values in [0, 1], max ~1 for active classes."""
     cam = F.relu(cam)
@@ -651,35 +570,39 @@ class DynamicThreshold:
         return self.value
 
     def state_dict(self):
-        return {"queue": list(self.queue), "value": self.value}
+        return {"queue": [torch.from_numpy(q) for q in self.queue], "value": self.value}
 
     def load_state_dict(self, state):
         self.queue.clear()
-        self.queue.extend(state["queue"])
+        self.queue.extend(q.numpy() for q in state["queue"])
         self.value = state["value"]
 
 
-# ---------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Train
-# ---------------------------------------------------------------------------------------------------
+# ==================================================================================================
 class TrainTransform:
     """Tab. 12-14: ONE geometric transform (rescale, h-flip, crop with black padding and its `box`),
     then weak = GaussianBlur(p 0.5) of the crop and strong = OneOf(appearance ops) of the weak view,
     so the two views are pixel-aligned (pitfall 7)."""
 
-    def __init__(self, crop, scale_range=(0.5, 2.0), magnitudes="paper", strong_op=None):
+    def __init__(self, crop, scale_range=(0.5, 2.0), magnitudes="paper", strong_op=None, with_mask=False):
         self.crop, self.scale_range, self.magnitudes, self.strong_op = crop, scale_range, magnitudes, strong_op
+        self.with_mask = with_mask  # --supervision full: the ground truth follows the same geometry
 
     def __call__(self, sample, rng):
-        image, _, _ = augment.random_rescale(sample["image"], rng, ratio_range=self.scale_range)
-        image, _, _ = augment.random_hflip(image, rng, p=0.5)
+        masks = (sample["mask"],) if self.with_mask else ()
+        image, masks, _ = augment.random_rescale(sample["image"], rng, masks=masks, ratio_range=self.scale_range)
+        image, masks, _ = augment.random_hflip(image, rng, masks=masks, p=0.5)
         # Impl. (youshyee/CoSA, dataloaders/transforms.py): black padding = pixel 0 before normalisation
-        image, _, _, box = augment.random_crop(image, rng, self.crop, image_fill=(0, 0, 0))
+        image, masks, _, box = augment.random_crop(image, rng, self.crop, masks=masks, image_fill=(0, 0, 0))
         weak = augment.gaussian_blur(image, rng, p=0.5, radius=(0.1, 2.0))
         strong = augment.appearance_oneof(weak, rng, magnitudes=self.magnitudes, op=self.strong_op)
-        return {"weak": augment.to_tensor(weak), "strong": augment.to_tensor(strong),
-                "label": torch.as_tensor(sample["label"], dtype=torch.float32),
-                "box": torch.as_tensor(box, dtype=torch.int64)}
+        out = {"weak": augment.to_tensor(weak), "strong": augment.to_tensor(strong),
+               "label": torch.as_tensor(sample["label"], dtype=torch.float32), "box": torch.as_tensor(box, dtype=torch.int64)}
+        if masks:
+            out["mask"] = augment.mask_to_tensor(masks[0])  # (H, W) int64, 255 outside the image
+        return out
 
 
 def lr_factor(t, total, warmup, power=0.9, warmup_ratio=1e-6):
@@ -695,24 +618,13 @@ def build_optimizer(net, args):
     # Impl. (youshyee/CoSA, args.py --lrscale 10): heads at 10 x lr, weight decay 0.01 in every group
     backbone = list(net.backbone.parameters())
     heads = [p for n, p in net.named_parameters() if not n.startswith("backbone.")]
-    return torch.optim.AdamW([{"params": backbone, "lr": args.lr, "base_lr": args.lr},
-                              {"params": heads, "lr": args.lr * args.head_lr_mult,
-                               "base_lr": args.lr * args.head_lr_mult}],
+    return torch.optim.AdamW([{"params": backbone, "lr": args.lr}, {"params": heads, "lr": args.lr * args.head_lr_mult}],
                              lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
-
-
-def gather_rows(t):
-    """Concatenate a (b, ...) tensor over DDP ranks (identity without DDP)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autocast):
     """Alg. 1, one iteration. Returns a dict of floats (losses, thresholds) for logging."""
-    model = online.module if hasattr(online, "module") else online
+    model = unwrap(online)
     x_w, x_s, labels, box = batch["weak"], batch["strong"], batch["label"], batch["box"]
     # loss warm-up: only the two classification losses before; the decoder gets no gradient (grad None,
     # so AdamW's weight decay leaves it alone too)
@@ -728,7 +640,7 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
             for cam, dt in ((cam_a, thresholds[0]), (cam_aux_a, thresholds[1])):
                 # queue rows: downsample the C maps to the token grid, then take the class max (code order)
                 nu_rows = F.interpolate(cam, size=grid, mode="bilinear", align_corners=False).amax(1).flatten(1)
-                dt.push(gather_rows(nu_rows))
+                dt.push(all_gather_cat(nu_rows))
                 dt.update()
     xi, xi_aux = (args.fixed_thr, args.fixed_thr) if args.no_dt else (thresholds[0].value, thresholds[1].value)
     log["dt/xi"], log["dt/xi_aux"] = xi, xi_aux
@@ -747,6 +659,8 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
         for cam, thr in ((cam_a, xi), (cam_aux_a, xi_aux)):  # CPL from M' and from M†'; both supervise S
             cpl, nu = cam_pseudo_label(cam, thr, box)  # Eq. (3)
             ppl = None if args.no_raw else perplexity(nu, thr, args.ppl_alpha, args.ppl_beta)  # Eq. (4)
+            if args.supervision == "full":  # the fully supervised upper bound: ground truth instead of the CPL
+                cpl, ppl = batch["mask"], None
             l_c2s_terms.append(loss_c2s(seg_up, cpl, ppl))  # Eq. (5)
         l_c2s, l_c2s_aux = l_c2s_terms
         spl = segmentation_pseudo_label(seg_a, labels, args.tau_spl)  # Eq. (7)
@@ -765,11 +679,7 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
         log.update({"losses/c2s": l_c2s.item(), "losses/c2s_aux": l_c2s_aux.item(),
                     "losses/s2c": l_s2c.item(), "losses/csc": l_csc.item()})
     log["losses/total"] = total.item()
-    for key, value in log.items():
-        if key.startswith("losses/") and not math.isfinite(value):
-            print(f"{METHOD}.py: error: {key} is not finite ({value}) at iteration {it}; lower --lr or "
-                  "check the data", file=sys.stderr, flush=True)
-            raise SystemExit(1)
+    check_finite({k: v for k, v in log.items() if k.startswith("losses/")}, it)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
@@ -778,37 +688,40 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
     return log
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluate (card §7)
-# ---------------------------------------------------------------------------------------------------
-def percent(result, class_names):
-    iou = {name: (None if np.isnan(v) else round(100 * float(v), 2)) for name, v in zip(class_names, result["iou"])}
-    return {"miou": round(100 * float(result["miou"]), 2), "iou": iou}
+def train_cosa(ctx, online, assign_net):
+    """Alg. 1 for the whole schedule: ON trained on the strong view, AN = EMA of ON, two DT queues (M', M†')."""
+    args = ctx.args
+    transform = TrainTransform(args.crop, (args.scale_min, args.scale_max), args.strong_magnitudes,
+                               with_mask=args.supervision == "full")
+    train_set = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, seed=args.seed,
+                                transform=transform)
+    optimizer = build_optimizer(online, args)
+    thresholds = [DynamicThreshold(args.queue_len, args.dt_init, args.gmm_min) for _ in range(2)]
+    net = ctx.wrap(online).train()
+    total = args.max_iters or args.iters
+
+    def step(batch, it):
+        return train_step(net, assign_net, batch, it, args, thresholds, optimizer, ctx.autocast)
+
+    modules = {"online": online, "assign": assign_net, "optimizer": optimizer, "dt": thresholds[0],
+               "dt_aux": thresholds[1]}
+    train_loop(ctx, "cosa", train_set, args.batch_size, total, step, modules,
+               lr=lambda it: lr_factor(it, total, args.warmup_iters, args.poly_power))
 
 
-def colorize_cam(cam):
-    """(H, W) in [0, 1] -> uint8 (H, W, 3) blue-to-red heat map."""
-    c = np.clip(cam, 0, 1)
-    rgb = np.stack([np.clip(1.5 - np.abs(4 * c - 3), 0, 1), np.clip(1.5 - np.abs(4 * c - 2), 0, 1),
-                    np.clip(1.5 - np.abs(4 * c - 1), 0, 1)], -1)
-    return (255 * rgb).astype(np.uint8)
-
-
-def save_vis(path, image, cam, cpl, pred, gt):
-    """vis grid: image | M' heat map (max over present classes) | CPL | prediction | ground truth."""
-    palette = data.voc_palette()
-    panels = [image, colorize_cam(cam), palette[cpl], palette[pred], palette[gt]]
-    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
-
-
+# ==================================================================================================
+# Evaluate
+# ==================================================================================================
+# card §7: the AN, multi-scale + flip
 @torch.no_grad()
-def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, vis_dir=None, autocast=None):
+def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, vis_path=None, autocast=None):
     """AN multi-scale + flip evaluation on one split (card §7).
 
     Images are resized to eval_size^2; S is summed (here: averaged) over views, upsampled to the GT size,
     argmax -> `seg` (unfiltered) and `seg_gtcls` (absent GT classes at -1e5). The CAM pseudo-labels use the
     same views: normalised M', GT-size, filtered by Y -> `cam` (best bg threshold of a sweep; also at the
-    fixed --cam-threshold, whose labels are saved as pseudo labels)."""
+    fixed --cam-threshold, whose labels are saved as pseudo labels). vis_path: a captioned grid of the first
+    --num-vis images."""
     net.eval()
     C1 = dataset.num_classes
     names = dataset.class_names
@@ -817,7 +730,7 @@ def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, v
     cm = {k: miou.ConfusionMatrix(C1) for k in ("cam_fixed", "seg", "seg_gtcls", "seg_crf", "seg_crf_gtcls")}
     autocast = autocast or torch.autocast("cpu", enabled=False)
     size = (args.eval_size, args.eval_size)
-    drawn = 0
+    rows = []
     for start in tqdm(range(0, n, args.eval_batch), desc="eval", leave=False, disable=not sys.stderr.isatty()):
         samples = [dataset[i] for i in range(start, min(n, start + args.eval_batch))]
         x = torch.stack([F.interpolate(augment.to_tensor(s["image"])[None], size=size, mode="bilinear",
@@ -851,273 +764,649 @@ def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, v
                 for key, lg in (("seg_crf", logits), ("seg_crf_gtcls", logits_gtcls)):
                     probs = torch.softmax(lg, 0).cpu().numpy()
                     cm[key].update(crf.refine_probs(np.ascontiguousarray(s["image"]), probs, **crf.PRESETS["cosa"]).argmax(0), gt)
-            if vis_dir is not None and drawn < args.num_vis:
-                save_vis(vis_dir / f"{s['name']}.png", s["image"], nu, cpl, pred.astype(np.uint8), gt)
-                drawn += 1
+            if vis_path is not None and len(rows) < args.num_vis:
+                rows.append([s["image"], colour_cam(nu), colour_labels(cpl), colour_labels(pred), colour_labels(gt)])
+    if rows:
+        save_grid(vis_path, rows, ["image", "CAM M' (AN)", f"CPL (xi={args.cam_threshold})", "AN prediction", "ground truth"])
     best = sweep.compute()
     fixed = cm["cam_fixed"].compute()
-    results = {"cam": {**percent(best["best"], names), "threshold": float(best["best_threshold"]),
-                       "miou_fixed_threshold": round(100 * float(fixed["miou"]), 2),
-                       "fixed_threshold": args.cam_threshold}}
-    if seg:
-        results["seg"] = percent(cm["seg"].compute(), names)
-        results["seg_gtcls"] = percent(cm["seg_gtcls"].compute(), names)
-        if args.crf:
-            results["seg_crf"] = percent(cm["seg_crf"].compute(), names)
-            results["seg_crf_gtcls"] = percent(cm["seg_crf_gtcls"].compute(), names)
+    results = {"cam": miou_entry(best["best"], names, threshold=float(best["best_threshold"]),
+                                 miou_fixed_threshold=round(100 * float(fixed["miou"]), 2),
+                                 fixed_threshold=args.cam_threshold)}
+    for key in ("seg", "seg_gtcls") + (("seg_crf", "seg_crf_gtcls") if args.crf else ()):
+        if seg:
+            results[key] = miou_entry(cm[key].compute(), names)
     return results
 
 
-# ---------------------------------------------------------------------------------------------------
-# Main: validation, run folder, seeding, DDP, loop, checkpoints, evaluation
-# ---------------------------------------------------------------------------------------------------
-def seed_everything(seed, deterministic=True):
-    """Seeding block shared by the five scripts."""
+# === Infrastructure: identical in all five scripts (edit one, copy to all) ===
+# Plumbing, not the paper: command line, errors, device and DDP, seeding, run folder and log, checkpoints
+# (loaded with weights_only=True), Ctrl-C / SIGTERM, the training loop, LR factors, metrics.json, pictures.
+# tests/test_skeleton.py fails when the copies differ; `python tests/test_skeleton.py --sync cosa.py` copies one.
+COMMON_CHOICES = {"preset": ("auto", "paper", "toy"), "device": ("auto", "cpu", "cuda"), "supervision": ("image", "full")}
+COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_after": ">=0", "log_every": ">=1",
+                 "ckpt_every": ">=1"}
+RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
+CKPT_FORMAT = "wsss-reference/1"
+
+
+def fail(msg, code=2):
+    """Bad input: one line on stderr, exit code 2, no traceback (DESIGN.md, Errors)."""
+    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def check(ok, msg):
+    if not ok:
+        fail(msg)
+
+
+class StopRun(Exception):
+    """Stopped with a resumable checkpoint: --stop-after (exit code 0), SIGINT (130), SIGTERM (143)."""
+
+    def __init__(self, msg, code=0):
+        super().__init__(msg)
+        self.code = code
+
+
+class NonFinite(Exception):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def build_parser():
+    """One flag per Args field, help = its comment; defaults are None so that the preset fills the rest."""
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Args), flags=re.M))
+    parser = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        paper, toy = (PRESETS[p].get(f.name, f.default) for p in ("paper_voc", "toy"))
+        kw = dict(default=None, help=f"{comments.get(f.name, '')} [paper: {paper}; toy: {toy}]".replace("%", "%%"))
+        if isinstance(f.default, bool):
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kw.update(type=type(f.default[0] if isinstance(f.default, tuple) else f.default),
+                      choices={**COMMON_CHOICES, **CHOICES}.get(f.name), nargs="+" if isinstance(f.default, tuple) else None)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return parser
+
+
+def args_from(values):
+    """Args from a dict (args.json, a checkpoint): unknown keys dropped, lists made tuples."""
+    names = {f.name for f in dataclasses.fields(Args)}
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def parse_args(argv=None):
+    """Command line > preset > Args default -> (args, spec). --resume continues with the run's own args.json
+    (only RUNTIME_FLAGS may change); --eval-only starts from the configuration stored in --ckpt."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()
+             if v is not None}
+    if given.get("resume"):
+        run_dir = Path(given["resume"])
+        check((run_dir / "args.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file(),
+              f"--resume {run_dir}: no args.json and checkpoints/last.pt there; give the folder of an earlier run")
+        values = dataclasses.asdict(args_from(json.loads((run_dir / "args.json").read_text())))
+        for k, v in given.items():
+            check(k in RUNTIME_FLAGS or values[k] == v, f"--resume keeps the run's configuration; drop --{k.replace('_', '-')}")
+        values.update(given)
+    else:
+        spec = data.resolve_data(given.get("data", Args.data))
+        auto_toy = given.get("preset", "auto") == "auto" and spec.name == "toy"
+        preset = "toy" if given.get("preset") == "toy" or auto_toy else f"paper_{spec.dataset}"
+        values = {**dataclasses.asdict(Args()), **PRESETS[preset]}
+        if given.get("eval_only") and given.get("ckpt"):  # the trained networks' configuration
+            values.update(load_run_checkpoint(given["ckpt"], "--ckpt")["args"], out="", resume="", stop_after=0)
+            preset = values["preset"]
+        values.update(given, preset=preset)
+    args = args_from(values)
+    validate_common(args)
+    return args, data.resolve_data(args.data)
+
+
+def in_range(x, spec):
+    """spec: '>0', '>=1', '[0,1]', '(0,1]', ..."""
+    if spec[0] in "[(":
+        lo, hi = (float(v) for v in spec[1:-1].split(","))
+        return (x >= lo if spec[0] == "[" else x > lo) and (x <= hi if spec[-1] == "]" else x < hi)
+    return x >= float(spec[2:]) if spec[1] == "=" else x > float(spec[1:])
+
+
+def validate_common(args):
+    """The checks that every script needs, before anything is written: LIMITS (one per script), files, modes."""
+    for name, spec in {**COMMON_LIMITS, **LIMITS}.items():
+        value = getattr(args, name)
+        check(all(math.isfinite(v) and in_range(v, spec) for v in (value if isinstance(value, tuple) else (value,))),
+              f"--{name.replace('_', '-')} must be {spec}, got {value}")
+    check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is visible; use --device cpu")
+    check(not (args.eval_only and args.resume), "--eval-only and --resume cannot be combined")
+    check(args.ckpt or not args.eval_only, "--eval-only needs --ckpt FILE (checkpoints/last.pt of a finished run)")
+    for flag in ("ckpt", "weights"):
+        check(not getattr(args, flag) or Path(getattr(args, flag)).is_file(), f"--{flag} {getattr(args, flag)}: no such file")
+
+
+def env_world():
+    return int(os.environ.get("WORLD_SIZE", "1"))  # processes (torchrun), also before the process group exists
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's (picklable) object on every rank."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_cat(t):
+    """Concatenate (n_rank, ...) tensors over the ranks (n_rank may differ); identity without DDP."""
+    if not dist.is_initialized():
+        return t
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, t.shape[0])
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed, deterministic=False):
+    """Python, numpy and torch RNGs; cuDNN autotuning for the fixed-size crops unless --deterministic."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
 
 
 def seed_worker(worker_id):
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
+    random.seed(torch.initial_seed() % 2**32)  # DataLoader's per-worker seed
+    np.random.seed(torch.initial_seed() % 2**32)
 
 
-def setup_distributed(args):
-    """torchrun: WORLD_SIZE/RANK/LOCAL_RANK in the environment; NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is visible; use --device cpu")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
-        if args.batch_size % world:
-            fail(f"--batch-size {args.batch_size} (global) is not divisible by the {world} processes")
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return rank, world, device
+def rng_state():
+    """Every global RNG as tensors, strings and numbers, so that checkpoints load with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, torch.tensor(mt), gauss], "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def make_run_dir(args, spec, rank, world):
-    if args.resume:
-        run_dir = Path(args.resume)
-    elif args.out:
-        run_dir = Path(args.out)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            fail(f"--out {run_dir} exists and is not empty; choose a new folder or --resume it")
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = REPO / "runs" / METHOD / f"{spec.name}-{stamp}"
-    if world > 1:  # rank 0's timestamp wins
-        holder = [str(run_dir)]
-        dist.broadcast_object_list(holder, src=0)
-        run_dir = Path(holder[0])
-    return run_dir
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class JsonlLogger:
-    def __init__(self, path, enabled):
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then rename: a crash or SIGKILL mid-write leaves the previous file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
-def save_checkpoint(path, state):
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written last.pt
-
-
-def load_resume(args):
-    run_dir = Path(args.resume)
-    ckpt_path, args_path = run_dir / "checkpoints" / "last.pt", run_dir / "args.json"
-    if not ckpt_path.is_file() or not args_path.is_file():
-        fail(f"--resume {run_dir}: no checkpoints/last.pt and args.json there; give the folder of an earlier run")
-    saved = json.loads(args_path.read_text())
-    keep = {k: getattr(args, k) for k in ("resume", "device", "workers", "stop_after")}
-    args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    for k, v in keep.items():
-        setattr(args, k, v)
+def load_checkpoint(path, what):
+    """torch.load(weights_only=True): tensors, numbers, strings, lists and dicts, never code; errors in one line."""
+    check(Path(path).is_file(), f"{what} {path}: no such file")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"--resume {run_dir}: checkpoints/last.pt is unreadable ({type(e).__name__}); rerun without --resume")
-    return args, ckpt
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused objects, truncated or foreign files
+        if "GLOBAL" in str(e):
+            fail(f"{what} {path} refused: it holds Python objects that could run code when loaded; give a plain state dict")
+        fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
 
 
-def run(argv=None):
-    args, spec, preset_name = parse_args(argv)
-    ckpt = None
-    if args.resume:
-        args, ckpt = load_resume(args)
-        spec = data.resolve_data(args.data)
-        preset_name = "toy" if args.preset == "toy" else f"paper_{spec.dataset}"
-    validate(args)
-    if args.eval_only:
-        if not Path(args.ckpt).is_file():
-            fail(f"--ckpt {args.ckpt} does not exist; give checkpoints/last.pt of a finished run")
-        try:
-            ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-            for k in ARCH_FIELDS:  # the architecture comes from the checkpoint
-                setattr(args, k, ckpt["args"][k])
-        except Exception as e:
-            fail(f"--ckpt {args.ckpt} is not a cosa.py checkpoint ({type(e).__name__}); give checkpoints/last.pt")
-    rank, world, device = setup_distributed(args)
-    main_rank = rank == 0
-    seed_everything(args.seed)
-    total_iters = args.max_iters or args.iters
-
-    # --- data (validated before the run folder exists) ---
-    splits = data.default_splits(spec)
-    train_set = data.SegDataset(spec.root, splits["train"], dataset=spec.dataset, seed=args.seed,
-                                transform=TrainTransform(args.crop, (args.scale_min, args.scale_max), args.strong_magnitudes))
-    seed_set = data.SegDataset(spec.root, splits["seed"], dataset=spec.dataset, seed=args.seed)
-    val_set = data.SegDataset(spec.root, splits["val"], dataset=spec.dataset, seed=args.seed)
-    num_classes = train_set.num_classes - 1  # C: foreground classes
-    if args.batch_size > len(train_set) - len(train_set) % world:
-        fail(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images")
-
-    # --- model (validated before the run folder exists) ---
-    online = build_model(args, num_classes, load_weights=ckpt is None).to(device)
-    assign_net = build_model(args, num_classes, load_weights=False).to(device)
-    assign_net.load_state_dict(online.state_dict())  # AN = deepcopy(ON) (card §3)
-    for p in assign_net.parameters():
-        p.requires_grad_(False)
-    assign_net.eval()
-    if args.eval_only:
-        assign_net.load_state_dict(ckpt["assign"])
-
-    run_dir = make_run_dir(args, spec, rank, world)
-    if main_rank:
-        for sub in ("checkpoints", "vis", "pseudo_labels"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-    log = JsonlLogger(run_dir / "log.jsonl", main_rank)
-    if device.type == "cuda" and args.amp:
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        if args.amp and main_rank:
-            print("note: --amp is ignored on CPU (bf16 autocast is used on CUDA only)")
-        def autocast():
-            return torch.autocast("cpu", enabled=False)
-    t0 = time.time()
-
-    # --- train ---
-    it = 0
-    if not args.eval_only:
-        optimizer = build_optimizer(online, args)
-        thresholds = [DynamicThreshold(args.queue_len, args.dt_init, args.gmm_min) for _ in range(2)]
-        if ckpt is not None:
-            online.load_state_dict(ckpt["model"])
-            assign_net.load_state_dict(ckpt["assign"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for dt, state in zip(thresholds, ckpt["thresholds"]):
-                dt.load_state_dict(state)
-            it = ckpt["iteration"]
-            t0 -= ckpt.get("seconds", 0.0)
-            random.setstate(ckpt["rng"]["python"])
-            np.random.set_state(ckpt["rng"]["numpy"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-        ddp = nn.parallel.DistributedDataParallel(online, find_unused_parameters=True) if world > 1 else online
-        ddp.train()
-        per_rank = args.batch_size // world
-        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=args.seed, drop_last=True)
-        per_epoch = len(sampler) // per_rank
-        stop_at = min(total_iters, it + args.stop_after) if args.stop_after else total_iters
-        running = collections.defaultdict(list)
-        bar = tqdm(total=total_iters, initial=it, desc="train", disable=not main_rank, mininterval=5)
-        while it < stop_at:
-            epoch, offset = divmod(it, per_epoch)
-            sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            indices = list(sampler)[offset * per_rank:per_epoch * per_rank]  # resume mid-epoch exactly
-            loader = torch.utils.data.DataLoader(
-                train_set, batch_size=per_rank, sampler=indices, num_workers=args.workers, drop_last=True,
-                worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed + epoch),
-                pin_memory=device.type == "cuda")
-            for batch in loader:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_factor(it, total_iters, args.warmup_iters, args.poly_power)
-                for key, value in train_step(ddp, assign_net, batch, it, args, thresholds, optimizer, autocast).items():
-                    running[key].append(value)
-                it += 1
-                bar.update(1)
-                if main_rank and (it % args.log_every == 0 or it == stop_at):
-                    # means over the iterations since the last log line (thresholds: the latest value)
-                    record = {k: (v[-1] if k.startswith("dt/") else float(np.mean(v))) for k, v in running.items()}
-                    record.update({"iteration": it, "lr": optimizer.param_groups[0]["lr"],
-                                   "time": round(time.time() - t0, 1)})
-                    running.clear()
-                    log(record)
-                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-                if main_rank and (it % args.ckpt_every == 0 or it == stop_at):
-                    save_checkpoint(run_dir / "checkpoints" / "last.pt", {
-                        "args": dataclasses.asdict(args), "model": online.state_dict(),
-                        "assign": assign_net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "thresholds": [dt.state_dict() for dt in thresholds], "iteration": it, "stage": "cosa",
-                        "seconds": time.time() - t0,
-                        "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                "torch": torch.get_rng_state()}})
-                if it >= stop_at:
-                    break
-        bar.close()
-        if it < total_iters:
-            if main_rank:
-                print(f"stopped after iteration {it} (--stop-after); continue with --resume {run_dir}")
-            if world > 1:
-                dist.barrier()
-                dist.destroy_process_group()
-            return None
-
-    # --- evaluate the AN (rank 0) ---
-    results = {}
-    if main_rank:
-        label_dir = run_dir / "pseudo_labels" / "cpl" / splits["seed"]
-        label_dir.mkdir(parents=True, exist_ok=True)
-        train_res = evaluate(assign_net, seed_set, args, device, seg=False, limit=args.seed_eval_limit,
-                             label_dir=label_dir, autocast=autocast())
-        val_res = evaluate(assign_net, val_set, args, device, seg=True, vis_dir=run_dir / "vis", autocast=autocast())
-        results = {"seg/val": val_res["seg"], "seg_gtcls/val": val_res["seg_gtcls"],
-                   "cam/train": train_res["cam"], "cam/val": val_res["cam"]}
-        if args.crf:
-            results["seg_crf/val"] = val_res["seg_crf"]
-            results["seg_crf_gtcls/val"] = val_res["seg_crf_gtcls"]
-        seconds = round(time.time() - t0, 1)
-        metrics = {"method": METHOD, "dataset": spec.name, "preset": preset_name,
-                   "device": device.type, "seconds": seconds, "iterations": it, "primary": "seg/val",
-                   "results": results}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        log({"iteration": it, **{f"{k}/miou": v["miou"] for k, v in results.items()}})
-        print(miou.format_table({"iou": [np.nan if v is None else v / 100 for v in val_res["seg"]["iou"].values()],
-                                 "miou": val_res["seg"]["miou"] / 100}, val_set.class_names))
-        for key, value in results.items():
-            extra = f" (threshold {value['threshold']:.2f})" if "threshold" in value else ""
-            print(f"{key}: mIoU={value['miou']:.2f}{extra}")
-        print(f"run folder: {run_dir}  ({seconds:.1f} s)")
-        print(f"RESULT {METHOD} seg/val mIoU={results['seg/val']['miou']:.2f}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return results
+def load_run_checkpoint(path, what):
+    """checkpoints/last.pt of a run of this script."""
+    ckpt = load_checkpoint(path, what)
+    check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
+          f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
+    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    return ckpt
 
 
-def main(argv=None):
+def state_dict_of(obj, what):
+    """The tensors of a weights file: a state dict, maybe under 'state_dict' / 'model', without DDP's 'module.'."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
+        obj = obj.get("state_dict", obj.get("model"))
+    check(isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()), f"{what} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(module, state, what, ignore=()):
+    """load_state_dict, failing in one line when keys or shapes do not fit (another method, backbone or number
+    of classes); keys starting with one of `ignore` (an ImageNet classifier) are dropped first."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))} if ignore else state
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    check(not missing and not unexpected, f"{what} does not fit {type(module).__name__}: {len(missing)} missing keys "
+          f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}; saved for another method or backbone?")
+    for k in own:
+        check(own[k].shape == state[k].shape,
+              f"{what} does not fit: {k} is {tuple(state[k].shape)}, needs {tuple(own[k].shape)} (another number of classes?)")
+    module.load_state_dict(state)
+
+
+def timm_model(name, pretrained, **kwargs):
+    """timm.create_model; without internet or cache --pretrained fails in one line that names the alternatives."""
+    check(timm.is_model(name), f"unknown timm model '{name}'; pick one from timm.list_models()")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    import huggingface_hub
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter before our one line
+    try:  # an unreachable hub: read the cache at once instead of after a minute of retries
+        socket.create_connection((urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname, 443), 3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        return run(argv)
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        fail(f"no ImageNet weights for '{name}' ({type(e).__name__}): the hub is unreachable and they are not in the "
+             f"cache {huggingface_hub.constants.HF_HUB_CACHE}; pass --weights FILE --no-pretrained, or connect once")
+
+
+@contextlib.contextmanager
+def run_guard():
+    """How every run ends: bad data -> one line, exit 2; a stop -> the --resume command, exit 0 / 130 / 143;
+    a non-finite loss -> exit 1; signal handlers and the process group restored in every case."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     except data.DataError as e:
         fail(str(e))
+    except NonFinite as e:
+        fail(str(e), code=1)
+    except StopRun as e:
+        if is_main():
+            print(e, flush=True)
+        if e.code:
+            raise SystemExit(e.code)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Context:
+    """One process of a run: args, data, device, DDP rank, run folder, log, stages, checkpoints and clock.
+    state (saved in checkpoints/last.pt): the stage in progress and its iteration, the finished stages with
+    their facts, all results so far, the seconds spent over resumes."""
+
+    def __init__(self, args, spec):
+        self.args, self.spec, self.splits = args, spec, data.default_splits(spec)
+        self.world, self.rank = env_world(), int(os.environ.get("RANK", "0"))
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():  # rank-0-only stages may keep the others waiting for hours
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+        self.main, self.amp = self.rank == 0, args.amp and cuda
+        if args.amp and not cuda and self.main:
+            print("note: --amp is ignored on CPU (bf16 autocast is CUDA-only)")
+        seed_everything(args.seed, args.deterministic)
+        self.state = {"stage": "", "iteration": 0, "done": {}, "results": {}, "seconds": 0.0, "stage_start": 0.0,
+                      "stage_seconds": {}}
+        self.payload, self.weights, self.rng, self.signal, self.iters_this_process = {}, {}, None, 0, 0
+        self.run_dir, self.t0 = None, time.time()
+
+    def start(self):
+        """The run folder (never an existing non-empty one) or, with --resume, the state of the stopped run; from
+        here on SIGINT / SIGTERM stop at the next step with a checkpoint. Call it once the inputs are validated."""
+        args = self.args
+        if args.resume:
+            self.run_dir = Path(args.resume)
+            ckpt = load_run_checkpoint(self.run_dir / "checkpoints" / "last.pt", "--resume")
+            self.state, self.payload, self.weights, self.rng = ckpt["state"], ckpt["payload"], ckpt["weights"], ckpt["rng"]
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(args.out) if args.out else data.REPO_ROOT / "runs" / METHOD / f"{self.spec.name}-{stamp}"
+            check(not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())),
+                  f"--out {run_dir} exists and is not empty; choose a new folder or --resume it")
+            self.run_dir = Path(broadcast(str(run_dir)))  # rank 0's clock names the folder
+            barrier()  # every rank has checked the folder before rank 0 creates it
+            if self.main:
+                for sub in ("checkpoints", "vis", "pseudo_labels"):
+                    (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        self.t0 = time.time()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.on_signal)
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.main:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again: at once)",
+                  file=sys.stderr, flush=True)
+
+    def reseed(self, salt):
+        """Each stage starts from its own seed: a run resumed at a stage boundary matches an uninterrupted one."""
+        seed_everything(self.args.seed * 1000 + salt, self.args.deterministic)
+
+    def seconds(self):
+        return self.state["seconds"] + time.time() - self.t0
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun (unused parameters allowed: switches turn heads off)."""
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return model if self.world == 1 else nn.parallel.DistributedDataParallel(model, ids, find_unused_parameters=True)
+
+    @property
+    def results(self):
+        return self.state["results"]
+
+    def log(self, record, echo=False):
+        if self.main:
+            record = {**record, "time": round(self.seconds(), 1)}
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+            if echo:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def save(self, stage="", iteration=0, payload=None):
+        """checkpoints/last.pt (rank 0): run state, the modules of the stage in progress, RNGs, final weights."""
+        self.state.update(stage=stage, iteration=iteration, seconds=self.seconds())
+        self.t0 = time.time()
+        if self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+                "format": CKPT_FORMAT, "method": METHOD, "args": dataclasses.asdict(self.args), "state": self.state,
+                "payload": payload or {}, "rng": rng_state(), "weights": self.weights})
+
+    def done(self, stage):
+        return stage in self.state["done"]
+
+    def finish_stage(self, stage, results=None, weights=None, final=False, **facts):
+        """A finished stage: rank 0's results (broadcast) join metrics.json, its weights go to checkpoints/<stage>.pt
+        (final=True: into last.pt, which --eval-only reads), and a resumed run skips the stage."""
+        results, facts = broadcast((results or {}, facts))
+        self.state["results"].update(results)
+        self.state["done"][stage] = facts
+        self.state["stage_seconds"][stage] = round(self.seconds() - self.state["stage_start"], 1)
+        self.state["stage_start"] = self.seconds()
+        if weights is not None and final:
+            self.weights = weights
+        elif weights is not None and self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / f"{stage}.pt", weights)
+        self.save()
+        barrier()
+        self.check_signal(f"after stage {stage}")
+
+    def stage_weights(self, stage):
+        """The weights a finished stage left (for a resumed run, a later stage or --eval-only)."""
+        path = self.run_dir / "checkpoints" / f"{stage}.pt"
+        return load_checkpoint(path, f"stage '{stage}' weights") if path.is_file() else self.weights
+
+    def final_weights(self):
+        """The trained networks: from --ckpt under --eval-only, else from this run's final stage."""
+        weights = load_run_checkpoint(self.args.ckpt, "--ckpt")["weights"] if self.args.eval_only else self.weights
+        check(weights, f"--ckpt {self.args.ckpt} holds no trained networks: that run had not finished")
+        return weights
+
+    def check_signal(self, where):
+        """Outside a training loop a Ctrl-C stops here; the last checkpoint (the stage's start) resumes."""
+        if self.signal:
+            raise StopRun(self.stop_message(f"{signal.Signals(self.signal).name} {where}"), 128 + self.signal)
+
+    def stop_message(self, why):
+        return f"stopped ({why}); continue with: python {METHOD}.py --resume {self.run_dir}"
+
+    def stop_code(self):
+        """0 = go on, 1 = --stop-after reached, 130 / 143 = SIGINT / SIGTERM; the same on every rank."""
+        code = 128 + self.signal if self.signal else int(0 < self.args.stop_after <= self.iters_this_process)
+        if self.world > 1:
+            t = torch.tensor([code], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return code
+
+
+class EpochData(torch.utils.data.Dataset):
+    """Index k = epoch * len + i -> dataset[i] at that epoch (then fn(sample) if given): augmentations depend on
+    (seed, epoch, i) only (common.data.SegDataset), in persistent DataLoader workers too."""
+
+    def __init__(self, dataset, fn=None):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self.dataset))
+        getattr(self.dataset, "set_epoch", int)(epoch)
+        return self.dataset[i] if self.fn is None else self.fn(self.dataset[i])
+
+    @staticmethod
+    def keep(sample):  # no collation: samples stay numpy arrays
+        return sample
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's per-epoch shuffle (drop_last), seeded by (seed, epoch) only, able to start at batch
+    `skip`: a resumed run reads exactly the batches the uninterrupted run would have read."""
+
+    def __init__(self, n, indices, per_rank, rank, world, seed):
+        self.n, self.indices, self.per_rank, self.rank, self.world, self.seed = n, indices, per_rank, rank, world, seed
+        self.per_epoch, self.epoch, self.skip = len(indices) // (per_rank * world), 0, 0
+
+    def __len__(self):
+        return (self.per_epoch - self.skip) * self.per_rank
+
+    def __iter__(self):
+        order = np.random.default_rng((*self.seed, self.epoch)).permutation(len(self.indices))
+        mine = order[:self.per_epoch * self.per_rank * self.world][self.rank::self.world][self.skip * self.per_rank:]
+        return iter([self.epoch * self.n + int(self.indices[j]) for j in mine])
+
+
+def to_device(batch, device):
+    """Tensors (in dicts) to the device; from pinned memory the copy is asynchronous."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def train_loop(ctx, stage, datasets, batch_size, total_iters, step, modules, lr=None, salt=0, indices=None):
+    """The loop of every training stage. datasets: one dataset, or {name: dataset} read in lockstep (batch =
+    {name: batch}); batch_size is global; step(batch, it) is the paper's update and returns {name: float} for the
+    log; modules {name: object with state_dict()} go into checkpoints/last.pt every --ckpt-every and come back
+    on --resume; lr(it) scales each optimizer group's initial lr. --stop-after, SIGINT and SIGTERM end the
+    current step, write the checkpoint and raise StopRun."""
+    args, named = ctx.args, datasets if isinstance(datasets, dict) else {"": datasets}
+    per_rank = batch_size // ctx.world
+    samplers = [EpochSampler(len(ds), range(len(ds)) if indices is None else indices, per_rank, ctx.rank, ctx.world,
+                             (args.seed, salt, j)) for j, ds in enumerate(named.values())]
+    per_epoch = min(s.per_epoch for s in samplers)
+    check(per_epoch > 0, f"{stage}: fewer training images than one batch of {batch_size}; lower the batch size")
+    loaders = [torch.utils.data.DataLoader(EpochData(ds), per_rank, sampler=s, num_workers=args.workers, drop_last=True,
+                                           pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
+                                           worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
+               for s, ds in zip(samplers, named.values())]  # own generator: iter() draws no global random number
+    optimizers = [m for m in modules.values() if isinstance(m, torch.optim.Optimizer)]
+    for g in (g for opt in optimizers for g in opt.param_groups):
+        g.setdefault("initial_lr", g["lr"])
+    it = 0
+    if ctx.state["stage"] == stage and ctx.payload:  # --resume inside this stage
+        for name, module in modules.items():
+            module.load_state_dict(ctx.payload[name])
+        it, ctx.payload = ctx.state["iteration"], {}
+        set_rng_state(ctx.rng)
+    groups = [g for opt in optimizers for g in opt.param_groups]  # after load_state_dict, which replaces them
+    running = collections.defaultdict(list)
+    bar = tqdm(total=total_iters, initial=it, desc=stage, disable=not ctx.main, mininterval=5, leave=False)
+    while it < total_iters:
+        epoch, skip = divmod(it, per_epoch)
+        for s in samplers:
+            s.epoch, s.skip = epoch, skip
+        streams = [iter(loader) for loader in loaders]
+        for _ in range(min(per_epoch - skip, total_iters - it)):
+            t0 = time.perf_counter()
+            batch = [to_device(next(s), ctx.device) for s in streams]
+            batch, t1 = dict(zip(named, batch)) if isinstance(datasets, dict) else batch[0], time.perf_counter()
+            for g in groups:
+                g["lr"] = g["initial_lr"] * (lr(it) if lr else 1.0)
+            for key, value in step(batch, it).items():
+                running[key].append(value)
+            running["time/data"].append(t1 - t0)
+            running["time/step"].append(time.perf_counter() - t1)
+            it, ctx.iters_this_process = it + 1, ctx.iters_this_process + 1
+            bar.update(1)
+            if it % args.log_every == 0 or it == total_iters:
+                ctx.log({"stage": stage, "iteration": it, "epoch": epoch, "lr": groups[0]["lr"] if groups else 0.0,
+                         **{k: float(np.mean(v)) for k, v in running.items()}}, echo=True)
+                running.clear()
+            code = ctx.stop_code()
+            if it % args.ckpt_every == 0 or code:
+                ctx.save(stage, it, {name: module.state_dict() for name, module in modules.items()})
+            if code:
+                bar.close()
+                why = "--stop-after" if code == 1 else signal.Signals(code - 128).name
+                raise StopRun(ctx.stop_message(f"{why} at iteration {it} of stage {stage}"), 0 if code == 1 else code)
+    bar.close()
+
+
+def check_finite(losses, it):
+    """A non-finite loss stops training with its name and iteration (exit code 1)."""
+    for key, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"{key} is not finite ({float(value)}) at iteration {it}; lower --lr or check the data")
+
+
+def each_sample(ctx, dataset, desc, fn=None, shard=False, limit=0):
+    """Every sample of `dataset` (the first `limit`), read by --workers DataLoader workers; fn(sample) runs in
+    the workers (CPU work such as CRFs; no CUDA there) and its result is yielded. shard: this rank's share only."""
+    order = list(range(min(limit or len(dataset), len(dataset))))
+    order = order[ctx.rank::ctx.world] if shard else order
+    loader = torch.utils.data.DataLoader(EpochData(dataset, fn), batch_size=None, sampler=order,
+                                         num_workers=ctx.args.workers, collate_fn=EpochData.keep, worker_init_fn=seed_worker,
+                                         generator=torch.Generator().manual_seed(ctx.args.seed))
+    for out in tqdm(loader, total=len(order), desc=desc, disable=not ctx.main, mininterval=5, leave=False):
+        ctx.check_signal(f"during {desc}")
+        yield out
+
+
+def poly_lr(it, total, power=0.9):
+    return max(0.0, 1.0 - it / total) ** power  # polynomial decay factor
+
+
+def warmup_lr(it, warmup, start=0.0):
+    return 1.0 if it >= warmup else start + (1.0 - start) * it / warmup  # linear warm-up factor, start -> 1
+
+
+def cosine_lr(it, total, final=0.0):
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))  # 1 -> final
+
+
+def miou_entry(result, class_names, **extra):
+    """common.miou fractions -> metrics.json percentages; NaN (class absent from GT and prediction) -> null."""
+    iou = {n: None if not np.isfinite(v) else round(100 * float(v), 2) for n, v in zip(class_names, result["iou"])}
+    return {"miou": round(100 * float(result["miou"]), 2), "iou": iou, **extra}
+
+
+def write_metrics(ctx, **extra):
+    """metrics.json (written atomically) and the summary; the last line printed is the RESULT line."""
+    if not ctx.main:
+        return
+    metrics = {"method": METHOD, "dataset": ctx.spec.name, "preset": ctx.args.preset, "supervision": ctx.args.supervision,
+               "device": ctx.device.type, "seconds": round(ctx.seconds(), 1), "stage_seconds": ctx.state["stage_seconds"],
+               "primary": "seg/val", **extra, "results": ctx.results}
+    (ctx.run_dir / "metrics.json.tmp").write_text(json.dumps(metrics, indent=1, default=float))
+    os.replace(ctx.run_dir / "metrics.json.tmp", ctx.run_dir / "metrics.json")
+    for key, value in ctx.results.items():
+        print(f"{key}: mIoU={value['miou']:.2f}" + (f" (threshold {value['threshold']})" if "threshold" in value else ""))
+    print(f"run folder: {ctx.run_dir}  ({metrics['seconds']:.1f} s)")
+    seg = ctx.results.get("seg/val")
+    print(f"RESULT {METHOD} seg/val mIoU=" + (f"{seg['miou']:.2f}" if seg else "n/a (this run has no segmentation stage)"))
+
+
+def colour_labels(mask):
+    return data.voc_palette()[mask]  # (H, W) labels -> (H, W, 3) VOC colours, 255 = ignore in its own colour
+
+
+def colour_cam(cam):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 blue-to-red heat map."""
+    c = np.clip(np.nan_to_num(cam), 0, 1)[..., None]
+    return (255 * np.clip(1.5 - np.abs(4 * c - np.array([3, 2, 1])), 0, 1)).astype(np.uint8)
+
+
+def save_grid(path, rows, captions, cell=128):
+    """A picture that explains itself: one row per image, one captioned column per panel (image | CAM | ...);
+    each (H, W, 3) uint8 tile is scaled to fit a cell x cell square."""
+    grid = Image.new("RGB", (cell * len(captions), 16 + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, caption in enumerate(captions):
+        draw.text((c * cell + 3, 2), caption, fill=(0, 0, 0), font=ImageFont.load_default())
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            im = Image.fromarray(np.ascontiguousarray(tile))
+            scale = cell / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            grid.paste(im.resize(size, Image.NEAREST if scale >= 1 else Image.BOX), (c * cell, 16 + r * cell))
+    grid.save(path)
+# === End of infrastructure ===
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+def main(argv=None):
+    """Alg. 1 for the whole schedule, then the AN's evaluation (card §7) into metrics.json."""
+    with run_guard():
+        args, spec = parse_args(argv)
+        validate(args)
+        ctx = Context(args, spec)
+        splits = ctx.splits
+        # data and networks are built (and validated) before anything is written
+        seed_set = data.SegDataset(spec.root, splits["seed"], dataset=spec.dataset, seed=args.seed)
+        val_set = data.SegDataset(spec.root, splits["val"], dataset=spec.dataset, seed=args.seed)
+        num_classes = val_set.num_classes - 1  # C: foreground classes
+        fresh = not (args.resume or args.eval_only)
+        online = build_model(args, num_classes, init_weights=fresh).to(ctx.device)
+        assign_net = build_model(args, num_classes, init_weights=False).to(ctx.device)
+        assign_net.load_state_dict(online.state_dict())  # AN = deepcopy(ON) (card §3)
+        assign_net.requires_grad_(False).eval()
+        ctx.start()
+        if not args.eval_only and not ctx.done("cosa"):
+            train_cosa(ctx, online, assign_net)
+            ctx.finish_stage("cosa", weights={"assign": assign_net.state_dict()}, final=True)
+        load_weights(assign_net, ctx.final_weights()["assign"], "the assignment network")
+        if ctx.main:  # the AN at the end of training, no checkpoint selection on val (Deviation 6)
+            label_dir = ctx.run_dir / "pseudo_labels" / "cpl" / splits["seed"]
+            label_dir.mkdir(parents=True, exist_ok=True)
+            train_res = evaluate(assign_net, seed_set, args, ctx.device, seg=False, limit=args.seed_eval_limit,
+                                 label_dir=label_dir, autocast=ctx.autocast())
+            val_res = evaluate(assign_net, val_set, args, ctx.device, seg=True, vis_path=ctx.run_dir / "vis" / "val.png",
+                               autocast=ctx.autocast())
+            ctx.results.update({f"{k}/val": v for k, v in val_res.items() if k != "cam"})
+            ctx.results.update({"cam/train": train_res["cam"], "cam/val": val_res["cam"]})
+            print(miou.format_table({"iou": [np.nan if v is None else v / 100 for v in val_res["seg"]["iou"].values()],
+                                     "miou": val_res["seg"]["miou"] / 100}, val_set.class_names))
+        write_metrics(ctx, iterations=args.max_iters or args.iters)
 
 
 if __name__ == "__main__":

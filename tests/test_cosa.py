@@ -296,7 +296,7 @@ def test_lr_schedule_and_head_multiplier():
         assert cosa.lr_factor(t, 20000, 1500) == pytest.approx((1 - t / 20000) ** 0.9)
     args = cosa.Args(lr=6e-5, head_lr_mult=10)
     opt = cosa.build_optimizer(tiny_net(), args)
-    assert opt.param_groups[1]["base_lr"] == pytest.approx(10 * opt.param_groups[0]["base_lr"])
+    assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
     assert opt.param_groups[0]["weight_decay"] == opt.param_groups[1]["weight_decay"] == 0.01
 
 
@@ -357,14 +357,14 @@ def test_weak_and_strong_views_are_aligned():
 
 # -------------------------------------------------------------------------------- paper preset
 def test_paper_preset_one_iteration_vit_b16_448(toy_root):
-    args, spec, preset = cosa.parse_args(["--data", str(toy_root), "--preset", "paper", "--no-pretrained",
-                                          "--batch-size", "1", "--loss-warmup", "0"])
-    assert preset == "paper_voc" and args.crop == 448 and args.backbone.startswith("vit_base_patch16_224")
+    args, spec = cosa.parse_args(["--data", str(toy_root), "--preset", "paper", "--no-pretrained",
+                                  "--batch-size", "1", "--loss-warmup", "0"])
+    assert args.preset == "paper_voc" and args.crop == 448 and args.backbone.startswith("vit_base_patch16_224")
     assert (args.iters, args.loss_warmup, args.warmup_iters, args.ema_m, args.queue_len) == (20000, 0, 1500, 0.9994, 100)
     assert cosa.PRESETS["paper_coco"]["batch_size"] == 8 and cosa.PRESETS["paper_coco"]["iters"] == 40000
     assert cosa.PRESETS["paper_coco"]["loss_warmup"] == 10000
     torch.manual_seed(0)
-    net = cosa.build_model(args, 20, load_weights=True)
+    net = cosa.build_model(args, 20, init_weights=True)
     assert len(net.backbone.blocks) == 12 and net.backbone.embed_dim == 768
     an = copy.deepcopy(net)
     for p in an.parameters():
@@ -418,7 +418,7 @@ def test_cli_smoke_outputs(smoke_run):
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "args.json").is_file()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("losses/c2s" in r for r in records) and any("losses/cls" in r for r in records)
-    assert len(list((out / "vis").glob("*.png"))) == 2
+    assert (out / "vis" / "val.png").is_file()
     labels = list((out / "pseudo_labels" / "cpl" / "train").glob("*.png"))
     assert len(labels) == 24
 
@@ -460,7 +460,7 @@ def test_eval_only_reproduces_final_metrics_and_crf(smoke_run, toy_root, tmp_pat
 
 @pytest.mark.parametrize("extra, needle", [
     (["--data", "/nonexistent/VOC"], "does not exist"),
-    (["--backbone", "vit_nonexistent_xx"], "unknown timm backbone"),
+    (["--backbone", "vit_nonexistent_xx"], "unknown timm model"),
     (["--ema-m", "2"], "--ema-m"),
     (["--ppl-alpha", "1.5"], "--ppl-alpha"),
     (["--ablation", "nope"], "invalid choice"),

@@ -13,11 +13,11 @@ saliency map, and the fused result becomes the next stage's pseudo labels (itera
 Reading guide (the project's paper file is the supplementary only; the method is in the card
 ../shared/methods/auxsegnet.md, cited as "card §n"):
     card §3 architecture           -> AuxSegNet, DenseBranch, CrossTaskAttention
-    card §4 losses                 -> loss_cls(), loss_sal(), loss_seg(), total_loss()
+    card §4 losses                 -> loss_cls(), loss_sal(), loss_seg(), total_loss(), stage_losses()
     card §5 pseudo labels          -> normalize_cam(), propagate_cam(), saliency_crf(), fuse_cam_saliency(),
                                       make_pseudo_labels()
-    card §2 stages, §6 schedule    -> run_training(), train_phase()
-    card §7 inference              -> predict_probs(), evaluate_seg()
+    card §2 stages, §6 schedule    -> train_cls(), train_stage(), train_step(), main()
+    card §7 inference              -> predict_probs(), evaluate()
     supplementary Table 3 ablation -> --variant {baseline, mt, mt_ct, full}
 
 Equation map.  The main paper's text (and so its equation numbers) is not in the project's paper
@@ -38,7 +38,7 @@ numbers are ours, the formulas are the card's.
     Eq. (C12) M~ = A_CT M        (exactly one propagation step)                -> propagate_cam()
     Eq. (C13) SAL^{s+1} = CRF_sal( (sigmoid(R_sal)^ + SAL_0) / 2 ), unary
               U_fg = -log(a+eps) / (tau sigmoid(a)), U_bg = -log(1-a+eps) / (tau sigmoid(1-a))
-                                                                              -> saliency_crf(), make_pseudo_labels()
+                                                                              -> saliency_crf(), update_maps()
     Eq. (C14) label = k+1 if (m > 0.2 and sal > 0.06); 0 if neither; 255 if exactly one
               (m, k = max / argmax over present classes)                       -> fuse_cam_saliency()
 
@@ -77,20 +77,30 @@ Run:    python auxsegnet.py --data VOC2012                      (CUDA, paper set
         python auxsegnet.py --data COCO2014 --max-iters 40000    (COCO: the paper gives no schedule)
         python auxsegnet.py                                      (toy data, CPU, minutes)
         python auxsegnet.py --variant baseline|mt|mt_ct|full     (supplementary Table 3 rows)
+        python auxsegnet.py --supervision full                   (upper bound: ground-truth masks replace the seg
+                                                                  branch's labels; no stage-0 fusion labels)
+        torchrun --nproc_per_node=2 auxsegnet.py --data VOC2012
 """
 import argparse
+import collections
+import contextlib
 import dataclasses
+import datetime
+import inspect
 import json
+import logging
 import math
 import os
 import random
+import re
+import signal
+import socket
 import sys
 import time
+import urllib.parse
 import warnings
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import timm
@@ -98,223 +108,130 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from common import augment, crf, data, miou
 
 METHOD = "auxsegnet"
-VARIANTS = ("baseline", "mt", "mt_ct", "full")
 
 
-# ----------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Config
-# ----------------------------------------------------------------------------------------------
+# ==================================================================================================
 @dataclass
 class Args:
-    # -- common flags (DESIGN.md)
-    data: str = "toy"  # DESIGN.md: toy | VOC2012 | COCO2014 | a path
-    preset: str = field(default="auto", metadata={"choices": ("auto", "paper", "toy")})  # DESIGN.md
-    out: Optional[str] = None  # DESIGN.md: default runs/auxsegnet/<data>-<time>
-    device: str = field(default="auto", metadata={"choices": ("auto", "cpu", "cuda")})
-    seed: int = 0
-    workers: int = 4
-    amp: bool = False  # torch.autocast fp16 on CUDA; ignored on CPU (with a note)
-    deterministic: bool = False  # deterministic cuDNN kernels
-    resume: Optional[str] = None  # RUN_DIR of an interrupted run
-    eval_only: bool = False  # evaluate --ckpt and exit
-    ckpt: Optional[str] = None  # checkpoint for --eval-only
-    pretrained: bool = True  # ImageNet weights through timm (card §2: ImageNet-pretrained backbone)
-    weights: Optional[str] = None  # local backbone state dict instead of timm's download
-    max_iters: Optional[int] = None  # cap on the iterations of every training phase (Deviation 9)
-    stop_after: Optional[int] = None  # testing aid: stop as if interrupted after N iterations
-    log_every: int = 20
-    ckpt_every: int = 500
-    # -- method: variants and saliency input (card §3 variants, §9)
-    variant: str = field(default="full", metadata={"choices": VARIANTS})  # supplementary Table 3 rows
-    num_stages: Optional[int] = None  # card §6: 4 (stages 0..3) for full, 1 for the other variants
-    saliency_dir: Optional[str] = None  # card §9: default <data root>/saliency
-    # -- model (card §3)
-    backbone: str = "wide_resnet50_2"  # Deviation 1 (paper: ResNet38d)
-    freeze_bn: bool = True  # official network/resnet38d.py freezes all BN
-    head_dim: int = 128  # official network/AuxSegNet.py: 128-ch branches
-    dilations: list[int] = field(default_factory=lambda: [6, 12, 18])  # official: dil 6/12 (+18 after NL)
-    # -- segmentation stages (card §6)
+    # --- common interface (DESIGN.md): the same fields in all five scripts ---
+    data: str = "toy"  # toy | VOC2012 | COCO2014 | a dataset folder (VOC or COCO layout)
+    preset: str = "auto"  # auto = toy on the toy data, paper otherwise; every flag overrides its preset value
+    out: str = ""  # run folder (default runs/<method>/<data>-<time>); an existing non-empty one is never used
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # python, numpy and torch RNGs, the data order and the augmentations
+    workers: int = 4  # DataLoader worker processes
+    amp: bool = False  # bf16 autocast on CUDA; ignored (with a note) on CPU
+    deterministic: bool = False  # deterministic cuDNN kernels (off: cudnn.benchmark autotuning)
+    resume: str = ""  # RUN_DIR: continue an interrupted run from its checkpoints/last.pt
+    eval_only: bool = False  # skip training and evaluate --ckpt
+    ckpt: str = ""  # checkpoints/last.pt of a finished run, for --eval-only
+    pretrained: bool = True  # ImageNet weights through timm (internet once, or a populated cache)
+    weights: str = ""  # a local backbone state dict instead of timm's download
+    supervision: str = "image"  # image: the method (WSSS) | full: ground-truth masks replace its pseudo labels
+    max_iters: int = 0  # > 0: cap every training stage at N iterations (warm-ups are not rescaled)
+    stop_after: int = 0  # > 0: stop as if interrupted after N iterations of this process (testing aid)
+    log_every: int = 50  # iterations between log lines
+    ckpt_every: int = 2000  # iterations between checkpoints/last.pt writes
+    # --- variants and saliency input (card §3 variants, §9) ---
+    variant: str = "full"  # supplementary Table 3 row: baseline (seg branch only) | mt (+cls +sal branches) | mt_ct (+cross-task affinity) | full (MT+CT+IL: --num-stages stages with label updates)
+    num_stages: int = 0  # training stages of --variant full, each followed by a label update except the last; 0 = auto: 4 (card §6), 3 on the toy preset (Deviation 12); the other variants train stage 0 only
+    saliency_dir: str = ""  # off-the-shelf saliency maps DIR/<id>.png (card §9; default <data root>/saliency); required
+    # --- model (card §3) ---
+    backbone: str = "wide_resnet50_2"  # timm CNN at output stride 8 (Deviation 1; paper: ResNet38d)
+    freeze_bn: bool = True  # frozen backbone BatchNorm (official network/resnet38d.py)
+    head_dim: int = 128  # branch width (official network/AuxSegNet.py: 128-ch branches)
+    dilations: tuple = (6, 12, 18)  # branch conv dilations (official: dil 6/12, +18 after the non-local module)
+    # --- segmentation stages (card §6) ---
     epochs_per_stage: int = 10  # paper: 10 (official code: 15)
     crop_size: int = 321  # paper/code: 321
-    batch_size: int = 4  # paper/code: 4
+    batch_size: int = 4  # global batch (paper/code: 4)
     lr: float = 7e-4  # official main.py (paper: 1e-3), Deviation 4
-    head_lr_mult: float = 10.0  # official get_10x_lr_params
+    head_lr_mult: float = 10.0  # seg/sal/fc8 parameters (official get_10x_lr_params)
     momentum: float = 0.0  # official effective value (Deviation 4)
     weight_decay: float = 0.0  # official effective value (Deviation 4)
     poly_power: float = 0.9  # paper/code
-    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.3])  # official tool/exutils.py
-    pad_as_background: bool = False  # official tool/exutils.py pads labels with 0 (Deviation 5)
-    lambda_cls: float = 1.0  # official train_AuxAff.py loss weights
-    lambda_sal: float = 1.0
-    lambda_seg: float = 1.0
-    # -- classification pre-training (card §6, Deviation 6)
+    scale_range: tuple = (0.7, 1.3)  # random rescale MIN MAX (official tool/exutils.py)
+    pad_as_background: bool = False  # pad crop labels with 0 and keep padded pixels in L_sal, as the official code does (Deviation 5)
+    lambda_cls: float = 1.0  # Eq. (C10) l1 (official train_AuxAff.py)
+    lambda_sal: float = 1.0  # Eq. (C10) l2
+    lambda_seg: float = 1.0  # Eq. (C10) l3
+    # --- classification pre-training (card §6, Deviation 6) ---
     epochs_cls: int = 15  # paper
     cls_lr: float = 0.01  # card suggestion
     cls_momentum: float = 0.9  # card suggestion
     cls_weight_decay: float = 5e-4  # card suggestion
-    cls_batch_size: int = 8  # card suggestion
+    cls_batch_size: int = 8  # card suggestion (global batch)
     cls_crop_size: int = 448  # card suggestion
-    # -- pseudo labels (card §5)
-    cam_thresh: float = 0.2  # official tool/imutils.py fusion_cam
-    sal_fuse_thresh: float = 0.06  # official fusion_cam
-    sal_bin_thresh: float = 0.5  # official exutils: saliency target binarised at 0.5
-    sal_crf: bool = True  # official step/gen_pgt.py crf_for_sal
-    cam_scales: list[float] = field(default_factory=lambda: [1.0])  # Deviation 7
-    cam_flip: bool = False  # Deviation 7
-    # -- inference (card §7)
-    eval_scales: list[float] = field(default_factory=lambda: [1.0])  # official infer_AuxAff.py: 1.0
-    eval_flip: bool = False
-    eval_crf: bool = False  # official crf_inference_inf (common.crf preset aux_mct)
+    # --- pseudo labels (card §5) ---
+    cam_thresh: float = 0.2  # Eq. (C14) CAM threshold (official tool/imutils.py fusion_cam)
+    sal_fuse_thresh: float = 0.06  # Eq. (C14) saliency threshold (official fusion_cam)
+    sal_bin_thresh: float = 0.5  # Eq. (C8) saliency target binarised at this value (official exutils)
+    sal_crf: bool = True  # Eq. (C13) 1-iteration CRF on the updated saliency maps (official step/gen_pgt.py crf_for_sal)
+    cam_scales: tuple = (1.0,)  # scales of the stage-0 CAMs, averaged (Deviation 7)
+    cam_flip: bool = False  # add h-flipped stage-0 CAMs (Deviation 7)
+    # --- inference (card §7) ---
+    eval_scales: tuple = (1.0,)  # test scales (official infer_AuxAff.py: 1.0); with more than one (or --eval-flip) seg_ms/val is reported too
+    eval_flip: bool = False  # add h-flipped test views
+    eval_crf: bool = False  # dense CRF on the test probabilities (official crf_inference_inf, common.crf preset aux_mct): seg_crf/val
+    num_vis: int = 8  # images drawn into each vis/ grid
 
 
 PRESETS = {
-    # Args' defaults are the VOC paper setting (card §6).
-    "paper_voc": {},
-    # Card §6: COCO uses the same recipe; 10 epochs on 82k images is ~205k iterations per stage,
-    # so pass --max-iters.
-    "paper_coco": {},
-    # Card §10: small random-init backbone, trainable BN, short schedule, 2 CPU cores in minutes.
+    # the Args defaults are the VOC paper setting (card §6)
+    "paper_voc": dict(log_every=20, ckpt_every=500),
+    # card §6: COCO uses the same recipe; 10 epochs on 82k images is ~205k iterations per stage, so pass --max-iters
+    "paper_coco": dict(log_every=20, ckpt_every=500),
+    # card §10: small random-init backbone, trainable BN, short schedule, 2 CPU cores in minutes.
     # Deviation 12: resnet10t, crop 96 and 2 + 3 x 1 epochs on the 1000-image toy set (card §10 assumed ~200
     # images) keep the run within minutes on 2 cores; stage lr 0.002 because 0.01 (heads 0.1, momentum 0.9)
     # diverged (NaN in stage 0 of a measured toy run).
-    "toy": dict(backbone="resnet10t", pretrained=False, freeze_bn=False, head_dim=64, dilations=[1, 2, 3],
-                crop_size=96, batch_size=8, lr=0.002, momentum=0.9, weight_decay=1e-4,
-                epochs_cls=2, cls_lr=0.01, cls_batch_size=8, cls_crop_size=96, epochs_per_stage=1,
-                num_stages=3, workers=0, log_every=25),
+    "toy": dict(backbone="resnet10t", pretrained=False, freeze_bn=False, head_dim=64, dilations=(1, 2, 3),
+                crop_size=96, batch_size=8, lr=0.002, momentum=0.9, weight_decay=1e-4, epochs_cls=2, cls_lr=0.01,
+                cls_batch_size=8, cls_crop_size=96, epochs_per_stage=1, workers=0, log_every=25, ckpt_every=500),
 }
+CHOICES = {"variant": ("baseline", "mt", "mt_ct", "full")}
+LIMITS = {"num_stages": ">=0", "head_dim": ">=1", "dilations": ">=1", "epochs_per_stage": ">=0", "crop_size": ">=1",
+          "batch_size": ">=1", "lr": ">0", "head_lr_mult": ">=0", "momentum": ">=0", "weight_decay": ">=0",
+          "poly_power": ">=0", "scale_range": ">0", "lambda_cls": ">=0", "lambda_sal": ">=0", "lambda_seg": ">=0",
+          "epochs_cls": ">=0", "cls_lr": ">0", "cls_momentum": ">=0", "cls_weight_decay": ">=0", "cls_batch_size": ">=1",
+          "cls_crop_size": ">=1", "cam_thresh": "[0,1]", "sal_fuse_thresh": "[0,1]", "sal_bin_thresh": "[0,1]",
+          "cam_scales": ">0", "eval_scales": ">0", "num_vis": ">=0"}
 
 
-HELP = {
-    "data": "toy (default) | VOC2012 | COCO2014 | a dataset folder (VOC or COCO layout)",
-    "preset": "auto = toy on the toy dataset, paper otherwise; every flag overrides its preset value",
-    "variant": "supplementary Table 3 row: baseline (seg branch only) | mt (+cls +sal branches) | "
-               "mt_ct (+cross-task affinity) | full (MT+CT+IL: --num-stages stages with label updates)",
-    "num_stages": "training stages, each followed by a label update except the last (full only; paper 4)",
-    "saliency_dir": "off-the-shelf saliency maps <DIR>/<id>.png (default <data root>/saliency); required",
-    "max_iters": "cap on the iterations of every training phase (cls pre-training and each stage)",
-    "stop_after": "testing aid: stop as if interrupted after N iterations (checkpoint written)",
-    "pad_as_background": "pad crop labels with 0 and keep padded pixels in L_sal, as the official code does",
-    "sal_crf": "1-iteration CRF on the updated saliency maps (official crf_for_sal)",
-    "cam_scales": "scales of the stage-0 CAMs (averaged)",
-    "eval_scales": "test scales; with more than one (or --eval-flip) seg_ms/val is reported too",
-    "eval_crf": "dense CRF on the test probabilities (preset aux_mct): seg_crf/val",
-    "amp": "fp16 autocast on CUDA (affinities stay fp32); ignored on CPU",
-    "weights": "local backbone state dict (instead of --pretrained, which downloads through timm)",
-}
+def validate(args):
+    """--num-stages 0 becomes the variant's number of stages; checks that LIMITS cannot express."""
+    if not args.num_stages:  # card §6: stages 0..3; Deviation 12 (toy: 3); baseline / mt / mt_ct: stage 0 only
+        args.num_stages = 1 if args.variant != "full" else 3 if args.preset == "toy" else 4
+    check(args.num_stages == 1 or args.variant == "full", f"--num-stages {args.num_stages} needs --variant full: label "
+          f"updates use the cross-task affinity and the classifier (variant '{args.variant}' trains stage 0 only)")
+    check(len(args.dilations) == 3, f"--dilations takes three positive integers (got {args.dilations})")
+    check(len(args.scale_range) == 2 and args.scale_range[0] <= args.scale_range[1],
+          f"--scale-range takes MIN MAX with 0 < MIN <= MAX (got {args.scale_range})")
+    for flag in ("batch_size", "cls_batch_size"):
+        check(getattr(args, flag) % env_world() == 0, f"--{flag.replace('_', '-')} {getattr(args, flag)} (global) is "
+              f"not divisible by the {env_world()} processes")
+    check(not (args.sal_crf or args.eval_crf) or crf.available(),
+          "pydensecrf is not installed (pip install pydensecrf2); or pass --no-sal-crf and drop --eval-crf")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (exit 2), as every script of the project does."""
-
-    def error(self, message):
-        fail(message)
-
-
-def fail(msg: str, code: int = 2):
-    """One clear line on stderr and exit (2 = bad input); never a traceback."""
-    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
+# ==================================================================================================
+# Model
+# ==================================================================================================
+# card §3
+# heads and affinity of each supplementary Table 3 row (card §9 variant mapping)
+VARIANT_TASKS = {"baseline": (("seg",), "none"), "mt": (("cls", "sal", "seg"), "none"),
+                 "mt_ct": (("cls", "sal", "seg"), "ct"), "full": (("cls", "sal", "seg"), "ct")}
 
 
-def build_parser() -> ArgumentParser:
-    """One flag per Args field; every default is None so that preset values can be told from flags."""
-    p = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        kw = dict(default=None, dest=f.name, help=HELP.get(f.name))
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if f.type is bool:
-            p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
-        elif str(f.type).startswith("list"):
-            p.add_argument(name, nargs="+", type=float if "float" in str(f.type) else int, **kw)
-        else:
-            base = {int: int, float: float, str: str}.get(f.type)
-            if base is None:  # Optional[...]
-                base = int if "int" in str(f.type) else str
-            p.add_argument(name, type=base, **kw)
-    return p
-
-
-def resolve_args(ns: argparse.Namespace, spec) -> Args:
-    """Args defaults <- preset <- explicit flags."""
-    preset = ns.preset or "auto"
-    if preset == "auto":
-        preset = "toy" if is_toy(spec) else "paper"
-    values = dataclasses.asdict(Args())
-    if preset == "toy":
-        values.update(PRESETS["toy"])
-    else:
-        values.update(PRESETS["paper_coco" if spec.dataset == "coco" else "paper_voc"])
-    values.update({k: v for k, v in vars(ns).items() if v is not None})
-    values["preset"] = preset
-    if values["num_stages"] is None or values["variant"] != "full" and ns.num_stages is None:
-        values["num_stages"] = 4 if values["variant"] == "full" else 1
-    return Args(**values)
-
-
-def validate_args(a: Args):
-    """Nonsense hyper-parameters end with exit 2 before anything is written."""
-    positive = ["batch_size", "crop_size", "cls_batch_size", "cls_crop_size", "head_dim", "num_stages",
-                "log_every", "ckpt_every"]
-    for k in positive:
-        if getattr(a, k) < 1:
-            fail(f"--{k.replace('_', '-')} must be >= 1 (got {getattr(a, k)})")
-    for k in ["epochs_per_stage", "epochs_cls"]:
-        if getattr(a, k) < 0:
-            fail(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(a, k)})")
-    for k in ["lr", "cls_lr"]:
-        if not getattr(a, k) > 0 or not math.isfinite(getattr(a, k)):
-            fail(f"--{k.replace('_', '-')} must be a positive number (got {getattr(a, k)})")
-    for k in ["momentum", "weight_decay", "cls_momentum", "cls_weight_decay", "head_lr_mult", "poly_power",
-              "lambda_cls", "lambda_sal", "lambda_seg"]:
-        if getattr(a, k) < 0:
-            fail(f"--{k.replace('_', '-')} must be >= 0 (got {getattr(a, k)})")
-    for k in ["cam_thresh", "sal_fuse_thresh", "sal_bin_thresh"]:
-        if not 0.0 <= getattr(a, k) <= 1.0:
-            fail(f"--{k.replace('_', '-')} must lie in [0, 1] (got {getattr(a, k)})")
-    if len(a.dilations) != 3 or min(a.dilations) < 1:
-        fail(f"--dilations takes three positive integers (got {a.dilations})")
-    if len(a.scale_range) != 2 or not 0 < a.scale_range[0] <= a.scale_range[1]:
-        fail(f"--scale-range takes MIN MAX with 0 < MIN <= MAX (got {a.scale_range})")
-    for k in ["cam_scales", "eval_scales"]:
-        if not getattr(a, k) or min(getattr(a, k)) <= 0:
-            fail(f"--{k.replace('_', '-')} takes positive scales (got {getattr(a, k)})")
-    if a.max_iters is not None and a.max_iters < 1:
-        fail(f"--max-iters must be >= 1 (got {a.max_iters})")
-    if a.stop_after is not None and a.stop_after < 1:
-        fail(f"--stop-after must be >= 1 (got {a.stop_after})")
-    if a.num_stages > 1 and a.variant != "full":
-        fail(f"--num-stages {a.num_stages} needs --variant full: label updates use the cross-task affinity "
-             f"and the classifier (variant '{a.variant}' trains stage 0 only)")
-    if a.workers < 0:
-        fail(f"--workers must be >= 0 (got {a.workers})")
-    if (a.sal_crf or a.eval_crf) and not crf.available():
-        fail("pydensecrf is not installed (pip install pydensecrf2); or pass --no-sal-crf and drop --eval-crf")
-
-
-# ----------------------------------------------------------------------------------------------
-# Model (card §3)
-# ----------------------------------------------------------------------------------------------
-def variant_tasks(variant: str):
-    """Heads and affinity of each supplementary Table 3 row (card §9 variant mapping)."""
-    if variant == "baseline":
-        return ("seg",), "none"
-    if variant == "mt":
-        return ("cls", "sal", "seg"), "none"
-    return ("cls", "sal", "seg"), "ct"
-
-
-def task_affinity(theta_x: torch.Tensor, phi_x: torch.Tensor) -> torch.Tensor:
+def task_affinity(theta_x, phi_x):
     """Eq. (C3): embedded-Gaussian non-local affinity, row-softmaxed, no 1/sqrt(d) scaling.
     theta_x, phi_x: (B, D, N) -> A: (B, N, N), A[b, i, :] sums to 1."""
     # Eq. (C3)  A_t[i, j] = exp(<theta_i, phi_j>) / sum_j' exp(<theta_i, phi_j'>)
@@ -322,7 +239,7 @@ def task_affinity(theta_x: torch.Tensor, phi_x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def refine_by_affinity(A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+def refine_by_affinity(A, S):
     """Eq. (C7): gather R(i) = sum_j A[i, j] S(j). A: (B, N, N); S: (B, K, h, w) -> (B, K, h, w).
     (The paper's "transpose" comes from writing predictions as K x N; A^T would scatter instead.)"""
     B, K, h, w = S.shape
@@ -336,7 +253,7 @@ class DenseBranch(nn.Module):
     """Saliency or segmentation branch (card §3): dil-d1/d2 convs -> non-local enhancement -> dil-d3 conv
     -> 1x1 classifier. Weights are not shared between the two tasks."""
 
-    def __init__(self, in_ch: int, dim: int, out_ch: int, dilations, non_local: bool):
+    def __init__(self, in_ch, dim, out_ch, dilations, non_local):
         super().__init__()
         d1, d2, d3 = dilations
         self.conv1 = nn.Conv2d(in_ch, dim, 3, padding=d1, dilation=d1)
@@ -353,21 +270,21 @@ class DenseBranch(nn.Module):
             self.g = nn.Conv2d(dim, dim, 1)
             self.W = nn.Conv2d(dim, dim, 1)
 
-    def features(self, feats: torch.Tensor) -> torch.Tensor:
+    def features(self, feats):
         """X_t = ReLU(conv_d2(ReLU(conv_d1(F)))): (B, K, h, w) -> (B, dim, h, w)."""
         return F.relu(self.conv2(F.relu(self.conv1(feats))))
 
-    def affinity(self, X: torch.Tensor) -> torch.Tensor:
+    def affinity(self, X):
         """Eq. (C3) on the features before enhancement: (B, dim, h, w) -> (B, N, N)."""
         return task_affinity(self.theta(X).flatten(2), self.phi(X).flatten(2))
 
-    def enhance(self, X: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    def enhance(self, X, A):
         """Eq. (C4): Y_t = X_t + W_t(A_t G_t(X_t)); the attended features are gathered with A_t rows."""
         # Eq. (C4)  Y_t = X_t + W_t(A_t . G_t(X_t))
         attended = refine_by_affinity(A, self.g(X)).to(X.dtype)  # (B, dim, h, w)
         return X + self.W(attended)
 
-    def predict(self, Y: torch.Tensor) -> torch.Tensor:
+    def predict(self, Y):
         """S_t = conv1x1(ReLU(conv_d3(Y))): (B, dim, h, w) -> (B, out_ch, h, w) logits."""
         return self.conv4(F.relu(self.conv3(Y)))
 
@@ -380,7 +297,7 @@ class CrossTaskAttention(nn.Module):
         self.conv1 = nn.Conv2d(2, 2, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(2, 2, 1)
 
-    def forward(self, A_seg: torch.Tensor, A_sal: torch.Tensor):
+    def forward(self, A_seg, A_sal):
         """A_seg, A_sal: (B, N, N) -> A_CT (B, N, N), Omega (B, 2, N, N)."""
         stacked = torch.stack([A_seg, A_sal], dim=1).float()  # (B, 2, N, N)
         # Eq. (C5)  Omega = softmax over the 2 channels of conv1x1(ReLU(conv3x3([A_seg, A_sal])))
@@ -396,13 +313,16 @@ class AuxSegNet(nn.Module):
     tasks ("cls", "sal", "seg") picks the heads; affinity "ct" adds the non-local modules, the
     self-attention fusion and the refinement (MT+CT), "none" leaves them out (baseline, MT)."""
 
-    def __init__(self, backbone: str, num_classes: int, tasks=("cls", "sal", "seg"), affinity: str = "ct",
-                 head_dim: int = 128, dilations=(6, 12, 18), pretrained: bool = False, freeze_bn: bool = False):
+    def __init__(self, backbone, num_classes, tasks=("cls", "sal", "seg"), affinity="ct", head_dim=128,
+                 dilations=(6, 12, 18), pretrained=False, freeze_bn=False):
         super().__init__()
         self.tasks, self.affinity_kind, self.freeze_bn = tuple(tasks), affinity, freeze_bn
         # Deviation 1: timm backbone at output stride 8 instead of ResNet38d.
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
-                                          output_stride=8, out_indices=(-1,))
+        try:
+            self.backbone = timm_model(backbone, pretrained, features_only=True, output_stride=8, out_indices=(-1,))
+        except (TypeError, RuntimeError) as e:
+            fail(f"timm cannot build '{backbone}' as a stride-8 feature extractor ({type(e).__name__}: "
+                 f"{str(e)[:80]}); AuxSegNet needs a CNN such as resnet18 or wide_resnet50_2")
         K = self.backbone.feature_info.channels()[-1]
         if "cls" in tasks:
             self.dropout7 = nn.Dropout2d(0.5)
@@ -415,31 +335,28 @@ class AuxSegNet(nn.Module):
             self.sal = DenseBranch(K, head_dim, 1, dilations, non_local)
         if non_local:
             self.cross_att = CrossTaskAttention()
-        if freeze_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    for p in m.parameters():
-                        p.requires_grad_(False)
+        for m in self.frozen_bn():
+            m.requires_grad_(False)
 
-    def train(self, mode: bool = True):
+    def frozen_bn(self):
+        return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] * self.freeze_bn
+
+    def train(self, mode=True):
         """Frozen BN stays in eval mode (official network/resnet38d.py `train`)."""
         super().train(mode)
-        if self.freeze_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        for m in self.frozen_bn():
+            m.eval()
         return self
 
     def param_groups(self):
         """(1x params, 10x params). Impl. (xulianuwa/AuxSegNet, network/AuxSegNet.py get_10x_lr_params):
         names containing seg/sal/fc8 get 10x; the SA module ("cross_att") and the backbone stay at 1x."""
-        heads = [p for n, p in self.named_parameters()
-                 if p.requires_grad and n.split(".")[0] in ("fc8", "seg", "sal")]
-        base = [p for n, p in self.named_parameters()
-                if p.requires_grad and n.split(".")[0] not in ("fc8", "seg", "sal")]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        heads = [p for n, p in named if n.split(".")[0] in ("fc8", "seg", "sal")]
+        base = [p for n, p in named if n.split(".")[0] not in ("fc8", "seg", "sal")]
         return base, heads
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def forward(self, x):
         """x: (B, 3, H, W) -> dict with, where the heads exist: cls_logits (B, C), cam (B, C, h, w),
         seg_init / seg_ref (B, C+1, h, w), sal_init / sal_ref (B, 1, h, w), A_seg / A_sal / A_ct (B, N, N),
         omega (B, 2, N, N). seg_ref is seg_init when there is no affinity (baseline, MT)."""
@@ -467,50 +384,35 @@ class AuxSegNet(nn.Module):
         return out
 
 
-def build_model(a: Args, num_classes: int, kind: str) -> AuxSegNet:
-    """kind "cls": backbone + classifier for pre-training; "stage": the variant's network."""
-    if kind == "cls":
-        tasks, affinity = ("cls",), "none"
-    else:
-        tasks, affinity = variant_tasks(a.variant)
-    return AuxSegNet(a.backbone, num_classes, tasks, affinity, a.head_dim, a.dilations,
-                     pretrained=a.pretrained and a.weights is None, freeze_bn=a.freeze_bn)
+def build_model(args, num_classes, kind="stage", init_weights=False):
+    """kind "cls": backbone + classifier for pre-training; "stage": the --variant network. init_weights: ImageNet
+    weights (--pretrained) or --weights FILE into the backbone (an ImageNet classifier in the file is dropped)."""
+    tasks, affinity = (("cls",), "none") if kind == "cls" else VARIANT_TASKS[args.variant]
+    model = AuxSegNet(args.backbone, num_classes, tasks, affinity, args.head_dim, args.dilations,
+                      pretrained=init_weights and args.pretrained and not args.weights, freeze_bn=args.freeze_bn)
+    if init_weights and args.weights:
+        what = f"--weights {args.weights}"
+        load_weights(model.backbone, state_dict_of(load_checkpoint(args.weights, "--weights"), what), what,
+                     ignore=("fc.", "head.", "classifier."))
+    return model
 
 
-def load_backbone_weights(model: AuxSegNet, path: str):
-    """--weights FILE: a timm/torchvision-style state dict of the backbone (keys may carry a prefix)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    own = model.backbone.state_dict()
-    matched = {}
-    for k, v in state.items():
-        for prefix in ("", "backbone.", "module.", "model."):
-            kk = k[len(prefix):] if k.startswith(prefix) else None
-            if kk is not None and kk in own and own[kk].shape == v.shape:
-                matched[kk] = v
-                break
-    if not matched:
-        raise ValueError("no tensor in the file matches the backbone")
-    model.backbone.load_state_dict(matched, strict=False)
-    return len(matched), len(own)
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (card §4)
-# ----------------------------------------------------------------------------------------------
-def loss_cls(cls_logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+# ==================================================================================================
+# Losses
+# ==================================================================================================
+# card §4
+def loss_cls(cls_logits, label):
     """Eq. (C2): multi-label soft margin = BCE-with-logits averaged over classes and batch. (B, C), (B, C)."""
     # Eq. (C2)  L_cls = -1/C sum_c [y_c log sig(z_c) + (1 - y_c) log(1 - sig(z_c))], mean over the batch
     return F.multilabel_soft_margin_loss(cls_logits.float(), label.float())
 
 
-def saliency_target(sal: torch.Tensor, thresh: float = 0.5) -> torch.Tensor:
+def saliency_target(sal, thresh=0.5):
     """Eq. (C8): B = 1[sal > thresh], exactly {0, 1}. sal in [0, 1]."""
     return (sal > thresh).float()
 
 
-def loss_sal(sal_logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def loss_sal(sal_logits, target, valid):
     """One term of Eq. (C8): BCE-with-logits of the upsampled saliency logits against B, averaged over
     valid (non-padded) pixels. sal_logits (B, 1, h, w); target, valid (B, H, W)."""
     up = F.interpolate(sal_logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -519,7 +421,7 @@ def loss_sal(sal_logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
     return (bce * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def loss_seg(seg_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def loss_seg(seg_logits, target):
     """One term of Eq. (C9): CE of the upsampled logits, ignore 255. seg_logits (B, C+1, h, w); target (B, H, W).
     An all-255 target returns 0 (PyTorch's mean over zero pixels is NaN)."""
     up = F.interpolate(seg_logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
@@ -528,21 +430,21 @@ def loss_seg(seg_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(up, target, ignore_index=data.IGNORE_INDEX)
 
 
-def total_loss(parts: dict, a: Args) -> torch.Tensor:
+def total_loss(parts, args):
     """Eq. (C10): L = l1 L_cls + l2 (L_sal1 + L_sal2) + l3 (L_seg1 + L_seg2); missing terms (variants) drop out."""
-    weights = {"cls": a.lambda_cls, "sal1": a.lambda_sal, "sal2": a.lambda_sal,
-               "seg1": a.lambda_seg, "seg2": a.lambda_seg}
+    weights = {"cls": args.lambda_cls, "sal1": args.lambda_sal, "sal2": args.lambda_sal,
+               "seg1": args.lambda_seg, "seg2": args.lambda_seg}
     # Eq. (C10)
     return sum(weights[k] * v for k, v in parts.items())
 
 
-def stage_losses(out: dict, batch: dict, a: Args) -> dict:
+def stage_losses(out, batch, args):
     """The loss parts of one stage iteration for the model's variant (card §4, "Variants drop terms")."""
     parts = {}
     if "cls_logits" in out:
         parts["cls"] = loss_cls(out["cls_logits"], batch["label"])  # Eq. (C2)
     if "sal_init" in out:
-        B = saliency_target(batch["sal"], a.sal_bin_thresh)  # Eq. (C8)
+        B = saliency_target(batch["sal"], args.sal_bin_thresh)  # Eq. (C8)
         parts["sal1"] = loss_sal(out["sal_init"], B, batch["sal_valid"])
         if "A_ct" in out:
             parts["sal2"] = loss_sal(out["sal_ref"], B, batch["sal_valid"])
@@ -552,23 +454,24 @@ def stage_losses(out: dict, batch: dict, a: Args) -> dict:
     return parts
 
 
-# ----------------------------------------------------------------------------------------------
-# Pseudo labels (card §5)
-# ----------------------------------------------------------------------------------------------
-def normalize_cam(cam: torch.Tensor) -> torch.Tensor:
+# ==================================================================================================
+# Pseudo labels
+# ==================================================================================================
+# card §5
+def normalize_cam(cam):
     """Eq. (C11): per image and class, ReLU then divide by the spatial max + 1e-5. (B, C, h, w)."""
     cam = F.relu(cam)
     # Eq. (C11)  M_c = ReLU(CAM_c) / (max_p ReLU(CAM_c)(p) + 1e-5)
     return cam / (cam.flatten(2).max(dim=-1).values[..., None, None] + 1e-5)
 
 
-def propagate_cam(A_ct: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+def propagate_cam(A_ct, M):
     """Eq. (C12): exactly one gather step with A_CT, no power, no renormalisation (may slightly exceed 1)."""
     # Eq. (C12)  M~_c(i) = sum_j A_CT[i, j] M_c(j)
     return refine_by_affinity(A_ct, M)
 
 
-def saliency_crf(image: np.ndarray, a: np.ndarray, eps: float = 1e-8, tau: float = 1.05) -> np.ndarray:
+def saliency_crf(image, a, eps=1e-8, tau=1.05):
     """Eq. (C13): 2-label dense CRF with the method's own unary, one mean-field iteration.
     image uint8 (H, W, 3); a float (H, W) in [0, 1] -> foreground marginal float32 (H, W) in [0, 1]."""
     a = a.astype(np.float64)
@@ -579,13 +482,11 @@ def saliency_crf(image: np.ndarray, a: np.ndarray, eps: float = 1e-8, tau: float
     unary = np.stack([U_bg, U_fg]).astype(np.float32)  # (2, H, W)
     # Impl. (xulianuwa/AuxSegNet, tool/imutils.py crf_for_sal): Gaussian 3/3, bilateral 60/5/5, 1 iteration.
     # np.array copies: pydensecrf rejects read-only buffers, and images decoded by PIL are read-only.
-    Q = crf.refine_unary(np.array(image), unary, n_iters=1, pos_xy_std=3, pos_w=3,
-                         bi_xy_std=60, bi_rgb_std=5, bi_w=5)
+    Q = crf.refine_unary(np.array(image), unary, n_iters=1, pos_xy_std=3, pos_w=3, bi_xy_std=60, bi_rgb_std=5, bi_w=5)
     return np.asarray(Q[1], dtype=np.float32)
 
 
-def fuse_cam_saliency(cams: np.ndarray, sal: np.ndarray, label: np.ndarray, cam_thresh: float = 0.2,
-                      sal_thresh: float = 0.06) -> np.ndarray:
+def fuse_cam_saliency(cams, sal, label, cam_thresh=0.2, sal_thresh=0.06):
     """Eq. (C14), official tool/imutils.py fusion_cam. cams float (C, H, W); sal float (H, W) in [0, 1];
     label (C,) multi-hot -> uint8 (H, W) in {0} U {present classes + 1} U {255}."""
     cams = cams * (np.asarray(label) > 0)[:, None, None]  # absent classes can never win
@@ -598,22 +499,16 @@ def fuse_cam_saliency(cams: np.ndarray, sal: np.ndarray, label: np.ndarray, cam_
     return out
 
 
-_warned_sal_size = [False]
-
-
-def read_saliency(path: Path, size) -> np.ndarray:
+def read_saliency(path, size):
     """8-bit saliency PNG -> float32 (H, W) in [0, 1]; resized bilinearly (warn once) to size=(H, W)."""
     im = Image.open(path).convert("L")
-    if im.size != (size[1], size[0]):
-        if not _warned_sal_size[0]:
-            warnings.warn(f"saliency map {path} is {im.size[0]}x{im.size[1]}, image is {size[1]}x{size[0]}: "
-                          f"resizing saliency maps bilinearly")
-            _warned_sal_size[0] = True
+    if im.size != (size[1], size[0]):  # the same text every time: Python's warning filter prints it once
+        warnings.warn("saliency maps differ in size from their images: resizing them bilinearly")
         im = im.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def check_saliency(sal_dir: Path, ids):
+def check_saliency(sal_dir, ids):
     """Card §9: every training id needs <sal_dir>/<id>.png; there is no fallback."""
     how = ("AuxSegNet needs off-the-shelf saliency maps (8-bit PNG, 255 = salient) for every training image: "
            "produce them with a saliency detector (the paper used DSS; PoolNet or MINet also work) and put "
@@ -626,22 +521,21 @@ def check_saliency(sal_dir: Path, ids):
                              f"(first: {', '.join(missing[:3])}). {how}")
 
 
-def image_tensor(image: np.ndarray, device) -> torch.Tensor:
+def image_tensor(image, device):
     """uint8 (H, W, 3) -> normalised (1, 3, H, W) on device."""
     return augment.to_tensor(image)[None].to(device)
 
 
 @torch.no_grad()
-def stage0_cams(model: AuxSegNet, image: np.ndarray, a: Args, device) -> np.ndarray:
+def stage0_cams(model, image, args, device):
     """Normalised CAMs of the classification network at image size (Deviation 7). -> (C, H, W)."""
     H, W = image.shape[:2]
     acc = None
-    for s in a.cam_scales:
-        im_s = image if s == 1.0 else augment.rescale(image, s)[0]
-        x = image_tensor(im_s, device)
-        xs = torch.cat([x, x.flip(-1)]) if a.cam_flip else x
+    for s in args.cam_scales:
+        x = image_tensor(image if s == 1.0 else augment.rescale(image, s)[0], device)
+        xs = torch.cat([x, x.flip(-1)]) if args.cam_flip else x
         cam = F.relu(model(xs)["cam"].float())  # (1 or 2, C, h, w)
-        if a.cam_flip:
+        if args.cam_flip:
             cam = cam[:1] + cam[1:].flip(-1)
         cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)
         acc = cam if acc is None else acc + cam
@@ -649,7 +543,7 @@ def stage0_cams(model: AuxSegNet, image: np.ndarray, a: Args, device) -> np.ndar
 
 
 @torch.no_grad()
-def update_maps(model: AuxSegNet, image: np.ndarray, sal0: np.ndarray, a: Args, device):
+def update_maps(model, image, sal0, args, device):
     """Label update after a stage (card §2, §8.12): eval mode, full image, single scale.
     -> propagated CAMs (C, H, W), updated soft saliency (H, W)."""
     H, W = image.shape[:2]
@@ -661,369 +555,201 @@ def update_maps(model: AuxSegNet, image: np.ndarray, sal0: np.ndarray, a: Args, 
                                           align_corners=False))[0, 0].cpu().numpy()
     # Eq. (C13)  a = (sigmoid(R_sal) + SAL_0) / 2, SAL_0 = the original off-the-shelf map, always
     avg = 0.5 * (sal_ref + sal0)
-    sal_new = saliency_crf(image, avg) if a.sal_crf else avg.astype(np.float32)
+    sal_new = saliency_crf(image, avg) if args.sal_crf else avg.astype(np.float32)
     return M_prop, sal_new
 
 
-def make_pseudo_labels(model: AuxSegNet, stage: int, train_ds, seed_ds, sal0_dir: Path, run_dir: Path,
-                       a: Args, device) -> dict:
-    """Write pseudo_labels/<stage>/train/<id>.png (segmentation, palette) and, for stage > 0,
-    pseudo_labels/<stage>/train_saliency/<id>.png (soft saliency x 255). Stage 0 fuses the pre-trained
-    classifier's CAMs with SAL_0; later stages use the current network (Eq. (C12)-(C14)).
-    Returns pseudo/train (and, at stage 0, cam/train) quality on the seed split."""
-    seg_dir = run_dir / "pseudo_labels" / str(stage) / "train"
-    sal_dir = run_dir / "pseudo_labels" / str(stage) / "train_saliency"
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    if stage > 0:
-        sal_dir.mkdir(parents=True, exist_ok=True)
-    seed_index = {n: i for i, n in enumerate(seed_ds.ids)}
-    num_classes = train_ds.num_classes
-    conf = miou.ConfusionMatrix(num_classes)
-    sweep = miou.ThresholdSweep(num_classes) if stage == 0 else None
-    ignored, total = 0, 0
-    model.eval()
-    for idx in tqdm(range(len(train_ds)), desc=f"pseudo labels s{stage}", leave=False, mininterval=5):
-        sample = train_ds[idx]
-        name, image, label = sample["name"], sample["image"], sample["label"]
-        sal0 = read_saliency(sal0_dir / f"{name}.png", image.shape[:2])
-        if stage == 0:
-            cams, sal = stage0_cams(model, image, a, device), sal0
-        else:
-            cams, sal = update_maps(model, image, sal0, a, device)
-            Image.fromarray(np.clip(np.rint(sal * 255), 0, 255).astype(np.uint8), mode="L").save(
-                sal_dir / f"{name}.png")
-        pgt = fuse_cam_saliency(cams, sal, label, a.cam_thresh, a.sal_fuse_thresh)  # Eq. (C14)
-        data.save_mask(seg_dir / f"{name}.png", pgt)
-        ignored += int((pgt == data.IGNORE_INDEX).sum())
-        total += pgt.size
-        if name in seed_index:
-            gt = seed_ds[seed_index[name]]["mask"]
-            conf.update(pgt, gt, pred_ignore="exclude")
-            if sweep is not None:
+@torch.no_grad()
+def make_pseudo_labels(ctx, s, sal0_dir):
+    """The labels stage s trains on: s = 0 fuses the pre-trained classifier's CAMs with SAL_0; s > 0 uses the stage
+    s - 1 network (Eq. (C12)-(C14)). Writes pseudo_labels/<s>/train/<id>.png (palette) and, for s > 0,
+    pseudo_labels/<s>/train_saliency/<id>.png (soft saliency x 255) and vis/train_s<s>.png; scores the labels
+    (and, at s = 0, the CAMs) on the seed split. Rank 0 works, the others wait (Deviation 11)."""
+    args, stage = ctx.args, f"labels{s}"
+    ctx.reseed(20 + s)
+    results = None
+    if ctx.main:
+        ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, seed=args.seed)
+        model = build_model(args, ds.num_classes, "cls" if s == 0 else "stage").to(ctx.device)
+        load_weights(model, ctx.stage_weights("cls" if s == 0 else f"stage{s - 1}")["model"], "the stage weights")
+        model.eval()
+        seg_dir, sal_dir = (ctx.run_dir / "pseudo_labels" / str(s) / d for d in ("train", "train_saliency"))
+        if s > 0:  # data.save_mask makes seg_dir
+            sal_dir.mkdir(parents=True, exist_ok=True)
+        seed_ids = set(data.split_ids(ctx.spec.root, ctx.splits["seed"], ctx.spec.dataset))
+        conf, sweep = miou.ConfusionMatrix(ds.num_classes), miou.ThresholdSweep(ds.num_classes)
+        ignored, total, rows = 0, 0, []
+        for sample in each_sample(ctx, ds, f"pseudo labels {s}"):
+            name, image, label = sample["name"], sample["image"], sample["label"]
+            sal0 = read_saliency(sal0_dir / f"{name}.png", image.shape[:2])
+            if s == 0:
+                cams, sal = stage0_cams(model, image, args, ctx.device), sal0
+            else:
+                cams, sal = update_maps(model, image, sal0, args, ctx.device)
+                Image.fromarray(np.clip(np.rint(sal * 255), 0, 255).astype(np.uint8)).save(sal_dir / f"{name}.png")
+            pgt = fuse_cam_saliency(cams, sal, label, args.cam_thresh, args.sal_fuse_thresh)  # Eq. (C14)
+            data.save_mask(seg_dir / f"{name}.png", pgt)
+            ignored, total = ignored + int((pgt == data.IGNORE_INDEX).sum()), total + pgt.size
+            if name in seed_ids:
                 keys = np.flatnonzero(label > 0)
-                sweep.update(np.clip(cams[keys], 0, 1), keys + 1, gt)
-    res = {"pseudo/train": conf.compute(), "ignore_fraction": ignored / max(total, 1)}
-    if sweep is not None:
-        res["cam/train"] = sweep.compute()
-    return res
+                conf.update(pgt, sample["mask"], pred_ignore="exclude")
+                if s == 0:
+                    sweep.update(np.clip(cams[keys], 0, 1), keys + 1, sample["mask"])
+                if len(rows) < args.num_vis:
+                    heat = (cams * (label > 0)[:, None, None]).max(0)
+                    grey = np.repeat(np.clip(255 * sal, 0, 255).astype(np.uint8)[..., None], 3, -1)
+                    rows.append([image, colour_cam(heat), grey, colour_labels(pgt), colour_labels(sample["mask"])])
+        if rows:
+            save_grid(ctx.run_dir / "vis" / f"train_s{s}.png", rows,
+                      ["image", "CAM" if s == 0 else "propagated CAM", "saliency", "pseudo label", "ground truth"])
+        p, names = conf.compute(), ds.class_names
+        entry = miou_entry(p, names, coverage=100 * float(p["coverage"]))
+        results = {f"pseudo_s{s}/train": entry, "pseudo/train": entry}  # pseudo/train: the latest labels
+        record = {"stage": stage, "pseudo/train/miou": entry["miou"], "pseudo/train/coverage": entry["coverage"],
+                  "pseudo/train/ignore_fraction": 100 * ignored / max(total, 1)}
+        if s == 0:
+            sw = sweep.compute()
+            results["cam/train"] = miou_entry(sw["best"], names, threshold=sw["best_threshold"])
+            record.update({"cam/train/miou": results["cam/train"]["miou"], "cam/train/threshold": sw["best_threshold"]})
+        ctx.log(record, echo=True)
+    ctx.finish_stage(stage, results=results)
 
 
-# ----------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Train
-# ----------------------------------------------------------------------------------------------
-class StopRun(Exception):
-    """Raised by --stop-after once checkpoints/last.pt is written."""
-
-
-class Context:
-    """Run-wide state: arguments, device, distributed info, run folder, log file."""
-
-    def __init__(self, a: Args, device, rank: int, world: int, run_dir: Path, spec):
-        self.a, self.device, self.rank, self.world, self.run_dir, self.spec = a, device, rank, world, run_dir, spec
-        self.iters_this_run = 0
-        self.t0 = time.time()
-        self.elapsed_before = 0.0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def log(self, record: dict, echo: bool = True):
-        if not self.main:
-            return
-        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if echo:
-            print(" ".join(f"{k}={v}" for k, v in record.items()), flush=True)
-
-    def seconds(self) -> float:
-        return self.elapsed_before + time.time() - self.t0
-
-
-def seed_everything(seed: int, deterministic: bool):
-    """Seeding block shared by the five scripts."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def worker_init(worker_id: int):
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_train_transform(a: Args, crop: int, sal_dir: Optional[Path] = None):
-    """Card §6: random rescale, h-flip, crop (labels pad 255, or 0 with --pad-as-background); with a
-    saliency folder the sample's pseudo label "seg" (nearest) and saliency map (a float map: bilinear,
-    pad 0; read here so that any size or mode is accepted) go through the same geometry, and padded
-    pixels are marked invalid for L_sal."""
-    with_pgt = sal_dir is not None
-
+# ==================================================================================================
+# card §2, §6
+def make_train_transform(args, crop, sal_dir=None, target="seg"):
+    """Card §6: random rescale, h-flip, crop (labels pad 255, or 0 with --pad-as-background); with a saliency
+    folder the sample's `target` labels (nearest: the pseudo labels "seg", or the ground truth "mask" under
+    --supervision full) and saliency map (a float map: bilinear, pad 0; read here so that any size or mode is
+    accepted) go through the same geometry, and padded pixels are marked invalid for L_sal."""
     def transform(sample, rng):
-        image = sample["image"]
-        masks, maps = (), ()
-        if with_pgt:
-            sal = read_saliency(sal_dir / f"{sample['name']}.png", image.shape[:2])
-            masks, maps = (sample["seg"],), (sal,)
-        image, masks, maps = augment.random_rescale(image, rng, masks=masks, maps=maps,
-                                                    ratio_range=tuple(a.scale_range))
+        image, masks, maps = sample["image"], (), ()
+        if sal_dir is not None:
+            masks, maps = (sample[target],), (read_saliency(sal_dir / f"{sample['name']}.png", image.shape[:2]),)
+        image, masks, maps = augment.random_rescale(image, rng, masks=masks, maps=maps, ratio_range=tuple(args.scale_range))
         image, masks, maps = augment.random_hflip(image, rng, masks=masks, maps=maps)
-        fill = 0 if a.pad_as_background else data.IGNORE_INDEX  # Deviation 5
-        image, masks, maps, box = augment.random_crop(image, rng, masks=masks, maps=maps, size=crop,
-                                                      mask_fill=fill)
+        fill = 0 if args.pad_as_background else data.IGNORE_INDEX  # Deviation 5
+        image, masks, maps, box = augment.random_crop(image, rng, masks=masks, maps=maps, size=crop, mask_fill=fill)
         out = {"image": augment.to_tensor(image), "label": torch.as_tensor(sample["label"])}
-        if with_pgt:
-            valid = np.ones((crop, crop), np.float32)
-            if not a.pad_as_background:
-                valid[:] = 0
-                y0, y1, x0, x1 = box
-                valid[y0:y1, x0:x1] = 1
-            out.update(seg=augment.mask_to_tensor(masks[0]),
-                       sal=torch.as_tensor(np.ascontiguousarray(maps[0]), dtype=torch.float32),
-                       sal_valid=torch.from_numpy(valid))
+        if sal_dir is not None:
+            valid = np.full((crop, crop), float(args.pad_as_background), np.float32)  # Deviation 5
+            valid[box[0]:box[1], box[2]:box[3]] = 1
+            out.update(seg=augment.mask_to_tensor(masks[0]), sal=torch.as_tensor(np.ascontiguousarray(maps[0]),
+                       dtype=torch.float32), sal_valid=torch.from_numpy(valid))
         return out
 
     return transform
 
 
-def poly_lr(base: float, it: int, total: int, power: float) -> float:
-    """Poly schedule, per iteration (paper/code): base * (1 - it / total) ** power."""
-    return base * (1.0 - it / max(total, 1)) ** power
-
-
-def make_optimizer(model: AuxSegNet, lr: float, mult: float, momentum: float, wd: float):
+def build_optimizer(model, lr, mult, momentum, wd):
     """SGD with the 1x / 10x groups (card §6). Deviation 4: momentum and wd default to the code's 0."""
     base, heads = model.param_groups()
-    groups = [{"params": base, "lr": lr, "base_lr": lr}, {"params": heads, "lr": lr * mult, "base_lr": lr * mult}]
+    groups = [{"params": base, "lr": lr}, {"params": heads, "lr": lr * mult}]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=wd)
 
 
-def phase_length(n_train: int, batch: int, epochs: int, a: Args, world: int) -> int:
-    per_rank = max(batch // world, 1)
-    per_epoch = max((n_train // world) // per_rank, 1)
-    total = per_epoch * epochs
-    return min(total, a.max_iters) if a.max_iters is not None else total
+def stage_iters(args, n_images, batch_size, epochs):
+    """Iterations of a training stage: epochs x full batches, capped by --max-iters (Deviation 9)."""
+    total = epochs * (n_images // batch_size)
+    return min(total, args.max_iters) if args.max_iters else total
 
 
-def save_checkpoint(ctx: Context, state: dict):
-    """checkpoints/last.pt, atomically (temp file + rename)."""
-    if not ctx.main:
-        return
-    path = ctx.run_dir / "checkpoints" / "last.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = dict(state, args=dataclasses.asdict(ctx.a), elapsed=ctx.seconds(),
-                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def train_step(net, batch, it, args, optimizer, autocast):
+    """One iteration of a stage (card §4, §6): the variant's loss parts, Eq. (C10), one SGD step."""
+    with autocast():
+        parts = stage_losses(net(batch["image"]), batch, args)
+    loss = total_loss(parts, args)  # Eq. (C10)
+    log = {f"losses/{k}": v.item() for k, v in {**parts, "total": loss}.items()}
+    check_finite(log, it)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return log
 
 
-def restore_rng(rng: dict):
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+# --- Step P: classification pre-training (card §2, Deviation 6) ---
+def train_cls(ctx, model):
+    """Backbone + GAP + fc8 on the image labels with L_cls alone; the weights go to checkpoints/cls.pt."""
+    args = ctx.args
+    ctx.reseed(1)
+    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, seed=args.seed * 1000 + 1,
+                         transform=make_train_transform(args, args.cls_crop_size))
+    optimizer = build_optimizer(model, args.cls_lr, args.head_lr_mult, args.cls_momentum, args.cls_weight_decay)
+    total = stage_iters(args, len(ds), args.cls_batch_size, args.epochs_cls)
+    net = ctx.wrap(model).train()
+
+    def step(batch, it):
+        with ctx.autocast():
+            loss = loss_cls(net(batch["image"])["cls_logits"], batch["label"])  # Eq. (C2)
+        check_finite({"losses/cls": loss.item()}, it)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"losses/cls": loss.item(), "losses/total": loss.item()}
+
+    train_loop(ctx, "cls", ds, args.cls_batch_size, total, step, {"model": model, "optimizer": optimizer},
+               lr=lambda it: poly_lr(it, total, args.poly_power), salt=1)
+    ctx.finish_stage("cls", weights={"model": model.state_dict()})
 
 
-def train_phase(ctx: Context, phase: int, model: AuxSegNet, dataset, batch_size: int, total: int,
-                optimizer, start_it: int, compute_losses, ckpt_extra: dict):
-    """One training phase (phase 0 = classification pre-training, phase s + 1 = stage s): poly LR per
-    iteration, non-finite guard, periodic and --stop-after checkpoints. Resumes at start_it exactly
-    (same data order, same augmentation: the rng of a sample depends on (seed, epoch, index) only)."""
-    a, world = ctx.a, ctx.world
-    net = DistributedDataParallel(model) if world > 1 else model
-    per_rank = max(batch_size // world, 1)  # Deviation 11: the global batch stays --batch-size
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=ctx.rank, shuffle=True, seed=a.seed,
-                                 drop_last=True)
-    per_epoch = max(len(sampler) // per_rank, 1)
-    use_amp = a.amp and ctx.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    model.train()
-    it, meter = start_it, {}
-    bar = tqdm(total=total, initial=it, desc=f"phase {phase}", disable=not ctx.main, leave=False, mininterval=5)
-    while it < total:
-        epoch = it // per_epoch
-        epoch_key = phase * 1000 + epoch  # a different augmentation draw per phase and epoch
-        sampler.set_epoch(epoch_key)
-        dataset.set_epoch(epoch_key)
-        order = list(iter(sampler))
-        batches = [order[i:i + per_rank] for i in range(0, per_epoch * per_rank, per_rank)]
-        batches = batches[it - epoch * per_epoch:]
-        gen = torch.Generator().manual_seed(a.seed * 100003 + epoch_key)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=a.workers, generator=gen,
-                            worker_init_fn=worker_init, persistent_workers=False)
-        for batch in loader:
-            for g in optimizer.param_groups:
-                g["lr"] = poly_lr(g["base_lr"], it, total, a.poly_power)
-            batch = {k: (v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=use_amp):
-                parts = compute_losses(net, batch)
-            for k, v in parts.items():
-                if not torch.isfinite(v):
-                    print(f"{METHOD}.py: error: loss '{k}' is {v.item()} at phase {phase} iteration {it}; "
-                          f"lower --lr", file=sys.stderr, flush=True)
-                    sys.exit(1)
-            loss = total_loss(parts, a)  # Eq. (C10)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            it += 1
-            ctx.iters_this_run += 1
-            bar.update(1)
-            for k, v in dict(parts, total=loss).items():  # running means between two log lines
-                meter[k] = meter.get(k, 0.0) + v.item()
-            meter["n"] = meter.get("n", 0) + 1
-            if it % a.log_every == 0 or it == total:
-                n = meter.pop("n")
-                ctx.log({"phase": phase, "iter": it, "lr": optimizer.param_groups[0]["lr"],
-                         **{f"losses/{k}": v / n for k, v in meter.items()}})
-                meter = {}
-            stop = a.stop_after is not None and ctx.iters_this_run >= a.stop_after
-            if it % a.ckpt_every == 0 or stop:
-                save_checkpoint(ctx, dict(ckpt_extra, phase=phase, iteration=it, model=model.state_dict(),
-                                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
-            if stop:
-                bar.close()
-                raise StopRun
-            if it >= total:
-                break
-    bar.close()
-
-
-def cls_step(net, batch, a):
-    return {"cls": loss_cls(net(batch["image"])["cls_logits"], batch["label"])}  # Eq. (C2)
-
-
-def run_training(ctx: Context, ds: dict, sal0_dir: Path, resume_state: Optional[dict]) -> AuxSegNet:
-    """Card §2: classification pre-training -> stage-0 labels -> S stages, each followed by a label
-    update (except the last, Deviation 8). Returns the final stage's network."""
-    a, device = ctx.a, ctx.device
-    num_classes = ds["label"].num_classes
-    phase, it = (resume_state["phase"], resume_state["iteration"]) if resume_state else (0, 0)
-    results = resume_state.get("results", {}) if resume_state else {}
-    model = None
-    # -- phase 0: classification pre-training (L_cls alone)
-    if phase == 0:
-        if resume_state is None or it == 0:
-            seed_everything(a.seed, a.deterministic)
-        model = build_model(a, num_classes, "cls").to(device)
-        if a.weights:
-            load_backbone_weights(model, a.weights)
-        optimizer = make_optimizer(model, a.cls_lr, a.head_lr_mult, a.cls_momentum, a.cls_weight_decay)
-        if resume_state is not None and "optimizer" in resume_state:
-            model.load_state_dict(resume_state["model"])
-            optimizer.load_state_dict(resume_state["optimizer"])
-            restore_rng(resume_state["rng"])
-        total = phase_length(len(ds["cls"]), a.cls_batch_size, a.epochs_cls, a, ctx.world)
-        train_phase(ctx, 0, model, ds["cls"], a.cls_batch_size, total, optimizer, it,
-                    lambda net, b: cls_step(net, b, a), dict(model_kind="cls", results=results))
-        if ctx.main:
-            res = make_pseudo_labels(model, 0, ds["label"], ds["seed"], sal0_dir, ctx.run_dir, a, device)
-            results.update(log_pseudo(ctx, 0, res))
-        barrier(ctx)
-        save_checkpoint(ctx, dict(phase=1, iteration=0, model_kind="cls", model=model.state_dict(),
-                                  results=results))
-        phase, it = 1, 0
-        resume_state = None
-    # -- stages 0..S-1
-    for s in range(phase - 1, a.num_stages):
-        fresh = resume_state is None or it == 0
-        if fresh:
-            seed_everything(a.seed + 1 + s, a.deterministic)
-        stage_model = build_model(a, num_classes, "stage").to(device)
-        if model is not None:
-            # Stage 0 loads only backbone + classifier (new heads stay random); later stages continue.
-            stage_model.load_state_dict(model.state_dict(), strict=(s > 0))
-        elif resume_state is not None:
-            stage_model.load_state_dict(resume_state["model"], strict=resume_state["model_kind"] == "stage")
-        model = stage_model
-        optimizer = make_optimizer(model, a.lr, a.head_lr_mult, a.momentum, a.weight_decay)  # fresh per stage
-        if resume_state is not None and "optimizer" in resume_state:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        if resume_state is not None and not fresh:
-            restore_rng(resume_state["rng"])
-        resume_state = None
-        stage_root = ctx.run_dir / "pseudo_labels" / str(s)
-        train_ds = make_stage_dataset(ctx, s, sal0_dir, stage_root)
-        total = phase_length(len(train_ds), a.batch_size, a.epochs_per_stage, a, ctx.world)
-        train_phase(ctx, s + 1, model, train_ds, a.batch_size, total, optimizer, it,
-                    lambda net, b: stage_losses(net(b["image"]), b, a),
-                    dict(model_kind="stage", results=results))
-        it = 0
-        if ctx.main and s < a.num_stages - 1:  # the last stage's seg/val comes from final_evaluation()
-            val = evaluate_seg(model, ds["val"], a, device, scales=(1.0,), flip=False, use_crf=False)
-            ctx.log({"stage": s, "val/miou": 100 * val["miou"]})
-            results[f"seg_s{s}/val"] = metric_entry(val, ds["val"].class_names)
-        if s < a.num_stages - 1:
-            if ctx.main:
-                res = make_pseudo_labels(model, s + 1, ds["label"], ds["seed"], sal0_dir, ctx.run_dir, a, device)
-                results.update(log_pseudo(ctx, s + 1, res))
-            barrier(ctx)
-        save_checkpoint(ctx, dict(phase=s + 2, iteration=0, model_kind="stage", model=model.state_dict(),
-                                  results=results))
-    if model is None:  # resumed after the last stage had finished: only the evaluation is left
-        model = build_model(a, num_classes, "stage").to(device)
-        model.load_state_dict(resume_state["model"])
-    ctx.results = results
-    return model
-
-
-def make_stage_dataset(ctx: Context, s: int, sal0_dir: Path, stage_root: Path):
-    """Stage s reads the labels written after stage s - 1 (stage 0: the initial fusion labels) and the
-    saliency pseudo labels of the same update (stage 0: the off-the-shelf maps, SAL_PGT^0 = SAL_0)."""
-    a = ctx.a
-    sal_dir = sal0_dir if s == 0 else stage_root / "train_saliency"
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset,
-                         extra_dirs={"seg": stage_root / "train"},
-                         transform=make_train_transform(a, a.crop_size, sal_dir), seed=a.seed)
+# --- Stages 0..S-1: the full network on the current pseudo labels (card §2) ---
+def make_stage_dataset(ctx, s, sal0_dir):
+    """Stage s reads the labels written for it (stage 0: the initial fusion labels; --supervision full: the ground
+    truth) and the saliency pseudo labels of the same update (stage 0: the off-the-shelf maps, SAL_PGT^0 = SAL_0)."""
+    args, root, full = ctx.args, ctx.run_dir / "pseudo_labels" / str(s), ctx.args.supervision == "full"
+    sal_dir = sal0_dir if s == 0 else root / "train_saliency"
+    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, seed=args.seed * 1000 + 10 + s,
+                         extra_dirs=None if full else {"seg": root / "train"},
+                         transform=make_train_transform(args, args.crop_size, sal_dir, "mask" if full else "seg"))
     ds.saliency_dir = sal_dir  # bookkeeping, checked by the tests
     return ds
 
 
-def log_pseudo(ctx: Context, stage: int, res: dict) -> dict:
-    """Per-stage pseudo-label quality to log.jsonl; returns the metrics.json entries."""
-    names = ctx.class_names
-    p = res["pseudo/train"]
-    rec = {"stage": stage, "pseudo/train/miou": 100 * p["miou"], "pseudo/train/coverage": 100 * p["coverage"],
-           "pseudo/train/ignore_fraction": 100 * res["ignore_fraction"]}
-    out = {f"pseudo_s{stage}/train": dict(metric_entry(p, names), coverage=100 * p["coverage"])}
-    if "cam/train" in res:
-        rec["cam/train/miou"] = 100 * res["cam/train"]["best"]["miou"]
-        rec["cam/train/threshold"] = res["cam/train"]["best_threshold"]
-        out["cam/train"] = dict(metric_entry(res["cam/train"]["best"], names),
-                                threshold=res["cam/train"]["best_threshold"])
-    ctx.log(rec)
-    return out
+def train_stage(ctx, s, sal0_dir):
+    """Stage s: fresh SGD and restarted poly schedule; stage 0 starts from the pre-trained backbone + classifier
+    (new heads random), later stages from stage s - 1. Intermediate stages report seg_s<s>/val; the last one's
+    weights are what --eval-only reads."""
+    args, last = ctx.args, s == ctx.args.num_stages - 1
+    ctx.reseed(10 + s)
+    ds = make_stage_dataset(ctx, s, sal0_dir)
+    model = build_model(args, ds.num_classes, "stage").to(ctx.device)
+    init = ctx.stage_weights("cls" if s == 0 else f"stage{s - 1}")["model"]
+    for name in ("backbone", "fc8") if s == 0 else ():  # card §2: the dense heads of stage 0 stay random
+        if hasattr(model, name):
+            part = {k.removeprefix(name + "."): v for k, v in init.items() if k.startswith(name + ".")}
+            load_weights(getattr(model, name), part, "the pre-trained classification network")
+    if s > 0:
+        load_weights(model, init, f"the stage {s - 1} network")
+    optimizer = build_optimizer(model, args.lr, args.head_lr_mult, args.momentum, args.weight_decay)
+    total = stage_iters(args, len(ds), args.batch_size, args.epochs_per_stage)
+    net = ctx.wrap(model).train()
+    train_loop(ctx, f"stage{s}", ds, args.batch_size, total,
+               lambda batch, it: train_step(net, batch, it, args, optimizer, ctx.autocast),
+               {"model": model, "optimizer": optimizer}, lr=lambda it: poly_lr(it, total, args.poly_power), salt=10 + s)
+    results = None
+    if ctx.main and not last:  # the last stage's seg/val comes from the final evaluation
+        val_set = data.SegDataset(ctx.spec.root, ctx.splits["val"], dataset=ctx.spec.dataset, seed=args.seed)
+        results = {f"seg_s{s}/val": evaluate(ctx, model, val_set, post=False)["seg/val"]}
+        ctx.log({"stage": f"stage{s}", "val/miou": results[f"seg_s{s}/val"]["miou"]}, echo=True)
+    ctx.finish_stage(f"stage{s}", results=results, weights={"model": model.state_dict()}, final=last)
 
 
-def barrier(ctx: Context):
-    if ctx.world > 1:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluate (card §7)
-# ----------------------------------------------------------------------------------------------
+# ==================================================================================================
+# Evaluate
+# ==================================================================================================
+# card §7
 @torch.no_grad()
-def predict_probs(model: AuxSegNet, image: np.ndarray, device, scales=(1.0,), flip=False) -> np.ndarray:
+def predict_probs(model, image, device, scales=(1.0,), flip=False):
     """Softmax of the refined prediction R_seg (S_seg when the variant has no affinity), upsampled to the
     image, averaged over scales and flips (card §7 assumption). -> (C+1, H, W)."""
     H, W = image.shape[:2]
     acc = 0.0
     for s in scales:
-        im_s = image if s == 1.0 else augment.rescale(image, s)[0]
-        x = image_tensor(im_s, device)
+        x = image_tensor(image if s == 1.0 else augment.rescale(image, s)[0], device)
         xs = torch.cat([x, x.flip(-1)]) if flip else x
-        logits = model(xs)["seg_ref"].float()
-        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        logits = F.interpolate(model(xs)["seg_ref"].float(), size=(H, W), mode="bilinear", align_corners=False)
         probs = torch.softmax(logits, dim=1)
         if flip:
             probs = probs[:1] + probs[1:].flip(-1)
@@ -1031,228 +757,678 @@ def predict_probs(model: AuxSegNet, image: np.ndarray, device, scales=(1.0,), fl
     return (acc / (len(scales) * (2 if flip else 1))).cpu().numpy()
 
 
-def evaluate_seg(model: AuxSegNet, val_ds, a: Args, device, scales, flip, use_crf) -> dict:
-    """mIoU of argmax predictions on a split with masks (common.miou)."""
+@torch.no_grad()
+def evaluate(ctx, model, ds, post=True, vis_path=None):
+    """mIoU of argmax predictions: seg/val (single scale, no post-processing: the ablation protocol) and, with
+    post, seg_ms/val (--eval-scales / --eval-flip, when not the plain single scale) and seg_crf/val or
+    seg_ms_crf/val (--eval-crf). vis_path: a grid image | CAM | prediction | ground truth of --num-vis images."""
+    args = ctx.args
     model.eval()
-    conf = miou.ConfusionMatrix(val_ds.num_classes)
-    for idx in tqdm(range(len(val_ds)), desc="eval", leave=False, mininterval=5):
-        sample = val_ds[idx]
-        probs = predict_probs(model, sample["image"], device, scales, flip)
-        if use_crf:
-            # Impl. (xulianuwa/AuxSegNet, tool/imutils.py crf_inference_inf) = common.crf preset aux_mct.
-            probs = crf.refine_probs(np.array(sample["image"]), probs, **crf.PRESETS["aux_mct"])
-        conf.update(probs.argmax(0), sample["mask"])
-    return conf.compute()
-
-
-def metric_entry(res: dict, class_names) -> dict:
-    """common.miou fractions -> metrics.json percentages; NaN (class absent from GT and prediction) -> null."""
-    iou = {n: (None if not np.isfinite(v) else round(100 * float(v), 2)) for n, v in zip(class_names, res["iou"])}
-    return {"miou": round(100 * float(res["miou"]), 2), "iou": iou}
-
-
-def final_evaluation(ctx: Context, model: AuxSegNet, ds: dict) -> dict:
-    """seg/val (single scale, primary) plus seg_ms/val and seg_crf/val when asked."""
-    a, names = ctx.a, ds["val"].class_names
-    res = {"seg/val": metric_entry(evaluate_seg(model, ds["val"], a, ctx.device, (1.0,), False, False), names)}
-    multi = list(a.eval_scales) != [1.0] or a.eval_flip
-    if multi:
-        r = evaluate_seg(model, ds["val"], a, ctx.device, a.eval_scales, a.eval_flip, False)
-        res["seg_ms/val"] = metric_entry(r, names)
-    if a.eval_crf:
-        r = evaluate_seg(model, ds["val"], a, ctx.device, a.eval_scales, a.eval_flip, True)
-        res["seg_ms_crf/val" if multi else "seg_crf/val"] = metric_entry(r, names)
-    return res
-
-
-def save_vis(ctx: Context, model: AuxSegNet, ds: dict, stage: int, count: int = 4):
-    """vis/seed.png: image | CAM heat-map (max over present classes) | pseudo label | prediction | GT."""
-    palette = data.voc_palette()
-    seed_ds = ds["seed"]
+    multi = post and (tuple(args.eval_scales) != (1.0,) or args.eval_flip)
+    keys = ["seg"] + ["seg_ms"] * multi + ["seg_ms_crf" if multi else "seg_crf"] * (post and args.eval_crf)
+    cm = {k: miou.ConfusionMatrix(ds.num_classes) for k in keys}
     rows = []
-    model.eval()
-    label_dir = ctx.run_dir / "pseudo_labels" / str(stage) / "train"
-    for idx in range(min(count, len(seed_ds))):
-        sample = seed_ds[idx]
-        image, label = sample["image"], sample["label"]
-        H, W = image.shape[:2]
-        with torch.no_grad():
+    for sample in each_sample(ctx, ds, "eval"):
+        image, gt = sample["image"], sample["mask"]
+        probs = {"seg": predict_probs(model, image, ctx.device)}
+        if multi:
+            probs["seg_ms"] = predict_probs(model, image, ctx.device, args.eval_scales, args.eval_flip)
+        if keys[-1].endswith("crf"):
+            # Impl. (xulianuwa/AuxSegNet, tool/imutils.py crf_inference_inf) = common.crf preset aux_mct.
+            probs[keys[-1]] = crf.refine_probs(np.array(image), probs[keys[-2]], **crf.PRESETS["aux_mct"])
+        for k in keys:
+            cm[k].update(probs[k].argmax(0), gt)
+        if vis_path is not None and len(rows) < args.num_vis:
             out = model(image_tensor(image, ctx.device))
-        if "cam" in out:
-            cam = F.interpolate(normalize_cam(out["cam"].float()), size=(H, W), mode="bilinear",
-                                align_corners=False)[0].cpu().numpy()
-            heat = (cam * (label > 0)[:, None, None]).max(0)
-        else:
-            heat = np.zeros((H, W), np.float32)
-        heat_rgb = (0.5 * image + 0.5 * np.stack([255 * heat, 64 * heat, 255 * (1 - heat)], -1)).astype(np.uint8)
-        pred = predict_probs(model, image, ctx.device).argmax(0)
-        pl_path = label_dir / f"{sample['name']}.png"
-        pl = data.read_mask(pl_path) if pl_path.exists() else np.full((H, W), 255, np.uint8)
-        tiles = [image, heat_rgb, palette[pl], palette[pred.astype(np.uint8)], palette[sample["mask"]]]
-        rows.append(np.concatenate(tiles, axis=1))
+            heat = np.zeros(gt.shape, np.float32)
+            if "cam" in out:
+                cam = F.interpolate(normalize_cam(out["cam"].float()), size=gt.shape, mode="bilinear", align_corners=False)
+                heat = (cam[0].cpu().numpy() * (sample["label"] > 0)[:, None, None]).max(0)
+            rows.append([image, colour_cam(heat), colour_labels(probs["seg"].argmax(0).astype(np.uint8)), colour_labels(gt)])
     if rows:
-        width = max(r.shape[1] for r in rows)
-        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-        (ctx.run_dir / "vis").mkdir(exist_ok=True)
-        Image.fromarray(np.concatenate(rows, axis=0)).save(ctx.run_dir / "vis" / "seed.png")
+        save_grid(vis_path, rows, ["image", "CAM (present classes)", "prediction R_seg", "ground truth"])
+    return {f"{k}/val": miou_entry(cm[k].compute(), ds.class_names) for k in keys}
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-def pick_device(a: Args, local_rank: int):
-    if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            fail("--device cuda but no CUDA GPU is available; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+# === Infrastructure: identical in all five scripts (edit one, copy to all) ===
+# Plumbing, not the paper: command line, errors, device and DDP, seeding, run folder and log, checkpoints
+# (loaded with weights_only=True), Ctrl-C / SIGTERM, the training loop, LR factors, metrics.json, pictures.
+# tests/test_skeleton.py fails when the copies differ; `python tests/test_skeleton.py --sync cosa.py` copies one.
+COMMON_CHOICES = {"preset": ("auto", "paper", "toy"), "device": ("auto", "cpu", "cuda"), "supervision": ("image", "full")}
+COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_after": ">=0", "log_every": ">=1",
+                 "ckpt_every": ">=1"}
+RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
+CKPT_FORMAT = "wsss-reference/1"
 
 
-def is_toy(spec) -> bool:
-    """Folders written by common.data.make_toy carry a toy_version.txt stamp."""
-    return (Path(spec.root) / "toy_version.txt").is_file()
+def fail(msg, code=2):
+    """Bad input: one line on stderr, exit code 2, no traceback (DESIGN.md, Errors)."""
+    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
-def main(argv=None):
-    ns = build_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def check(ok, msg):
+    if not ok:
+        fail(msg)
 
-    # -- resolve configuration (resume: the run's own args.json; device/workers/stop-after from the CLI)
-    resume_state = None
-    if ns.resume:
-        run_dir = Path(ns.resume)
-        ckpt_path = run_dir / "checkpoints" / "last.pt"
-        if not (run_dir / "args.json").is_file() or not ckpt_path.is_file():
-            fail(f"--resume {run_dir}: no args.json / checkpoints/last.pt there; pass the folder of an "
-                 f"interrupted {METHOD} run")
-        saved = json.loads((run_dir / "args.json").read_text())
-        for k in ("device", "workers", "stop_after"):
-            saved[k] = getattr(ns, k) if getattr(ns, k) is not None else (saved[k] if k != "stop_after" else None)
-        saved["resume"] = str(run_dir)
-        a = Args(**saved)
-    elif ns.eval_only:
-        if not ns.ckpt or not Path(ns.ckpt).is_file():
-            fail(f"--eval-only needs --ckpt FILE (an existing checkpoint); got {ns.ckpt!r}")
+
+class StopRun(Exception):
+    """Stopped with a resumable checkpoint: --stop-after (exit code 0), SIGINT (130), SIGTERM (143)."""
+
+    def __init__(self, msg, code=0):
+        super().__init__(msg)
+        self.code = code
+
+
+class NonFinite(Exception):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def build_parser():
+    """One flag per Args field, help = its comment; defaults are None so that the preset fills the rest."""
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Args), flags=re.M))
+    parser = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        paper, toy = (PRESETS[p].get(f.name, f.default) for p in ("paper_voc", "toy"))
+        kw = dict(default=None, help=f"{comments.get(f.name, '')} [paper: {paper}; toy: {toy}]".replace("%", "%%"))
+        if isinstance(f.default, bool):
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kw.update(type=type(f.default[0] if isinstance(f.default, tuple) else f.default),
+                      choices={**COMMON_CHOICES, **CHOICES}.get(f.name), nargs="+" if isinstance(f.default, tuple) else None)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return parser
+
+
+def args_from(values):
+    """Args from a dict (args.json, a checkpoint): unknown keys dropped, lists made tuples."""
+    names = {f.name for f in dataclasses.fields(Args)}
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def parse_args(argv=None):
+    """Command line > preset > Args default -> (args, spec). --resume continues with the run's own args.json
+    (only RUNTIME_FLAGS may change); --eval-only starts from the configuration stored in --ckpt."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()
+             if v is not None}
+    if given.get("resume"):
+        run_dir = Path(given["resume"])
+        check((run_dir / "args.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file(),
+              f"--resume {run_dir}: no args.json and checkpoints/last.pt there; give the folder of an earlier run")
+        values = dataclasses.asdict(args_from(json.loads((run_dir / "args.json").read_text())))
+        for k, v in given.items():
+            check(k in RUNTIME_FLAGS or values[k] == v, f"--resume keeps the run's configuration; drop --{k.replace('_', '-')}")
+        values.update(given, stop_after=given.get("stop_after", 0))  # a stop is for one process, not the run
+    else:
+        spec = data.resolve_data(given.get("data", Args.data))
+        auto_toy = given.get("preset", "auto") == "auto" and spec.name == "toy"
+        preset = "toy" if given.get("preset") == "toy" or auto_toy else f"paper_{spec.dataset}"
+        values = {**dataclasses.asdict(Args()), **PRESETS[preset]}
+        if given.get("eval_only") and given.get("ckpt"):  # the trained networks' configuration
+            values.update(load_run_checkpoint(given["ckpt"], "--ckpt")["args"], out="", resume="", stop_after=0)
+            preset = values["preset"]
+        values.update(given, preset=preset)
+    args = args_from(values)
+    validate_common(args)
+    return args, data.resolve_data(args.data)
+
+
+def in_range(x, spec):
+    """spec: '>0', '>=1', '[0,1]', '(0,1]', '[0,1)', '(0,1)'; any other spec is a bug in LIMITS."""
+    if spec[0] in "[(" and spec[-1] in "])":
+        lo, hi = (float(v) for v in spec[1:-1].split(","))
+        return (x >= lo if spec[0] == "[" else x > lo) and (x <= hi if spec[-1] == "]" else x < hi)
+    if spec.startswith(">="):
+        return x >= float(spec[2:])
+    if spec.startswith(">"):
+        return x > float(spec[1:])
+    raise ValueError(f"LIMITS spec {spec!r}: use '>a', '>=a' or an interval")
+
+
+def validate_common(args):
+    """The checks that every script needs, before anything is written: LIMITS (one per script), files, modes."""
+    for name, spec in {**COMMON_LIMITS, **LIMITS}.items():
+        value = getattr(args, name)
+        check(all(math.isfinite(v) and in_range(v, spec) for v in (value if isinstance(value, tuple) else (value,))),
+              f"--{name.replace('_', '-')} must be {spec}, got {value}")
+    check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is visible; use --device cpu")
+    check(not (args.eval_only and args.resume), "--eval-only and --resume cannot be combined")
+    check(args.ckpt or not args.eval_only, "--eval-only needs --ckpt FILE (checkpoints/last.pt of a finished run)")
+    for flag in ("ckpt", "weights"):
+        check(not getattr(args, flag) or Path(getattr(args, flag)).is_file(), f"--{flag} {getattr(args, flag)}: no such file")
+
+
+def env_world():
+    return int(os.environ.get("WORLD_SIZE", "1"))  # processes (torchrun), also before the process group exists
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's (picklable) object on every rank."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_cat(t):
+    """Concatenate (n_rank, ...) tensors over the ranks (n_rank may differ); identity without DDP."""
+    if not dist.is_initialized():
+        return t
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, t.shape[0])
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed, deterministic=False):
+    """Python, numpy and torch RNGs; cuDNN autotuning for the fixed-size crops unless --deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+
+
+def seed_worker(worker_id):
+    random.seed(torch.initial_seed() % 2**32)  # DataLoader's per-worker seed
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def rng_state():
+    """Every global RNG as tensors, strings and numbers, so that checkpoints load with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, torch.tensor(mt), gauss], "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then rename: a crash or SIGKILL mid-write leaves the previous file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what):
+    """torch.load(weights_only=True): tensors, numbers, strings, lists and dicts, never code; errors in one line."""
+    check(Path(path).is_file(), f"{what} {path}: no such file")
     try:
-        if ns.eval_only:
-            ck = torch.load(ns.ckpt, map_location="cpu", weights_only=False)
-            if not isinstance(ck, dict) or ck.get("model_kind") != "stage" or "args" not in ck:
-                fail(f"--ckpt {ns.ckpt} is not an {METHOD} segmentation checkpoint (checkpoints/last.pt of a "
-                     f"run that reached stage 0)")
-            values = dict(ck["args"])
-            values.update({k: v for k, v in vars(ns).items() if v is not None and k in (
-                "data", "device", "workers", "eval_scales", "eval_flip", "eval_crf", "out", "seed")})
-            values.update(eval_only=True, ckpt=ns.ckpt, pretrained=False, weights=None)
-            a = Args(**values)
-        spec = data.resolve_data(a.data if (ns.resume or ns.eval_only) else (ns.data or Args.data))
-        if not (ns.resume or ns.eval_only):
-            a = resolve_args(ns, spec)
-        validate_args(a)
-        splits = data.default_splits(spec)
-        device = pick_device(a, local_rank)
-        if not timm.is_model(a.backbone):
-            fail(f"unknown timm backbone '{a.backbone}'; pick one of timm.list_models(), e.g. resnet18 or "
-                 f"wide_resnet50_2")
-        if a.weights and not Path(a.weights).is_file():
-            fail(f"--weights {a.weights}: file not found (or use --pretrained for timm's ImageNet weights)")
-        train_ds_plain = data.SegDataset(spec.root, splits["train"], dataset=spec.dataset, seed=a.seed)
-        val_ds = data.SegDataset(spec.root, splits["val"], dataset=spec.dataset, seed=a.seed)
-        seed_ds = data.SegDataset(spec.root, splits["seed"], dataset=spec.dataset, seed=a.seed)
-        sal0_dir = Path(a.saliency_dir) if a.saliency_dir else Path(spec.root) / "saliency"
-        if not a.eval_only:
-            check_saliency(sal0_dir, train_ds_plain.ids)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused objects, truncated or foreign files
+        if "GLOBAL" in str(e):
+            fail(f"{what} {path} refused: it holds Python objects that could run code when loaded; give a plain state dict")
+        fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+
+
+def load_run_checkpoint(path, what):
+    """checkpoints/last.pt of a run of this script."""
+    ckpt = load_checkpoint(path, what)
+    check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
+          f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
+    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    return ckpt
+
+
+def state_dict_of(obj, what):
+    """The tensors of a weights file: a state dict, maybe under 'state_dict' / 'model', without DDP's 'module.'."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
+        obj = obj.get("state_dict", obj.get("model"))
+    check(isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()), f"{what} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(module, state, what, ignore=()):
+    """load_state_dict, failing in one line when keys or shapes do not fit (another method, backbone or number
+    of classes); keys starting with one of `ignore` (an ImageNet classifier) are dropped first."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))} if ignore else state
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    check(not missing and not unexpected, f"{what} does not fit {type(module).__name__}: {len(missing)} missing keys "
+          f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}; saved for another method or backbone?")
+    for k in own:
+        check(own[k].shape == state[k].shape,
+              f"{what} does not fit: {k} is {tuple(state[k].shape)}, needs {tuple(own[k].shape)} (another number of classes?)")
+    module.load_state_dict(state)
+
+
+def timm_model(name, pretrained, **kwargs):
+    """timm.create_model; without internet or cache --pretrained fails in one line that names the alternatives."""
+    check(timm.is_model(name), f"unknown timm model '{name}'; pick one from timm.list_models()")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    import huggingface_hub
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter before our one line
+    try:  # an unreachable hub: read the cache at once instead of after a minute of retries
+        socket.create_connection((urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname, 443), 3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        fail(f"no ImageNet weights for '{name}' ({type(e).__name__}): the hub is unreachable and they are not in the "
+             f"cache {huggingface_hub.constants.HF_HUB_CACHE}; pass --weights FILE --no-pretrained, or connect once")
+
+
+@contextlib.contextmanager
+def run_guard():
+    """How every run ends: bad data -> one line, exit 2; a stop -> the --resume command, exit 0 / 130 / 143;
+    a non-finite loss -> exit 1; signal handlers and the process group restored in every case."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     except data.DataError as e:
         fail(str(e))
-    # -- the backbone must build (and weights load) before the run folder exists
-    try:
-        probe = build_model(a, train_ds_plain.num_classes, "stage" if a.eval_only else "cls")
-        if a.weights:
-            load_backbone_weights(probe, a.weights)
-    except Exception as e:  # noqa: BLE001 -- any failure here is a user-facing setup problem
-        how = ("use --pretrained with internet access once (or a populated timm cache), or --weights FILE "
-               "with a local state dict, or --no-pretrained")
-        first = str(e).splitlines()[0] if str(e) else ""
-        fail(f"could not build backbone '{a.backbone}' ({type(e).__name__}: {first}); {how}")
-    if a.eval_only:
-        probe.load_state_dict(ck["model"])
+    except NonFinite as e:
+        fail(str(e), code=1)
+    except StopRun as e:
+        if is_main():
+            print(e, flush=True)
+        if e.code:
+            raise SystemExit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, the last complete one still resumes
+        fail("interrupted at once; checkpoints/last.pt (if any) still resumes the run with --resume RUN_DIR", 130)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    if ns.resume:
-        resume_state = torch.load(Path(ns.resume) / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    else:
-        run_dir = Path(a.out) if a.out else Path("runs") / METHOD / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        if run_dir.exists() and any(run_dir.iterdir()):
-            fail(f"output folder {run_dir} is not empty; pick another --out (or --resume {run_dir})")
 
-    # -- from here on we write
-    if world > 1:
-        # Label updates run on rank 0 while the others wait: allow hours, not the default minutes.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=4))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not ns.resume:
-            (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(a), indent=2))
-    if world > 1:
-        dist.barrier()
-    ctx = Context(a, device, rank, world, run_dir, spec)
-    ctx.splits, ctx.class_names = splits, train_ds_plain.class_names
-    if resume_state is not None:
-        ctx.elapsed_before = resume_state.get("elapsed", 0.0)
-    if ctx.main:
-        print(f"{METHOD}: data={spec.name} ({spec.root}) preset={a.preset} variant={a.variant} "
-              f"stages={a.num_stages} backbone={a.backbone} device={device} world={world} run={run_dir}", flush=True)
-        if a.amp and device.type != "cuda":
-            print(f"{METHOD}: --amp is ignored on CPU (fp16 autocast is CUDA-only here); running fp32", flush=True)
-        if is_toy(spec) and not a.eval_only:  # Deviation 10: say loudly that toy saliency leaks the GT
-            print(f"{METHOD}: NOTE saliency maps in {sal0_dir} are GT-derived stand-ins (toy dataset): they leak "
-                  f"pixel-level ground truth; toy mIoU exercises the pipeline only", flush=True)
-            ctx.log({"note": "toy saliency maps are derived from ground-truth masks"}, echo=False)
+class Context:
+    """One process of a run: args, data, device, DDP rank, run folder, log, stages, checkpoints and clock.
+    state (saved in checkpoints/last.pt): the stage in progress and its iteration, the finished stages with
+    their facts, all results so far, the seconds spent over resumes."""
 
-    ds = {"val": val_ds, "seed": seed_ds, "label": train_ds_plain}
-    if a.eval_only:
-        model = probe.to(device)
-        ctx.results = {}
-    else:
-        ds["cls"] = data.SegDataset(spec.root, splits["train"], dataset=spec.dataset, seed=a.seed,
-                                    transform=make_train_transform(a, a.cls_crop_size))
-        try:
-            model = run_training(ctx, ds, sal0_dir, resume_state)
-        except StopRun:
-            if ctx.main:
-                print(f"{METHOD}: stopped after {ctx.iters_this_run} iterations (--stop-after); "
-                      f"continue with --resume {run_dir}", flush=True)
-            if world > 1:
-                dist.destroy_process_group()
-            return
-        except data.DataError as e:
-            fail(str(e))
-    if ctx.main:
-        results = dict(ctx.results)
-        results.update(final_evaluation(ctx, model, ds))
-        if not a.eval_only:
-            results[f"seg_s{a.num_stages - 1}/val"] = results["seg/val"]
-            ctx.log({"stage": a.num_stages - 1, "val/miou": results["seg/val"]["miou"]})
-        last = max((int(k.split("_s")[1].split("/")[0]) for k in results if k.startswith("pseudo_s")), default=None)
-        if last is not None:
-            results["pseudo/train"] = results[f"pseudo_s{last}/train"]
-        if not a.eval_only:
-            save_vis(ctx, model, ds, a.num_stages - 1)
-        metrics = {"method": METHOD, "dataset": spec.name, "preset": a.preset, "device": str(device),
-                   "seconds": round(ctx.seconds(), 1), "primary": "seg/val", "variant": a.variant,
-                   "results": results}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        ctx.log({"val/miou": results["seg/val"]["miou"], "seconds": metrics["seconds"]}, echo=False)
-        for k in sorted(results):
-            if "miou" in results[k]:
-                print(f"{k}: mIoU={results[k]['miou']:.2f}", flush=True)
-        print(f"seconds={metrics['seconds']}", flush=True)
-        print(f"RESULT {METHOD} seg/val mIoU={results['seg/val']['miou']:.2f}", flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    def __init__(self, args, spec):
+        self.args, self.spec, self.splits = args, spec, data.default_splits(spec)
+        self.world, self.rank = env_world(), int(os.environ.get("RANK", "0"))
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():  # rank-0-only stages may keep the others waiting for hours
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+        self.main, self.amp = self.rank == 0, args.amp and cuda
+        if args.amp and not cuda and self.main:
+            print("note: --amp is ignored on CPU (bf16 autocast is CUDA-only)")
+        seed_everything(args.seed, args.deterministic)
+        self.state = {"stage": "", "iteration": 0, "done": {}, "results": {}, "seconds": 0.0, "stage_start": 0.0,
+                      "stage_seconds": {}}
+        self.payload, self.weights, self.rng, self.signal, self.iters_this_process = {}, {}, None, 0, 0
+        self.run_dir, self.t0 = None, time.time()
+
+    def start(self):
+        """The run folder (never an existing non-empty one) or, with --resume, the state of the stopped run; from
+        here on SIGINT / SIGTERM stop at the next step with a checkpoint. Call it once the inputs are validated."""
+        args = self.args
+        if args.resume:
+            self.run_dir = Path(args.resume)
+            ckpt = load_run_checkpoint(self.run_dir / "checkpoints" / "last.pt", "--resume")
+            self.state, self.payload, self.weights, self.rng = ckpt["state"], ckpt["payload"], ckpt["weights"], ckpt["rng"]
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(args.out) if args.out else data.REPO_ROOT / "runs" / METHOD / f"{self.spec.name}-{stamp}"
+            check(not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())),
+                  f"--out {run_dir} exists and is not empty; choose a new folder or --resume it")
+            self.run_dir = Path(broadcast(str(run_dir)))  # rank 0's clock names the folder
+            barrier()  # every rank has checked the folder before rank 0 creates it
+            if self.main:
+                for sub in ("checkpoints", "vis", "pseudo_labels"):
+                    (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        self.t0 = time.time()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.on_signal)
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.main:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again: at once)",
+                  file=sys.stderr, flush=True)
+
+    def reseed(self, salt):
+        """Each stage starts from its own seed: a run resumed at a stage boundary matches an uninterrupted one."""
+        seed_everything(self.args.seed * 1000 + salt, self.args.deterministic)
+
+    def seconds(self):
+        return self.state["seconds"] + time.time() - self.t0
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun (unused parameters allowed: switches turn heads off)."""
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return model if self.world == 1 else nn.parallel.DistributedDataParallel(model, ids, find_unused_parameters=True)
+
+    @property
+    def results(self):
+        return self.state["results"]
+
+    def log(self, record, echo=False):
+        if self.main:
+            record = {**record, "time": round(self.seconds(), 1)}
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+            if echo:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def save(self, stage="", iteration=0, payload=None):
+        """checkpoints/last.pt (rank 0): run state, the modules of the stage in progress, RNGs, final weights."""
+        self.state.update(stage=stage, iteration=iteration, seconds=self.seconds())
+        self.t0 = time.time()
+        if self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+                "format": CKPT_FORMAT, "method": METHOD, "args": dataclasses.asdict(self.args), "state": self.state,
+                "payload": payload or {}, "rng": rng_state(), "weights": self.weights})
+
+    def done(self, stage):
+        return stage in self.state["done"]
+
+    def finish_stage(self, stage, results=None, weights=None, final=False, **facts):
+        """A finished stage: rank 0's results (broadcast) join metrics.json, its weights go to checkpoints/<stage>.pt
+        (final=True: into last.pt, which --eval-only reads), and a resumed run skips the stage."""
+        results, facts = broadcast((results or {}, facts))
+        self.state["results"].update(results)
+        self.state["done"][stage] = facts
+        self.state["stage_seconds"][stage] = round(self.seconds() - self.state["stage_start"], 1)
+        self.state["stage_start"] = self.seconds()
+        if weights is not None and final:
+            self.weights = weights
+        elif weights is not None and self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / f"{stage}.pt", weights)
+        self.save()
+        barrier()
+        self.check_signal(f"after stage {stage}")
+
+    def stage_weights(self, stage):
+        """The weights a finished stage left (for a resumed run, a later stage or --eval-only)."""
+        path = self.run_dir / "checkpoints" / f"{stage}.pt"
+        return load_checkpoint(path, f"stage '{stage}' weights") if path.is_file() else self.weights
+
+    def final_weights(self):
+        """The trained networks: from --ckpt under --eval-only, else from this run's final stage."""
+        weights = load_run_checkpoint(self.args.ckpt, "--ckpt")["weights"] if self.args.eval_only else self.weights
+        check(weights, f"--ckpt {self.args.ckpt} holds no trained networks: that run had not finished")
+        return weights
+
+    def check_signal(self, where):
+        """Outside a training loop a Ctrl-C stops here; the last checkpoint (the stage's start) resumes."""
+        if self.signal:
+            raise StopRun(self.stop_message(f"{signal.Signals(self.signal).name} {where}"), 128 + self.signal)
+
+    def stop_message(self, why):
+        return f"stopped ({why}); continue with: python {METHOD}.py --resume {self.run_dir}"
+
+    def stop_code(self):
+        """0 = go on, 1 = --stop-after reached, 130 / 143 = SIGINT / SIGTERM; the same on every rank."""
+        code = 128 + self.signal if self.signal else int(0 < self.args.stop_after <= self.iters_this_process)
+        if self.world > 1:
+            t = torch.tensor([code], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return code
+
+
+class EpochData(torch.utils.data.Dataset):
+    """Index k = epoch * len + i -> dataset[i] at that epoch (then fn(sample) if given): augmentations depend on
+    (seed, epoch, i) only (common.data.SegDataset), in persistent DataLoader workers too."""
+
+    def __init__(self, dataset, fn=None):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self.dataset))
+        getattr(self.dataset, "set_epoch", int)(epoch)
+        return self.dataset[i] if self.fn is None else self.fn(self.dataset[i])
+
+    @staticmethod
+    def keep(sample):  # no collation: samples stay numpy arrays
+        return sample
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's per-epoch shuffle (drop_last), seeded by (seed, epoch) only, able to start at batch
+    `skip`: a resumed run reads exactly the batches the uninterrupted run would have read."""
+
+    def __init__(self, n, indices, per_rank, rank, world, seed):
+        self.n, self.indices, self.per_rank, self.rank, self.world, self.seed = n, indices, per_rank, rank, world, seed
+        self.per_epoch, self.epoch, self.skip = len(indices) // (per_rank * world), 0, 0
+
+    def __len__(self):
+        return (self.per_epoch - self.skip) * self.per_rank
+
+    def __iter__(self):
+        order = np.random.default_rng((*self.seed, self.epoch)).permutation(len(self.indices))
+        mine = order[:self.per_epoch * self.per_rank * self.world][self.rank::self.world][self.skip * self.per_rank:]
+        return iter([self.epoch * self.n + int(self.indices[j]) for j in mine])
+
+
+def to_device(batch, device):
+    """Tensors (in dicts) to the device; from pinned memory the copy is asynchronous."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def train_loop(ctx, stage, datasets, batch_size, total_iters, step, modules, lr=None, salt=0, indices=None):
+    """The loop of every training stage. datasets: one dataset, or {name: dataset} read in lockstep (batch =
+    {name: batch}); batch_size is global; step(batch, it) is the paper's update and returns {name: float} for the
+    log; modules {name: object with state_dict()} go into checkpoints/last.pt every --ckpt-every and come back
+    on --resume; lr(it) scales each optimizer group's initial lr. --stop-after, SIGINT and SIGTERM end the
+    current step, write the checkpoint and raise StopRun."""
+    args, named = ctx.args, datasets if isinstance(datasets, dict) else {"": datasets}
+    per_rank = batch_size // ctx.world
+    samplers = [EpochSampler(len(ds), range(len(ds)) if indices is None else indices, per_rank, ctx.rank, ctx.world,
+                             (args.seed, salt, j)) for j, ds in enumerate(named.values())]
+    per_epoch = min(s.per_epoch for s in samplers)
+    check(per_epoch > 0, f"{stage}: fewer training images than one batch of {batch_size}; lower the batch size")
+    loaders = [torch.utils.data.DataLoader(EpochData(ds), per_rank, sampler=s, num_workers=args.workers, drop_last=True,
+                                           pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
+                                           worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
+               for s, ds in zip(samplers, named.values())]  # own generator: iter() draws no global random number
+    optimizers = [m for m in modules.values() if isinstance(m, torch.optim.Optimizer)]
+    for g in (g for opt in optimizers for g in opt.param_groups):
+        g.setdefault("initial_lr", g["lr"])
+    it = 0
+    if ctx.state["stage"] == stage and ctx.payload:  # --resume inside this stage
+        for name, module in modules.items():
+            module.load_state_dict(ctx.payload[name])
+        it, ctx.payload = ctx.state["iteration"], {}
+        set_rng_state(ctx.rng)
+    groups = [g for opt in optimizers for g in opt.param_groups]  # after load_state_dict, which replaces them
+    running = collections.defaultdict(list)
+    bar = tqdm(total=total_iters, initial=it, desc=stage, disable=not ctx.main, mininterval=5, leave=False)
+    while it < total_iters:
+        epoch, skip = divmod(it, per_epoch)
+        for s in samplers:
+            s.epoch, s.skip = epoch, skip
+        streams = [iter(loader) for loader in loaders]
+        for _ in range(min(per_epoch - skip, total_iters - it)):
+            t0 = time.perf_counter()
+            batch = [to_device(next(s), ctx.device) for s in streams]
+            batch, t1 = dict(zip(named, batch)) if isinstance(datasets, dict) else batch[0], time.perf_counter()
+            for g in groups:
+                g["lr"] = g["initial_lr"] * (lr(it) if lr else 1.0)
+            for key, value in step(batch, it).items():
+                running[key].append(value)
+            running["time/data"].append(t1 - t0)
+            running["time/step"].append(time.perf_counter() - t1)
+            it, ctx.iters_this_process = it + 1, ctx.iters_this_process + 1
+            bar.update(1)
+            if it % args.log_every == 0 or it == total_iters:
+                ctx.log({"stage": stage, "iteration": it, "epoch": epoch, "lr": groups[0]["lr"] if groups else 0.0,
+                         **{k: float(np.mean(v)) for k, v in running.items()}}, echo=True)
+                running.clear()
+            code = ctx.stop_code()
+            if it % args.ckpt_every == 0 or code:
+                ctx.save(stage, it, {name: module.state_dict() for name, module in modules.items()})
+            if code:
+                bar.close()
+                why = "--stop-after" if code == 1 else signal.Signals(code - 128).name
+                raise StopRun(ctx.stop_message(f"{why} at iteration {it} of stage {stage}"), 0 if code == 1 else code)
+    bar.close()
+
+
+def check_finite(losses, it):
+    """A non-finite loss stops training with its name and iteration (exit code 1)."""
+    for key, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"{key} is not finite ({float(value)}) at iteration {it}; lower --lr or check the data")
+
+
+def each_sample(ctx, dataset, desc, fn=None, shard=False, limit=0):
+    """Every sample of `dataset` (the first `limit`), read by --workers DataLoader workers; fn(sample) runs in
+    the workers (CPU work such as CRFs; no CUDA there) and its result is yielded. shard: this rank's share only."""
+    order = list(range(min(limit or len(dataset), len(dataset))))
+    order = order[ctx.rank::ctx.world] if shard else order
+    loader = torch.utils.data.DataLoader(EpochData(dataset, fn), batch_size=None, sampler=order,
+                                         num_workers=ctx.args.workers, collate_fn=EpochData.keep, worker_init_fn=seed_worker,
+                                         generator=torch.Generator().manual_seed(ctx.args.seed))
+    for out in tqdm(loader, total=len(order), desc=desc, disable=not ctx.main, mininterval=5, leave=False):
+        ctx.check_signal(f"during {desc}")
+        yield out
+
+
+def poly_lr(it, total, power=0.9):
+    return max(0.0, 1.0 - it / total) ** power  # polynomial decay factor
+
+
+def warmup_lr(it, warmup, start=0.0):
+    return 1.0 if it >= warmup else start + (1.0 - start) * it / warmup  # linear warm-up factor, start -> 1
+
+
+def cosine_lr(it, total, final=0.0):
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))  # 1 -> final
+
+
+def miou_entry(result, class_names, **extra):
+    """common.miou fractions -> metrics.json percentages; NaN (class absent from GT and prediction) -> null."""
+    iou = {n: None if not np.isfinite(v) else round(100 * float(v), 2) for n, v in zip(class_names, result["iou"])}
+    return {"miou": round(100 * float(result["miou"]), 2), "iou": iou, **extra}
+
+
+def write_metrics(ctx, **extra):
+    """metrics.json (written atomically) and the summary; the last line printed is the RESULT line."""
+    if not ctx.main:
+        return
+    metrics = {"method": METHOD, "dataset": ctx.spec.name, "preset": ctx.args.preset, "supervision": ctx.args.supervision,
+               "device": ctx.device.type, "seconds": round(ctx.seconds(), 1), "stage_seconds": ctx.state["stage_seconds"],
+               "primary": "seg/val", **extra, "results": ctx.results}
+    (ctx.run_dir / "metrics.json.tmp").write_text(json.dumps(metrics, indent=1, default=float))
+    os.replace(ctx.run_dir / "metrics.json.tmp", ctx.run_dir / "metrics.json")
+    for key, value in ctx.results.items():
+        print(f"{key}: mIoU={value['miou']:.2f}" + (f" (threshold {value['threshold']})" if "threshold" in value else ""))
+    print(f"run folder: {ctx.run_dir}  ({metrics['seconds']:.1f} s)")
+    seg = ctx.results.get("seg/val")
+    print(f"RESULT {METHOD} seg/val mIoU=" + (f"{seg['miou']:.2f}" if seg else "n/a (this run has no segmentation stage)"))
+
+
+def colour_labels(mask):
+    return data.voc_palette()[mask]  # (H, W) labels -> (H, W, 3) VOC colours, 255 = ignore in its own colour
+
+
+def colour_cam(cam):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 blue-to-red heat map."""
+    c = np.clip(np.nan_to_num(cam), 0, 1)[..., None]
+    return (255 * np.clip(1.5 - np.abs(4 * c - np.array([3, 2, 1])), 0, 1)).astype(np.uint8)
+
+
+def save_grid(path, rows, captions, cell=128):
+    """A picture that explains itself: one row per image, one captioned column per panel (image | CAM | ...);
+    each (H, W, 3) uint8 tile is scaled to fit a cell x cell square."""
+    grid = Image.new("RGB", (cell * len(captions), 16 + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, caption in enumerate(captions):
+        draw.text((c * cell + 3, 2), caption, fill=(0, 0, 0), font=ImageFont.load_default())
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            im = Image.fromarray(np.ascontiguousarray(tile))
+            scale = cell / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            grid.paste(im.resize(size, Image.NEAREST if scale >= 1 else Image.BOX), (c * cell, 16 + r * cell))
+    grid.save(path)
+# === End of infrastructure ===
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+def main(argv=None):
+    """Card §2: classification pre-training, then per stage s its pseudo labels and its training; card §7's
+    evaluation of the last stage's network into metrics.json."""
+    with run_guard():
+        args, spec = parse_args(argv)
+        validate(args)
+        ctx = Context(args, spec)
+        # data and networks are built (and validated) before anything is written
+        train_set = data.SegDataset(spec.root, ctx.splits["train"], dataset=spec.dataset, seed=args.seed)
+        val_set = data.SegDataset(spec.root, ctx.splits["val"], dataset=spec.dataset, seed=args.seed)
+        sal0_dir = Path(args.saliency_dir) if args.saliency_dir else Path(spec.root) / "saliency"
+        if not args.eval_only:
+            check_saliency(sal0_dir, train_set.ids)  # stage-0 labels of every variant need SAL_0 (card §1)
+        fresh = not (args.resume or args.eval_only)
+        model = build_model(args, val_set.num_classes, "stage" if args.eval_only else "cls", init_weights=fresh)
+        model.to(ctx.device)
+        if args.eval_only:  # the trained network, checked before anything is written
+            load_weights(model, ctx.final_weights()["model"], f"--ckpt {args.ckpt}")
+        ctx.start()
+        if ctx.main and (spec.root / "toy_version.txt").is_file() and not args.eval_only:  # Deviation 10: toy saliency
+            ctx.log({"note": f"saliency maps in {sal0_dir} are GT-derived stand-ins (toy dataset): they leak "
+                             f"pixel-level ground truth; toy mIoU exercises the pipeline only"}, echo=True)
+        if not args.eval_only:
+            if not ctx.done("cls"):
+                train_cls(ctx, model)
+            for s in range(args.num_stages):
+                # --supervision full trains the segmentation branch on the ground truth: no stage-0 fusion labels
+                if not ctx.done(f"labels{s}") and (s > 0 or args.supervision == "image"):
+                    make_pseudo_labels(ctx, s, sal0_dir)
+                if not ctx.done(f"stage{s}"):
+                    train_stage(ctx, s, sal0_dir)
+            model = build_model(args, val_set.num_classes, "stage").to(ctx.device)
+            load_weights(model, ctx.final_weights()["model"], "the trained network")
+        if ctx.main:
+            ctx.results.update(evaluate(ctx, model, val_set, vis_path=ctx.run_dir / "vis" / "val.png"))
+            if not args.eval_only:
+                ctx.results[f"seg_s{args.num_stages - 1}/val"] = ctx.results["seg/val"]
+        write_metrics(ctx, variant=args.variant, stages=args.num_stages)
 
 
 if __name__ == "__main__":

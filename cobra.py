@@ -18,11 +18,11 @@ Reading guide (paper section -> code)
     Sec. 3.3.1 L_cls, L_cam                        -> loss_cls(), loss_cam()
     Sec. 3.3.2 CAP refinement                      -> select_cap_patches(), loss_cap()
     Sec. 3.3.3 SAP refinement                      -> cnn_pseudo_label(), select_sap_patches(), loss_sap()
-    Sec. 3.3 final loss                            -> loss_total(), train_cobra()
+    Sec. 3.3 final loss                            -> loss_total(), train_step(), train_cobra()
     Sec. 3.4 / supp. 9.2 seeds, M_fuse             -> infer_cams(), fuse_cams(), seed_label(), evaluate_seeds()
     Supp. 9.1 / 11 attention-derived thresholds    -> attention_bg(), ir_thresholds(), make_ir_label()
     Supp. 10 IRN mask refinement                   -> IRNEdge, loss_irn_affinity(), random_walk(), final_mask()
-    Sec. 4 segmentation network                    -> SegNet, train_seg(), evaluate_seg()
+    Sec. 4 segmentation network                    -> SegNet, train_seg(), evaluate()
 
 Equation map
     Eq. (1) L_cap, InfoNCE on CAP, positives/negatives from the ViT patch affinity -> loss_cap()
@@ -71,18 +71,27 @@ Run
     python cobra.py --data COCO2014 --pretrained
     python cobra.py --branches cnn | --branches vit | --losses cam,sap ...   (Table 3 rows)
     python cobra.py --mask-source cnn|tran|avg|max|fuse                      (Table 5 rows)
+    python cobra.py --supervision full     (upper bound: the segmentation network on ground-truth masks;
+                                            CoBra, CAMs, seeds, IR labels, IRN and masks are skipped)
+    --weights FILE: a torch file holding a dict with any of cnn / vit / irn / seg -> backbone state dict.
 """
-from __future__ import annotations
-
 import argparse
+import collections
+import contextlib
 import dataclasses
 import datetime
+import inspect
 import json
+import logging
 import math
 import os
 import random
+import re
+import signal
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,41 +101,43 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from tqdm import tqdm
 
 from common import augment, crf, data, miou
 
 METHOD = "cobra"
-STAGES = ("cobra", "cams", "seeds", "ir_labels", "irn", "masks", "seg", "done")
 
 
-# =============================================================================================
+# ==================================================================================================
 # Config
-# =============================================================================================
+# ==================================================================================================
 @dataclass
 class Args:
-    # -- common flags (DESIGN.md)
-    data: str = "toy"  # toy | VOC2012 | COCO2014 | a path
-    preset: str = "auto"  # auto = toy on the toy dataset, paper otherwise
-    out: str = ""  # run folder; default runs/cobra/<data>-<time>
+    # --- common interface (DESIGN.md): the same fields in all five scripts ---
+    data: str = "toy"  # toy | VOC2012 | COCO2014 | a dataset folder (VOC or COCO layout)
+    preset: str = "auto"  # auto = toy on the toy data, paper otherwise; every flag overrides its preset value
+    out: str = ""  # run folder (default runs/<method>/<data>-<time>); an existing non-empty one is never used
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 2022  # official: run_sample.py
-    workers: int = 4  # DataLoader workers
+    seed: int = 0  # python, numpy and torch RNGs, the data order and the augmentations
+    workers: int = 4  # DataLoader worker processes
     amp: bool = False  # bf16 autocast on CUDA; ignored (with a note) on CPU
-    resume: str = ""  # RUN_DIR to continue from its checkpoints/last.pt
-    eval_only: bool = False  # evaluate --ckpt without training
-    ckpt: str = ""  # checkpoint file for --eval-only
-    pretrained: bool = True  # ImageNet weights through timm (paper Sec. 4)
-    weights: str = ""  # local file: dict with any of cnn/vit/irn/seg -> timm state dict
-    until: str = "seg"  # last stage: seed | mask | seg (ablation rows of Tables 3/5 need only seed / mask)
-    cobra_ckpt: str = ""  # checkpoints/last.pt of a finished run: reuse its CoBra networks, skip stage A (Table 5 rows)
-    max_iters: int = 0  # >0: every training stage runs this many iterations (testing aid)
-    stop_after: int = 0  # >0: stop as if interrupted after N iterations (resume test)
-    deterministic: bool = False  # deterministic cuDNN
-    # -- CoBra model (Sec. 3.2, card Sec. 3)
+    deterministic: bool = False  # deterministic cuDNN kernels (off: cudnn.benchmark autotuning)
+    resume: str = ""  # RUN_DIR: continue an interrupted run from its checkpoints/last.pt
+    eval_only: bool = False  # skip training and evaluate --ckpt
+    ckpt: str = ""  # checkpoints/last.pt of a finished run, for --eval-only
+    pretrained: bool = True  # ImageNet weights through timm (internet once, or a populated cache)
+    weights: str = ""  # a local backbone state dict instead of timm's download
+    supervision: str = "image"  # image: the method (WSSS) | full: ground-truth masks replace its pseudo labels
+    max_iters: int = 0  # > 0: cap every training stage at N iterations (warm-ups are not rescaled)
+    stop_after: int = 0  # > 0: stop as if interrupted after N iterations of this process (testing aid)
+    log_every: int = 50  # iterations between log lines
+    ckpt_every: int = 2000  # iterations between checkpoints/last.pt writes
+    # --- stages (Tables 3 / 5 need only part of the pipeline) ---
+    until: str = "seg"  # last stage: seed | mask | seg (ablation rows; without seg there is no seg/val)
+    cobra_ckpt: str = ""  # checkpoints/last.pt of a finished run with the same model flags: reuse its trained CoBra networks and skip CoBra training (Table 5 rows share one model)
+    # --- CoBra model (Sec. 3.2, card Sec. 3) ---
     cnn: str = "resnet152"  # Sec. 4 "ResNet152 following IRN"
     vit: str = "deit_small_patch16_224"  # Sec. 4 DeiT-S/16
     vit_dim: int = 0  # >0 overrides the ViT width (toy)
@@ -134,9 +145,9 @@ class Args:
     vit_heads: int = 0  # >0 overrides the ViT heads (toy)
     cnn_bn_train: bool = False  # official: BN frozen (running stats); toy: train mode (card Sec. 10)
     proj_dim: int = 256  # supp. Table 11 (main text: 128)
-    branches: str = "both"  # Table 3: cnn | vit | both
-    losses: str = "cam,cap,sap"  # Table 3: subset of {cam, cap, sap}
-    # -- losses (Sec. 3.3, Sec. 4.2)
+    branches: str = "both"  # Table 3: cnn | vit | both (one branch: its own CAM for the seed, no L_cam/L_cap/L_sap; CNN only: fixed thresholds)
+    losses: str = "cam,cap,sap"  # Table 3: comma list from cam,cap,sap (or 'none')
+    # --- losses (Sec. 3.3, Sec. 4.2) ---
     tau: float = 0.1  # official: loss_modules.py
     k_sap_pos: int = 20  # Sec. 4.2 (run.sh --top_bot_k 20 5 5 20)
     k_sap_neg: int = 5  # Sec. 4.2, Table 4
@@ -147,8 +158,8 @@ class Args:
     lambda_cap: float = 0.1  # Eq. (3) lambda2 on L_cap
     warmup_epochs: int = 5  # official: step/train_cam.py (aux losses from epoch 5)
     cons_plus: bool = False  # add L_cons+ (paper; official computes but does not add it)
-    official_quirks: bool = False  # restore card Sec. 8 rows 2, 8, 9, 10
-    # -- CoBra training (supp. Sec. 10, card Sec. 6)
+    official_quirks: bool = False  # restore the official code's tau / pseudo-label / frozen-CAP / 10x-group behaviour (card Sec. 8 rows 2, 8, 9, 10)
+    # --- CoBra training (supp. Sec. 10, card Sec. 6) ---
     crop: int = 224  # Sec. 4 ("244" is a typo)
     resize_long: tuple = (320, 640)  # official: voc12/dataloader.py
     batch_size: int = 32  # supp. Sec. 10
@@ -157,17 +168,17 @@ class Args:
     vit_lr_scale: float = 1.0  # multiplies the ViT lr (card Sec. 6: lower it first if the ViT diverges)
     momentum: float = 1e-4  # official: weight decay lands in SGD's momentum slot (Deviation 7)
     weight_decay: float = 1e-4  # official: run_sample.py
-    # -- seeds (Sec. 3.4, supp. Sec. 9, 11)
+    # --- seeds (Sec. 3.4, supp. Sec. 9, 11) ---
     scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # supp. Sec. 10
-    mask_source: str = "fuse"  # Table 5: cnn | tran | avg | max | fuse
-    seed_bg: str = "attn-pct"  # attn-pct (official eval_cam.py) | fixed (threshold sweep)
-    ir_thresh: str = "attn"  # attn (official cam_to_ir_label.py) | fixed (IRNet 0.30 / 0.05)
+    mask_source: str = "fuse"  # Table 5: map for the seed and the IR labels: cnn | tran | avg | max | fuse
+    seed_bg: str = "attn-pct"  # attn-pct: percentile of class-token attention (official eval_cam.py) | fixed: threshold sweep
+    ir_thresh: str = "attn"  # attn: 93rd attention percentile (official cam_to_ir_label.py) | fixed: IRNet 0.30 / 0.05
     ir_fg: float = 0.30  # IRNet conf_fg_thres (fixed rule)
     ir_bg: float = 0.05  # IRNet conf_bg_thres (fixed rule)
     ir_percentile: float = 93.0  # official: cam_to_ir_label.py
-    # -- masks (supp. Sec. 10; official IRNet steps)
-    mask_method: str = "irn"  # irn | crf ("CRF-refined seed (no IRN)")
-    rw_source: str = "tran"  # tran: strided ViT CAM (official) | same: the --mask-source map (paper)
+    # --- masks (supp. Sec. 10; official IRNet steps) ---
+    mask_method: str = "irn"  # irn | crf (CRF-refined seed, no IRN: not comparable with the paper's Mask column)
+    rw_source: str = "tran"  # tran: random walk from the strided ViT CAM (official) | same: from the --mask-source map (paper)
     irn_backbone: str = "resnet152"  # official: IRN on ResNet-152
     irn_crop: int = 512  # supp. Sec. 10
     irn_batch: int = 32  # supp. Sec. 10
@@ -179,112 +190,80 @@ class Args:
     rw_exp_times: int = 8  # IRNet: T squared 8 times = 256 steps
     mask_alpha: float = 0.31  # official: step/gen_seg_label.py
     mask_crf: bool = True  # final CRF (Table 9: with / without)
-    # -- segmentation network (Sec. 4; Deviation 10)
+    # --- segmentation network (Sec. 4; Deviation 10) ---
     seg_backbone: str = "resnet101"  # DeepLabV3 R101 substitute for DeepLabV3+
     seg_crop: int = 321  # DeepLab VOC default (not in the paper)
     seg_batch: int = 10  # DeepLab VOC default
     seg_iters: int = 20000  # DeepLab VOC default
     seg_lr: float = 2.5e-4  # DeepLab VOC default; head 10x
     seg_scale_range: tuple = (0.5, 1.5)  # DeepLab VOC default
-    # -- bookkeeping
-    log_every: int = 20  # iterations between log lines
-    ckpt_every: int = 200  # iterations between checkpoints/last.pt
-    num_vis: int = 4  # images in vis/
-    toy_train: int = 1000  # size of the generated toy dataset
-    toy_val: int = 200
+    num_vis: int = 4  # images drawn into vis/
 
 
-HELP = {
-    "data": "toy | VOC2012 | COCO2014 | a dataset folder", "preset": "auto | paper | toy",
-    "branches": "Table 3: cnn | vit | both", "losses": "Table 3: comma list from cam,cap,sap (or 'none')",
-    "mask_source": "Table 5: map for the seed and the IR labels: cnn | tran | avg | max | fuse",
-    "mask_method": "irn | crf (CRF-refined seed, no IRN: not comparable with the paper's Mask column)",
-    "rw_source": "tran: random walk from the strided ViT CAM (official) | same: from the --mask-source map",
-    "seed_bg": "attn-pct: percentile of class-token attention (official) | fixed: threshold sweep",
-    "ir_thresh": "attn: 93rd attention percentile (official) | fixed: IRNet 0.30/0.05",
-    "weights": "torch file holding a dict with any of cnn/vit/irn/seg -> timm state dict",
-    "official_quirks": "restore the official code's tau/pseudo-label/frozen-CAP/10x-group behaviour",
-    "max_iters": "every training stage runs N iterations (testing aid)",
-    "until": "stop after this stage: seed | mask | seg (ablation rows; without seg there is no seg/val)",
-    "cobra_ckpt": "checkpoints/last.pt of an earlier run with the same model flags: reuse its trained CoBra "
-                  "networks and skip CoBra training (Table 5 rows share one model)",
-    "stop_after": "stop as if interrupted after N training iterations (resume test)",
-}
-CHOICES = {"preset": ("auto", "paper", "toy"), "device": ("auto", "cpu", "cuda"), "branches": ("cnn", "vit", "both"),
-           "mask_source": ("cnn", "tran", "avg", "max", "fuse"), "mask_method": ("irn", "crf"),
-           "rw_source": ("tran", "same"), "until": ("seed", "mask", "seg"), "seed_bg": ("attn-pct", "fixed"),
-           "ir_thresh": ("attn", "fixed")}
-
-PAPER = dict(pretrained=True)
+# card Sec. 6 (VOC): every other Args default is already the paper's value; seed 2022: official run_sample.py
+PAPER = dict(seed=2022, log_every=20, ckpt_every=200)
 PRESETS = {
-    # card Sec. 6 (VOC): every Args default is already the paper's value.
-    "paper_voc": dict(PAPER),
-    # The paper gives no separate COCO schedule for CoBra; the VOC values are used.
-    "paper_coco": dict(PAPER),
+    "paper_voc": PAPER,
+    "paper_coco": PAPER,  # the paper gives no separate COCO schedule for CoBra; the VOC values are used
     # card Sec. 10: minutes on 2 CPU cores, random init. Deviation 11: BN train mode, fixed thresholds,
     # momentum 0.9 and ViT lr x3 are toy-only choices.
-    "toy": dict(pretrained=False, workers=2, cnn="resnet18", vit="deit_tiny_patch16_224", vit_dim=96, vit_depth=4,
-                vit_heads=3, cnn_bn_train=True, proj_dim=64, k_sap_pos=7, k_sap_neg=2, k_cap_pos=2, k_cap_neg=7,
-                crop=128, resize_long=(96, 160), batch_size=16, epochs=4, warmup_epochs=1, lr=0.05, momentum=0.9, vit_lr_scale=3.0,
-                scales=(1.0,), seed_bg="fixed", ir_thresh="fixed", irn_backbone="resnet18", irn_crop=128,
-                irn_batch=16, irn_epochs=2, irn_radius=5, rw_exp_times=5, seg_backbone="resnet18", seg_crop=96,
-                seg_batch=16, seg_iters=200, seg_lr=0.01, seg_scale_range=(0.75, 1.25), ckpt_every=100),
+    "toy": dict(PAPER, pretrained=False, workers=2, ckpt_every=100, cnn="resnet18", vit="deit_tiny_patch16_224",
+                vit_dim=96, vit_depth=4, vit_heads=3, cnn_bn_train=True, proj_dim=64, k_sap_pos=7, k_sap_neg=2,
+                k_cap_pos=2, k_cap_neg=7, crop=128, resize_long=(96, 160), batch_size=16, epochs=4, warmup_epochs=1,
+                lr=0.05, momentum=0.9, vit_lr_scale=3.0, scales=(1.0,), seed_bg="fixed", ir_thresh="fixed",
+                irn_backbone="resnet18", irn_crop=128, irn_batch=16, irn_epochs=2, irn_radius=5, rw_exp_times=5,
+                seg_backbone="resnet18", seg_crop=96, seg_batch=16, seg_iters=200, seg_lr=0.01,
+                seg_scale_range=(0.75, 1.25)),
 }
+CHOICES = {"branches": ("cnn", "vit", "both"), "mask_source": ("cnn", "tran", "avg", "max", "fuse"),
+           "mask_method": ("irn", "crf"), "rw_source": ("tran", "same"), "until": ("seed", "mask", "seg"),
+           "seed_bg": ("attn-pct", "fixed"), "ir_thresh": ("attn", "fixed")}
+LIMITS = {**{k: ">0" for k in ("batch_size", "epochs", "lr", "tau", "proj_dim", "irn_batch", "irn_epochs", "irn_lr",
+                               "irn_crop", "seg_batch", "seg_iters", "seg_lr", "seg_crop", "rw_beta", "scales",
+                               "resize_long", "seg_scale_range")},
+          **{k: ">=0" for k in ("lambda_cam", "lambda_sap", "lambda_cap", "momentum", "weight_decay", "warmup_epochs",
+                                "vit_lr_scale", "vit_dim", "vit_depth", "vit_heads", "rw_exp_times", "num_vis")},
+          "mask_alpha": "[0,1]", "ir_percentile": "(0,100)", "irn_radius": ">=2", "rw_radius": ">=2"}
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (DESIGN.md "Errors")
-        fail(message)
+def validate(args):
+    """Single-branch runs (Table 3) take the seed from their own CAM, CNN-only runs have no attention; checks
+    that LIMITS cannot express."""
+    if args.branches == "cnn":
+        args.mask_source, args.seed_bg, args.ir_thresh = "cnn", "fixed", "fixed"
+    elif args.branches == "vit":
+        args.mask_source = "tran"
+    if args.branches != "both":
+        args.losses = "none"
+    for name in ("cnn", "irn_backbone"):
+        check(getattr(args, name).startswith(("resnet", "resnext", "wide_resnet", "seresnet")),
+              f"--{name.replace('_', '-')} must be a timm ResNet (IRNet-style stride change on layer4)")
+    check(args.losses == "none" or set(args.losses.split(",")) <= {"cam", "cap", "sap"},
+          f"--losses {args.losses}: use a comma list from cam,cap,sap (or 'none')")
+    check(args.crop % 16 == 0, f"--crop {args.crop} must be a multiple of 16 so the CNN and ViT patch grids match")
+    n2 = (args.crop // 16) ** 2
+    for k in ("k_sap_pos", "k_sap_neg", "k_cap_pos", "k_cap_neg"):
+        check(1 <= getattr(args, k) <= n2, f"--{k.replace('_', '-')} {getattr(args, k)} must be in 1..{n2} "
+              f"(patches of a {args.crop} crop)")
+    for k in ("resize_long", "seg_scale_range"):
+        check(len(getattr(args, k)) == 2 and getattr(args, k)[0] <= getattr(args, k)[1],
+              f"--{k.replace('_', '-')} takes two increasing positive values, e.g. 320 640")
+    check(args.irn_crop % 16 == 0, f"--irn-crop {args.irn_crop} must be a multiple of 16")
+    check(args.irn_radius <= args.irn_crop // 8, f"--irn-radius must be <= irn_crop/8 ({args.irn_crop // 8})")
+    for k in ("batch_size", "irn_batch", "seg_batch"):
+        check(getattr(args, k) % env_world() == 0, f"--{k.replace('_', '-')} {getattr(args, k)} (global) is not "
+              f"divisible by the {env_world()} processes")
+    check(args.seg_batch // env_world() >= 2, "--seg-batch must give at least 2 images per process (ASPP's pooled BN)")
+    check(args.supervision == "image" or args.until == "seg", "--supervision full trains only the segmentation "
+          "network; drop --until")
+    check(not args.eval_only or args.until == "seg", f"--eval-only evaluates the segmentation network, which a "
+          f"--until {args.until} run does not train")
 
 
-def fail(msg: str, code: int = 2):
-    """Bad input: one line on stderr, exit 2, no traceback."""
-    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = HELP.get(f.name, f"default: {f.default}")
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, default=None, type=float, nargs="+", help=help_)
-        else:
-            p.add_argument(flag, default=None, type=type(f.default), choices=CHOICES.get(f.name), help=help_)
-    return p
-
-
-def parse_args(argv=None) -> tuple[Args, set]:
-    """Dataclass defaults (paper) <- preset <- explicit flags. Returns the args and the explicit names."""
-    ns = vars(build_parser().parse_args(argv))
-    given = {k for k, v in ns.items() if v is not None}
-    args = Args()
-    if ns.get("data") is not None:
-        args.data = ns["data"]
-    if ns.get("preset") is not None:
-        args.preset = ns["preset"]
-    preset = args.preset
-    if preset == "auto":
-        preset = "toy" if args.data == "toy" else "paper"
-    if preset == "paper":
-        is_coco = args.data.upper().startswith("COCO") or (Path(args.data) / "train2014").is_dir()
-        preset = "paper_coco" if is_coco else "paper_voc"
-    for k, v in PRESETS[preset].items():
-        setattr(args, k, v)
-    for k in given:
-        v = ns[k]
-        setattr(args, k, tuple(int(x) if k == "resize_long" else x for x in v) if isinstance(v, list) else v)
-    args.preset = preset
-    return args, given
-
-
-# =============================================================================================
+# ==================================================================================================
 # Model
-# =============================================================================================
-def set_layer4_stride1(backbone: nn.Module):
+# ==================================================================================================
+def set_layer4_stride1(backbone):
     """IRNet strides (2, 2, 2, 1): layer4 keeps stride 16 WITHOUT dilation (timm's output_stride=16 dilates)."""
     block = backbone.layer4[0]
     conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides its 3x3 conv2
@@ -296,10 +275,10 @@ def set_layer4_stride1(backbone: nn.Module):
             m.stride, m.kernel_size = 1, 1
 
 
-def create_resnet(name: str, pretrained: bool) -> nn.Module:
+def create_resnet(name, pretrained):
     # zero_init_last=False: with random init and frozen/detached early stages, zeroed last-BN gammas
     # would keep every residual branch shut (card Sec. 10); pretrained weights overwrite it anyway.
-    m = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="", zero_init_last=False)
+    m = timm_model(name, pretrained, num_classes=0, global_pool="", zero_init_last=False)
     set_layer4_stride1(m)
     return m
 
@@ -351,8 +330,8 @@ class SAKBranch(nn.Module):
     def __init__(self, name, num_classes, proj_dim, pretrained, img_size, dim=0, depth=0, heads=0):
         super().__init__()
         over = {k: v for k, v in (("embed_dim", dim), ("depth", depth), ("num_heads", heads)) if v}
-        self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True,
-                                          img_size=img_size, drop_rate=0.0, drop_path_rate=0.0, **over)
+        self.backbone = timm_model(name, pretrained, num_classes=0, dynamic_img_size=True, img_size=img_size,
+                                   drop_rate=0.0, drop_path_rate=0.0, **over)
         self.patch = self.backbone.patch_embed.patch_size[0]
         width = self.backbone.embed_dim
         self.cam_head = nn.Conv2d(width, num_classes, 3, padding=1, bias=True)  # Impl. (net/deit_cam.py)
@@ -382,15 +361,16 @@ class SAKBranch(nn.Module):
 
 
 class CoBra(nn.Module):
-    """Both branches on the same input; `branches` builds one of them only (Table 3 single-branch rows)."""
+    """Both branches on the same input; `branches` builds one of them only (Table 3 single-branch rows).
+    pretrained: the branches ("cnn", "vit") that start from timm's ImageNet weights."""
 
-    def __init__(self, args: Args, num_classes: int):
+    def __init__(self, args, num_classes, pretrained=()):
         super().__init__()
         self.cnn = self.vit = None
         if args.branches in ("cnn", "both"):
-            self.cnn = CAKBranch(args.cnn, num_classes, args.proj_dim, args.pretrained, args.cnn_bn_train)
+            self.cnn = CAKBranch(args.cnn, num_classes, args.proj_dim, "cnn" in pretrained, args.cnn_bn_train)
         if args.branches in ("vit", "both"):
-            self.vit = SAKBranch(args.vit, num_classes, args.proj_dim, args.pretrained, args.crop,
+            self.vit = SAKBranch(args.vit, num_classes, args.proj_dim, "vit" in pretrained, args.crop,
                                  args.vit_dim, args.vit_depth, args.vit_heads)
 
     def forward(self, x):
@@ -402,31 +382,84 @@ class CoBra(nn.Module):
         return out
 
 
-def param_groups(model: CoBra, args: Args) -> list[dict]:
-    """Backbones at lr, the 'new' layers at 10x lr (official IRNet/Cobra convention)."""
-    # Deviation 6: the 10x group holds both CAM heads and both projections (the paper's intent); the official
-    # code leaves CAP out of every group and puts only the ViT head bias + SAP weight at 10x (--official-quirks).
-    groups = []
-    if model.cnn is not None:
-        new = [model.cnn.cam_head.weight, model.cnn.proj_head.weight]
-        if args.official_quirks:  # Impl. (net/resnet50_cam.py): `embed` (CAP) is in no optimizer group
-            new = [model.cnn.cam_head.weight]
-        backbone = [p for p in model.cnn.backbone.parameters() if p.requires_grad]
-        groups += [dict(params=backbone, lr0=args.lr), dict(params=new, lr0=10 * args.lr)]
-    if model.vit is not None:
-        lr = args.lr * args.vit_lr_scale
-        head = model.vit.cam_head
-        new = [head.weight, head.bias, model.vit.proj_head.weight]
-        old = list(model.vit.backbone.parameters())
-        if args.official_quirks:  # Impl. (net/deit_cam.py): the last two tensors = head bias + SAP weight
-            new, old = [head.bias, model.vit.proj_head.weight], old + [head.weight]
-        groups += [dict(params=old, lr0=lr), dict(params=new, lr0=10 * lr)]
-    return groups
+class IRNEdge(nn.Module):
+    """IRN (Ahn et al., CVPR 2019; supp. Sec. 10): frozen ImageNet ResNet + IRNet's boundary branch.
+    x (B, 3, H, W) -> edge logits (B, 1, H/4, W/4).
+
+    Deviation 8: no displacement branch - it shares only the frozen backbone with the edge branch and does
+    not change the semantic masks (instance masks are out of scope).
+    """
+
+    def __init__(self, name, pretrained):
+        super().__init__()
+        self.backbone = create_resnet(name, pretrained).eval().requires_grad_(False)
+        chans = [f["num_chs"] for f in self.backbone.feature_info]  # 64/256/512/1024/2048 for R50/152
+        self.edge = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, 32, 1, bias=False), nn.GroupNorm(4, 32)) for c in chans)
+        self.fuse = nn.Conv2d(32 * len(chans), 1, 1, bias=True)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()  # fully frozen, BN included (card Sec. 5)
+        return self
+
+    def forward(self, x):
+        b = self.backbone
+        with torch.no_grad():
+            x1 = b.maxpool(b.act1(b.bn1(b.conv1(x))))  # stride 4
+            feats = [x1]
+            for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
+                feats.append(layer(feats[-1]))  # strides 4, 8, 16, 16
+        size = feats[1].shape[2:]
+        outs = []
+        for f, head in zip(feats, self.edge):
+            e = head(f)
+            if e.shape[2:] != size:  # Impl. (IRNet net/resnet50_irn.py): upsample x2 / x4, crop, then ReLU
+                e = F.interpolate(e, scale_factor=math.ceil(size[0] / e.shape[2]), mode="bilinear", align_corners=False)
+                e = e[:, :, : size[0], : size[1]]
+            outs.append(F.relu(e))
+        return self.fuse(torch.cat(outs, 1))
 
 
-# =============================================================================================
-# Losses (Sec. 3.3)
-# =============================================================================================
+class SegNet(nn.Module):
+    """DeepLabV3: dilated timm ResNet (output stride 16) + torchvision's ASPP head. (B,3,H,W) -> (B,C,H,W).
+
+    Deviation 10: a DeepLabV3 substitute for the paper's DeepLabV3+ (R101) / SegFormer (MiT-B2); the official
+    repository has no segmentation stage.
+    """
+
+    def __init__(self, name, num_classes, pretrained):
+        super().__init__()
+        self.backbone = timm_model(name, pretrained, features_only=True, output_stride=16, out_indices=(-1,))
+        self.head = DeepLabHead(self.backbone.feature_info.channels()[-1], num_classes)
+
+    def forward(self, x):
+        logits = self.head(self.backbone(x)[-1])
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+
+def build_model(args, num_classes, *, init_weights):
+    """The CoBra networks, the IRN (--mask-method irn) and the segmentation network. init_weights: ImageNet
+    weights (--pretrained) or the cnn / vit / irn / seg entries of --weights FILE into the backbones."""
+    files = init_weights and args.weights
+    blob = load_checkpoint(args.weights, "--weights") if files else {}
+    check(not files or isinstance(blob, dict) and blob and set(blob) <= {"cnn", "vit", "irn", "seg"},
+          f"--weights {args.weights} holds no cnn / vit / irn / seg entries; give a dict of backbone state dicts")
+    needed = ("seg",) if args.supervision == "full" else ("cnn", "vit", "irn", "seg")  # no downloads for skipped stages
+    timm_init = {k for k in needed if init_weights and args.pretrained and k not in blob}
+    model = CoBra(args, num_classes, timm_init)
+    irn = IRNEdge(args.irn_backbone, "irn" in timm_init) if args.mask_method == "irn" else None
+    seg = SegNet(args.seg_backbone, num_classes, "seg" in timm_init)
+    for key, net in (("cnn", model.cnn), ("vit", model.vit), ("irn", irn), ("seg", seg)):
+        if key in blob and net is not None:  # an ImageNet classifier in the file is dropped
+            what = f"--weights {args.weights} entry '{key}'"
+            load_weights(net.backbone, state_dict_of(blob[key], what), what, ignore=("fc.", "head."))
+    return model, irn, seg
+
+
+# ==================================================================================================
+# Losses
+# ==================================================================================================
 def loss_cls(logits, label):
     """Sec. 3.3.1 L_cls-cnn / L_cls-tran. logits (B, C-1) = GAP of the foreground CAM channels, label (B, C-1).
 
@@ -556,9 +589,64 @@ def loss_total(out, label, args: Args, aux_on: bool) -> dict:
     return terms
 
 
-# =============================================================================================
-# Seeds: multi-scale CAMs, fusion, background rules (Sec. 3.4, supp. Sec. 9, 11)
-# =============================================================================================
+# --- IRN (Ahn et al., CVPR 2019): pair affinities from the boundary map (supp. Sec. 10) ---
+def path_offsets(radius: int):
+    """IRNet's forward half-disk of displacements d and, per d, the line pixels from 0 to d:
+    pixels in the bounding box whose squared perpendicular distance to the segment is < 1."""
+    dirs = [(0, dx) for dx in range(1, radius)]
+    dirs += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dx * dx + dy * dy < radius * radius]
+    paths = []
+    for dy, dx in dirs:
+        n2 = dx * dx + dy * dy
+        paths.append([(oy, ox) for oy in range(0, dy + 1) for ox in range(min(0, dx), max(0, dx) + 1)
+                      if (oy * dx - ox * dy) ** 2 < n2])
+    return dirs, paths
+
+
+def pair_affinity(edge, radius, pad_value):
+    """a_ij = 1 - max of the edge probability on the line from i to j, for every i and displacement d.
+
+    edge (B, h, w) in [0, 1] -> aff (B, D, h, w), D = number of displacements; destinations outside the
+    map read `pad_value` (1.0 for the random walk: no affinity leaves the image).
+    """
+    dirs, paths = path_offsets(radius)
+    h, w = edge.shape[1:]
+    ep = F.pad(edge, (radius, radius, 0, radius), value=pad_value)
+    affs = []
+    for path in paths:
+        m = torch.stack([ep[:, oy: oy + h, radius + ox: radius + ox + w] for oy, ox in path]).amax(0)
+        affs.append(1 - m)
+    return torch.stack(affs, 1)
+
+
+def pair_labels(label, radius):
+    """bg-positive, fg-positive and negative pairs (B, D, h, w) from a label map (B, h, w) (255 = ignore)."""
+    dirs, _ = path_offsets(radius)
+    h, w = label.shape[1:]
+    lp = F.pad(label, (radius, radius, 0, radius), value=255)
+    src = label[:, None]
+    # Deviation 8: destinations outside the map read 255 and are ignored (IRNet crops the source region instead).
+    dst = torch.stack([lp[:, dy: dy + h, radius + dx: radius + dx + w] for dy, dx in dirs], 1)
+    valid = (src != 255) & (dst != 255)
+    bg_pos = valid & (src == 0) & (dst == 0)
+    fg_pos = valid & (src == dst) & (src != 0)
+    neg = valid & (src != dst)
+    return bg_pos, fg_pos, neg
+
+
+def loss_irn_affinity(edge_logits, label, radius):
+    """IRNet's inter-pixel affinity loss: 1/2 (1/2 L_bg+ + 1/2 L_fg+) + 1/2 L_neg (IRNet step/train_irn.py)."""
+    aff = pair_affinity(torch.sigmoid(edge_logits[:, 0]), radius, pad_value=0.0)  # (B, D, h, w)
+    bg_pos, fg_pos, neg = pair_labels(label, radius)
+    mean = lambda l, m: (l * m).sum() / (m.sum() + 1e-5)
+    pos_loss = -torch.log(aff + 1e-5)
+    neg_loss = -torch.log(1.0 + 1e-5 - aff)
+    return (mean(pos_loss, bg_pos) / 2 + mean(pos_loss, fg_pos) / 2) / 2 + mean(neg_loss, neg) / 2
+
+
+# ==================================================================================================
+# Pseudo labels
+# ==================================================================================================
 @torch.no_grad()
 def infer_cams(model: CoBra, image: np.ndarray, label: np.ndarray, scales, device) -> dict:
     """Multi-scale + flip CAMs of one full-resolution image (official step/make_cam.py).
@@ -656,7 +744,6 @@ def make_ir_label(image, cam, keys, tau_fg, tau_bg, use_crf=True) -> np.ndarray:
     for tau in (tau_fg, tau_bg):
         idx = np.concatenate([np.full((1, *cam.shape[1:]), tau, cam.dtype), cam]).argmax(0)
         if use_crf and len(keys):
-            # np.array: a writable copy, pydensecrf rejects read-only buffers (noted in /tmp/common_bugs.txt)
             idx = crf.refine_labels(np.array(image), idx, len(keys_all), gt_prob=0.7, **crf.PRESETS["irn"])
         maps.append(keys_all[idx])
     fg_conf, bg_conf = maps
@@ -664,101 +751,6 @@ def make_ir_label(image, cam, keys, tau_fg, tau_bg, use_crf=True) -> np.ndarray:
     label[fg_conf == 0] = 255
     label[(fg_conf == 0) & (bg_conf == 0)] = 0
     return label
-
-
-# =============================================================================================
-# IRN (Ahn et al., CVPR 2019): boundary branch, pair affinities, random walk (supp. Sec. 10)
-# =============================================================================================
-class IRNEdge(nn.Module):
-    """Frozen ImageNet ResNet + IRNet's boundary branch. x (B, 3, H, W) -> edge logits (B, 1, H/4, W/4).
-
-    Deviation 8: no displacement branch - it shares only the frozen backbone with the edge branch and does
-    not change the semantic masks (instance masks are out of scope).
-    """
-
-    def __init__(self, name, pretrained):
-        super().__init__()
-        self.backbone = create_resnet(name, pretrained).eval().requires_grad_(False)
-        chans = [f["num_chs"] for f in self.backbone.feature_info]  # 64/256/512/1024/2048 for R50/152
-        self.edge = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, 32, 1, bias=False), nn.GroupNorm(4, 32)) for c in chans)
-        self.fuse = nn.Conv2d(32 * len(chans), 1, 1, bias=True)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.backbone.eval()  # fully frozen, BN included (card Sec. 5)
-        return self
-
-    def forward(self, x):
-        b = self.backbone
-        with torch.no_grad():
-            x1 = b.maxpool(b.act1(b.bn1(b.conv1(x))))  # stride 4
-            feats = [x1]
-            for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
-                feats.append(layer(feats[-1]))  # strides 4, 8, 16, 16
-        size = feats[1].shape[2:]
-        outs = []
-        for f, head in zip(feats, self.edge):
-            e = head(f)
-            if e.shape[2:] != size:  # Impl. (IRNet net/resnet50_irn.py): upsample x2 / x4, crop, then ReLU
-                e = F.interpolate(e, scale_factor=math.ceil(size[0] / e.shape[2]), mode="bilinear", align_corners=False)
-                e = e[:, :, : size[0], : size[1]]
-            outs.append(F.relu(e))
-        return self.fuse(torch.cat(outs, 1))
-
-
-def path_offsets(radius: int):
-    """IRNet's forward half-disk of displacements d and, per d, the line pixels from 0 to d:
-    pixels in the bounding box whose squared perpendicular distance to the segment is < 1."""
-    dirs = [(0, dx) for dx in range(1, radius)]
-    dirs += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dx * dx + dy * dy < radius * radius]
-    paths = []
-    for dy, dx in dirs:
-        n2 = dx * dx + dy * dy
-        paths.append([(oy, ox) for oy in range(0, dy + 1) for ox in range(min(0, dx), max(0, dx) + 1)
-                      if (oy * dx - ox * dy) ** 2 < n2])
-    return dirs, paths
-
-
-def pair_affinity(edge, radius, pad_value):
-    """a_ij = 1 - max of the edge probability on the line from i to j, for every i and displacement d.
-
-    edge (B, h, w) in [0, 1] -> aff (B, D, h, w), D = number of displacements; destinations outside the
-    map read `pad_value` (1.0 for the random walk: no affinity leaves the image).
-    """
-    dirs, paths = path_offsets(radius)
-    h, w = edge.shape[1:]
-    ep = F.pad(edge, (radius, radius, 0, radius), value=pad_value)
-    affs = []
-    for path in paths:
-        m = torch.stack([ep[:, oy: oy + h, radius + ox: radius + ox + w] for oy, ox in path]).amax(0)
-        affs.append(1 - m)
-    return torch.stack(affs, 1)
-
-
-def pair_labels(label, radius):
-    """bg-positive, fg-positive and negative pairs (B, D, h, w) from a label map (B, h, w) (255 = ignore)."""
-    dirs, _ = path_offsets(radius)
-    h, w = label.shape[1:]
-    lp = F.pad(label, (radius, radius, 0, radius), value=255)
-    src = label[:, None]
-    # Deviation 8: destinations outside the map read 255 and are ignored (IRNet crops the source region instead).
-    dst = torch.stack([lp[:, dy: dy + h, radius + dx: radius + dx + w] for dy, dx in dirs], 1)
-    valid = (src != 255) & (dst != 255)
-    bg_pos = valid & (src == 0) & (dst == 0)
-    fg_pos = valid & (src == dst) & (src != 0)
-    neg = valid & (src != dst)
-    return bg_pos, fg_pos, neg
-
-
-def loss_irn_affinity(edge_logits, label, radius):
-    """IRNet's inter-pixel affinity loss: 1/2 (1/2 L_bg+ + 1/2 L_fg+) + 1/2 L_neg (IRNet step/train_irn.py)."""
-    aff = pair_affinity(torch.sigmoid(edge_logits[:, 0]), radius, pad_value=0.0)  # (B, D, h, w)
-    bg_pos, fg_pos, neg = pair_labels(label, radius)
-    mean = lambda l, m: (l * m).sum() / (m.sum() + 1e-5)
-    pos_loss = -torch.log(aff + 1e-5)
-    neg_loss = -torch.log(1.0 + 1e-5 - aff)
-    return (mean(pos_loss, bg_pos) / 2 + mean(pos_loss, fg_pos) / 2) / 2 + mean(neg_loss, neg) / 2
 
 
 def transition_weights(edge, radius, beta):
@@ -835,196 +827,42 @@ def infer_edge(irn: IRNEdge, image, crop, device):
     return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
 
 
-# =============================================================================================
-# Segmentation network (Sec. 4; Deviation 10)
-# =============================================================================================
-class SegNet(nn.Module):
-    """DeepLabV3: dilated timm ResNet (output stride 16) + torchvision's ASPP head. (B,3,H,W) -> (B,C,H,W).
-
-    Deviation 10: a DeepLabV3 substitute for the paper's DeepLabV3+ (R101) / SegFormer (MiT-B2); the official
-    repository has no segmentation stage.
-    """
-
-    def __init__(self, name, num_classes, pretrained):
-        super().__init__()
-        self.backbone = timm.create_model(name, pretrained=pretrained, features_only=True, output_stride=16,
-                                          out_indices=(-1,))
-        self.head = DeepLabHead(self.backbone.feature_info.channels()[-1], num_classes)
-
-    def forward(self, x):
-        logits = self.head(self.backbone(x)[-1])
-        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
-
-
-# =============================================================================================
-# Infrastructure: seeding, distributed, checkpoints, logging
-# =============================================================================================
-def seed_everything(seed: int, deterministic: bool):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def worker_init(worker_id):
-    s = torch.initial_seed() % 2 ** 32
-    np.random.seed(s)
-    random.seed(s)
-
-
-class Ctx:
-    """Run state shared by the stages: device, rank, run folder, logger, stop counter."""
-
-    def __init__(self, args, spec, splits, device, rank, world):
-        self.args, self.spec, self.splits, self.device, self.rank, self.world = args, spec, splits, device, rank, world
-        self.run_dir = Path(args.out)
-        self.iters_this_process = 0
-        self.state = {"stage": STAGES[0], "iteration": 0, "results": {}, "models": {}, "optim": None,
-                      "ir_thresholds": None, "seed_bg_param": None}
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def log(self, record: dict, echo=True):
-        if not self.main:
-            return
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if echo:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-    def save(self):
-        """checkpoints/last.pt, atomically (tmp + os.replace)."""
-        if not self.main:
-            return
-        state = dict(self.state, args=dataclasses.asdict(self.args), rng=dict(
-            python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
-        path = self.run_dir / "checkpoints" / "last.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-
-
-class StopRun(Exception):
-    pass
-
-
-class NonFinite(Exception):
-    pass
-
-
-def poly_lr(optimizer, it, total, power=0.9):
-    for g in optimizer.param_groups:
-        g["lr"] = g["lr0"] * (1 - it / total) ** power
-
-
-def batches_for_epoch(n, batch, seed, epoch, rank, world, stage_salt):
-    """Deterministic per-rank batches of one epoch (drop_last), independent of workers: resumable."""
-    g = torch.Generator().manual_seed(seed * 1000 + stage_salt * 100_000 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    per_rank = batch // world
-    n_batches = n // (per_rank * world)
-    order = order[: n_batches * per_rank * world][rank::world]
-    return [order[i * per_rank: (i + 1) * per_rank] for i in range(n_batches)]
-
-
-def run_training(ctx: Ctx, stage: str, model: nn.Module, optimizer, dataset, batch, total_iters, step_fn, salt):
-    """Generic loop: poly lr, per-epoch deterministic batches, logging, checkpoints, --stop-after."""
-    args = ctx.args
-    n_batches = len(batches_for_epoch(len(dataset), batch, args.seed, 0, ctx.rank, ctx.world, salt))
-    if n_batches == 0:
-        fail(f"{stage}: {len(dataset)} images are fewer than one batch of {batch}; lower the batch size")
-    it = ctx.state["iteration"]
-    bar = tqdm(total=total_iters, initial=it, desc=stage, disable=not ctx.main, dynamic_ncols=True, leave=False)
-    gen = torch.Generator().manual_seed(args.seed)
-    while it < total_iters:
-        epoch, skip = divmod(it, n_batches)
-        dataset.set_epoch(epoch)
-        sched = batches_for_epoch(len(dataset), batch, args.seed, epoch, ctx.rank, ctx.world, salt)[skip:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sched, num_workers=args.workers,
-                                             worker_init_fn=worker_init, generator=gen)
-        for sample in loader:
-            if it >= total_iters:
-                break
-            poly_lr(optimizer, it, total_iters)
-            terms = step_fn(sample, it, epoch)
-            for k, v in terms.items():
-                if not torch.isfinite(v):
-                    raise NonFinite(f"{stage}: non-finite losses/{k} at iteration {it}")
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            it += 1
-            ctx.iters_this_process += 1
-            bar.update(1)
-            ctx.state["iteration"] = it
-            if it % args.log_every == 0 or it == total_iters:
-                ctx.log({"stage": stage, "iteration": it, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                         **{f"losses/{k}": float(v.detach()) for k, v in terms.items()}}, echo=False)
-                bar.set_postfix(loss=f"{float(terms['total'].detach()):.3f}")
-            last = it == total_iters
-            stop = args.stop_after and ctx.iters_this_process >= args.stop_after and not last
-            if it % args.ckpt_every == 0 or stop:
-                ctx.state["models"][stage] = unwrap(model).state_dict()
-                ctx.state["optim"] = optimizer.state_dict()
-                ctx.save()
-            if stop:
-                bar.close()
-                raise StopRun(f"stopped after {ctx.iters_this_process} iterations of stage {stage} (--stop-after); "
-                              f"continue with --resume {ctx.run_dir}")
-    bar.close()
-
-
-def unwrap(m):
-    return m.module if isinstance(m, DDP) else m
-
-
-def wrap(ctx, model):
-    if ctx.world > 1:
-        return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                   find_unused_parameters=True)  # CAP/SAP heads sit out the warm-up epochs
-    return model
-
-
-def autocast(ctx):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.args.amp and ctx.device.type == "cuda")
-
-
-def load_weights(model: nn.Module, key: str, args: Args):
-    """--weights FILE: a dict {cnn|vit|irn|seg: timm state dict}; loads the entry for this backbone."""
-    if not args.weights:
-        return
-    try:
-        blob = torch.load(args.weights, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read --weights {args.weights} ({type(e).__name__}); give a torch file with a dict of "
-             "cnn/vit/irn/seg state dicts, or use --pretrained to download ImageNet weights through timm")
-    if key in blob:
-        missing, unexpected = model.load_state_dict(blob[key], strict=False)
-        if len(unexpected) == len(blob[key]):
-            fail(f"--weights {args.weights}: entry '{key}' matches none of that backbone's parameters; "
-                 "save a timm state dict of the same model, or use --pretrained")
-
-
-# =============================================================================================
-# Stages
-# =============================================================================================
-def build_cobra(args, num_classes):
-    model = CoBra(args, num_classes)
+# ==================================================================================================
+# Train
+# ==================================================================================================
+def param_groups(model, args):
+    """Backbones at lr, the 'new' layers at 10x lr (official IRNet/Cobra convention)."""
+    # Deviation 6: the 10x group holds both CAM heads and both projections (the paper's intent); the official
+    # code leaves CAP out of every group and puts only the ViT head bias + SAP weight at 10x (--official-quirks).
+    groups = []
     if model.cnn is not None:
-        load_weights(model.cnn.backbone, "cnn", args)
+        new = [model.cnn.cam_head.weight, model.cnn.proj_head.weight]
+        if args.official_quirks:  # Impl. (net/resnet50_cam.py): `embed` (CAP) is in no optimizer group
+            new = [model.cnn.cam_head.weight]
+        backbone = [p for p in model.cnn.backbone.parameters() if p.requires_grad]
+        groups += [dict(params=backbone, lr=args.lr), dict(params=new, lr=10 * args.lr)]
     if model.vit is not None:
-        load_weights(model.vit.backbone, "vit", args)
-    return model
+        lr = args.lr * args.vit_lr_scale
+        head = model.vit.cam_head
+        new = [head.weight, head.bias, model.vit.proj_head.weight]
+        old = list(model.vit.backbone.parameters())
+        if args.official_quirks:  # Impl. (net/deit_cam.py): the last two tensors = head bias + SAP weight
+            new, old = [head.bias, model.vit.proj_head.weight], old + [head.weight]
+        groups += [dict(params=old, lr=lr), dict(params=new, lr=10 * lr)]
+    return groups
 
 
+def update(optimizer, losses, it):
+    """One SGD step on losses["total"]; returns the losses as floats for the log."""
+    log = {f"losses/{k}": v.item() for k, v in losses.items()}
+    check_finite(log, it)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return log
+
+
+# --- Stage 1: CoBra training (Sec. 3.3, supp. Sec. 10) ---
 def cobra_transform(args):
     def transform(sample, rng):
         image = sample["image"]
@@ -1035,8 +873,16 @@ def cobra_transform(args):
     return transform
 
 
-def train_cobra(ctx: Ctx, model: CoBra):
-    """Stage A: CoBra training (Sec. 3.3, supp. Sec. 10), losses by Eq. (3)."""
+def train_step(net, batch, it, args, optimizer, autocast, aux_on):
+    """One CoBra iteration: both branches on the same crops, L_total of Eq. (3), one SGD step."""
+    with autocast():
+        out = net(batch["image"])
+    out = {k: v.float() for k, v in out.items()}
+    return update(optimizer, loss_total(out, batch["label"], args, aux_on), it)  # Eq. (3)
+
+
+def train_cobra(ctx, model):
+    """CoBra training (Sec. 3.3, supp. Sec. 10), losses by Eq. (3)."""
     args = ctx.args
     ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset,
                          transform=cobra_transform(args), seed=args.seed)
@@ -1048,138 +894,47 @@ def train_cobra(ctx: Ctx, model: CoBra):
     # momentum = 1e-4 is the official effective value (weight decay passed into the momentum slot).
     optimizer = torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    if ctx.state["optim"] is not None and ctx.state["stage"] == "cobra":
-        optimizer.load_state_dict(ctx.state["optim"])
-    net = wrap(ctx, model)
-    net.train()
+    net = ctx.wrap(model).train()
 
-    def step(sample, it, epoch):
-        image = sample["image"].to(ctx.device)
-        label = sample["label"].to(ctx.device)
-        with autocast(ctx):
-            out = net(image)
-        out = {k: v.float() for k, v in out.items()}
-        return loss_total(out, label, args, aux_on=it >= warmup_iters)  # Eq. (3)
+    def step(batch, it):
+        return train_step(net, batch, it, args, optimizer, ctx.autocast, aux_on=it >= warmup_iters)
 
-    run_training(ctx, "cobra", net, optimizer, ds, args.batch_size, total, step, salt=1)
+    train_loop(ctx, "cobra", ds, args.batch_size, total, step, {"model": model, "optimizer": optimizer},
+               lr=lambda it: poly_lr(it, total), salt=1)
     model.eval()
 
 
-def cam_path(ctx, name):
-    return ctx.run_dir / "cams" / f"{name}.npz"
-
-
-class _PerImage(torch.utils.data.Dataset):
-    """Runs fn(sample) inside DataLoader workers: the per-image stages (CRF, random walk) are CPU-bound."""
-
-    def __init__(self, ds, fn):
-        self.ds, self.fn = ds, fn
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.fn(self.ds[i]) or {}
-
-
-def _one_thread(worker_id):
-    torch.set_num_threads(1)
-
-
-def map_images(ctx: Ctx, ds, fn, desc, uses_model):
-    """fn over this rank's share of ds; results are independent of the number of workers.
-    CUDA models stay in the main process (a forked worker cannot use CUDA)."""
-    workers = ctx.args.workers if not (uses_model and ctx.device.type == "cuda") else 0
-    idx = list(range(ctx.rank, len(ds), ctx.world))
-    loader = torch.utils.data.DataLoader(_PerImage(ds, fn), batch_size=None, sampler=idx, num_workers=workers,
-                                         worker_init_fn=_one_thread)
-    return list(tqdm(loader, total=len(idx), desc=desc, disable=not ctx.main, leave=False))
-
-
-def stage_cams(ctx: Ctx, model: CoBra):
-    """Stage B: multi-scale CAMs of every training image, written to cams/<id>.npz (float16)."""
-    args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset)
+# --- Stage 2: multi-scale CAMs of every training image -> cams/<id>.npz (float16) ---
+def stage_cams(ctx, model, ds):
     (ctx.run_dir / "cams").mkdir(exist_ok=True)
     model.eval()
-
-    def one(s):
-        with autocast(ctx):
-            cams = infer_cams(model, s["image"], s["label"], args.scales, ctx.device)
-        np.savez(cam_path(ctx, s["name"]), **{k: (v.astype(np.float16) if k != "keys" else v) for k, v in cams.items()})
-
-    map_images(ctx, ds, one, "cams", uses_model=True)
+    for s in each_sample(ctx, ds, "cams", shard=True):
+        with ctx.autocast():
+            cams = infer_cams(model, s["image"], s["label"], ctx.args.scales, ctx.device)
+        np.savez(ctx.run_dir / "cams" / f"{s['name']}.npz",
+                 **{k: (v.astype(np.float16) if k != "keys" else v) for k, v in cams.items()})
 
 
 def load_cams(ctx, name):
-    with np.load(cam_path(ctx, name)) as z:
+    with np.load(ctx.run_dir / "cams" / f"{name}.npz") as z:
         return {k: z[k].astype(np.float32) if k != "keys" else z[k] for k in z.files}
 
 
-def result_entry(res: dict, class_names, **extra) -> dict:
-    iou = {n: (None if np.isnan(v) else round(100 * float(v), 2)) for n, v in zip(class_names, res["iou"])}
-    return {"miou": round(100 * float(res["miou"]), 2), "iou": iou, **extra}
-
-
-def evaluate_seeds(ctx: Ctx):
-    """Stage C: seed mIoU on the seed split. attn-pct: greedy theta = 70, 75, ... (official eval_cam.py);
-    fixed: full threshold sweep (common.miou.ThresholdSweep). Both chosen on train GT (card Sec. 7)."""
-    args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["seed"], dataset=ctx.spec.dataset)
-    C = ds.num_classes
-    thetas = (70, 75, 80, 85, 90, 95)
-    attn_cms = [miou.ConfusionMatrix(C) for _ in thetas]
-    sweep = miou.ThresholdSweep(C)
-    has_attn = args.branches != "cnn"
-    for i in tqdm(range(len(ds)), desc="seed eval", disable=not ctx.main, leave=False):
-        s = ds[i]
-        cams = load_cams(ctx, s["name"])
-        m = source_map(cams, args.mask_source)
-        sweep.update(m, cams["keys"], s["mask"])
-        if has_attn:
-            for cm, th in zip(attn_cms, thetas):
-                cm.update(seed_label(m, cams["keys"], attention_bg(cams["attn"], th)), s["mask"])
-    fixed = sweep.compute()
-    ctx.log({"stage": "seeds", "seed_fixed/curve": [[t, round(100 * v, 2)] for t, v in fixed["curve"]]}, echo=False)
-    if has_attn:  # both rules are logged; --seed-bg picks the reported one
-        curve = [cm.compute() for cm in attn_cms]
-        best = 0
-        while best + 1 < len(thetas) and curve[best + 1]["miou"] > curve[best]["miou"]:
-            best += 1  # stop at the first drop (official); we keep the best, not one step past it (card Sec. 8 row 13)
-        ctx.log({"stage": "seeds", "seed_attn/curve": [[t, round(100 * c["miou"], 2)] for t, c in zip(thetas, curve)]},
-                echo=False)
-    if args.seed_bg == "attn-pct":
-        param, res = thetas[best], curve[best]
-        entry = result_entry(res, ds.class_names, threshold=f"attention percentile {param}")
-    else:
-        param, res = float(fixed["best_threshold"]), fixed["best"]
-        entry = result_entry(res, ds.class_names, threshold=param)
-    ctx.state["seed_bg_param"] = param
-    ctx.state["results"]["seed/train"] = entry
-    print(f"seed/train ({args.mask_source}, bg {args.seed_bg} {param}): mIoU={entry['miou']:.2f}")
-    out = ctx.run_dir / "pseudo_labels" / "seed" / ctx.splits["seed"]
-    for i in range(len(ds)):
-        name = ds.ids[i]
-        cams = load_cams(ctx, name)
-        data.save_mask(out / f"{name}.png", seed_label(source_map(cams, args.mask_source), cams["keys"],
-                                                      seed_bg_value(ctx, cams)))
-
-
 def seed_bg_value(ctx, cams):
-    p = ctx.state["seed_bg_param"]
+    """The background score of the seed rule: --seed-bg's parameter, chosen in stage 3 (evaluate_seeds)."""
+    p = ctx.state["done"]["seeds"]["seed_bg"]
     return attention_bg(cams["attn"], p) if ctx.args.seed_bg == "attn-pct" else p
 
 
-def stage_ir_labels(ctx: Ctx):
-    """Stage D: IR labels (confident fg / bg / 255) for the training split (official cam_to_ir_label.py)."""
+# --- Stage 4: IR labels (confident fg / bg / 255) for the training split (official cam_to_ir_label.py) ---
+def stage_ir_labels(ctx, ds):
     args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset)
     out = ctx.run_dir / "pseudo_labels" / "ir" / ctx.splits["train"]
     use_crf = crf.available()
     if not use_crf and ctx.main:
         print("warning: pydensecrf is not installed; IR labels and masks are made WITHOUT the dense CRF")
 
-    def one(s):
+    def one(s):  # in the DataLoader workers
         cams = load_cams(ctx, s["name"])
         if args.ir_thresh == "attn":
             tau_fg, tau_bg = ir_thresholds(cams["attn"], args.ir_percentile)
@@ -1187,15 +942,15 @@ def stage_ir_labels(ctx: Ctx):
             tau_fg, tau_bg = args.ir_fg, args.ir_bg
         label = make_ir_label(s["image"], source_map(cams, args.mask_source), cams["keys"], tau_fg, tau_bg, use_crf)
         data.save_mask(out / f"{s['name']}.png", label)
-        return {"tau_fg": tau_fg}
+        return tau_fg
 
-    thresholds = map_images(ctx, ds, one, "ir labels", uses_model=False)
-    if args.ir_thresh == "attn" and thresholds:
-        fg = np.array([float(t["tau_fg"]) for t in thresholds])
+    fg = np.array(list(each_sample(ctx, ds, "ir labels", fn=one, shard=True)), dtype=np.float64)
+    if args.ir_thresh == "attn" and len(fg):
         ctx.log({"stage": "ir_labels", "rank": ctx.rank, "ir/tau_fg_mean": float(fg.mean()),
                  "ir/no_confident_fg": int((fg >= 1).sum())})
 
 
+# --- Stage 5: IRN boundary branch on the IR labels ---
 def irn_transform(args):
     def transform(sample, rng):
         image, masks, _ = augment.random_rescale(sample["image"], rng, masks=(sample["ir"],), ratio_range=(0.5, 1.5))
@@ -1206,44 +961,37 @@ def irn_transform(args):
     return transform
 
 
-def train_irn(ctx: Ctx, irn: IRNEdge):
-    """Stage E: IRN boundary branch on the IR labels."""
+def train_irn(ctx, irn):
     args = ctx.args
     ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, transform=irn_transform(args),
                          extra_dirs={"ir": ctx.run_dir / "pseudo_labels" / "ir" / ctx.splits["train"]}, seed=args.seed)
     total = args.max_iters or args.irn_epochs * max(len(ds) // args.irn_batch, 1)
     params = [p for p in irn.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD([dict(params=params, lr0=args.irn_lr)], lr=args.irn_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    if ctx.state["optim"] is not None and ctx.state["stage"] == "irn":
-        optimizer.load_state_dict(ctx.state["optim"])
-    net = wrap(ctx, irn)
-    net.train()
+    optimizer = torch.optim.SGD(params, lr=args.irn_lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    net = ctx.wrap(irn).train()
 
-    def step(sample, it, epoch):
-        with autocast(ctx):
-            logits = net(sample["image"].to(ctx.device))
-        return {"total": loss_irn_affinity(logits.float(), sample["ir"].to(ctx.device), args.irn_radius)}
+    def step(batch, it):
+        with ctx.autocast():
+            logits = net(batch["image"])
+        return update(optimizer, {"total": loss_irn_affinity(logits.float(), batch["ir"], args.irn_radius)}, it)
 
-    run_training(ctx, "irn", net, optimizer, ds, args.irn_batch, total, step, salt=2)
+    train_loop(ctx, "irn", ds, args.irn_batch, total, step, {"irn": irn, "optimizer": optimizer},
+               lr=lambda it: poly_lr(it, total), salt=2)
     irn.eval()
 
 
+# --- Stage 6: final masks: IRN edge + random walk + alpha rule (+ CRF), or --mask-method crf (no IRN) ---
 def mask_dirs(ctx):
     base = ctx.run_dir / "pseudo_labels"
     return base / "mask" / ctx.splits["train"], base / "mask_nocrf" / ctx.splits["train"]
 
 
-def stage_masks(ctx: Ctx, irn: IRNEdge | None):
-    """Stage F: final masks for the training split: IRN edge + random walk + alpha rule (+ CRF),
-    or --mask-method crf: the seed rule + dense CRF on the seed map (no IRN)."""
+def stage_masks(ctx, irn, ds):
     args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset)
     out_crf, out_raw = mask_dirs(ctx)
     use_crf = crf.available()
     rw_src = "tran" if args.rw_source == "tran" and args.branches != "cnn" else args.mask_source
-
-    def one(s):
+    for s in each_sample(ctx, ds, "masks", shard=True):
         cams = load_cams(ctx, s["name"])
         keys = cams["keys"]
         H, W = s["image"].shape[:2]
@@ -1264,392 +1012,821 @@ def stage_masks(ctx: Ctx, irn: IRNEdge | None):
         data.save_mask(out_crf / f"{s['name']}.png", final)
         data.save_mask(out_raw / f"{s['name']}.png", raw)
 
-    map_images(ctx, ds, one, "masks", uses_model=args.mask_method == "irn")
 
-
-def evaluate_masks(ctx: Ctx):
-    """Stage G: mask mIoU on the seed split, with and without the final CRF (Table 9)."""
-    args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["seed"], dataset=ctx.spec.dataset)
-    out_crf, out_raw = mask_dirs(ctx)
-    cms = {"mask/train": miou.ConfusionMatrix(ds.num_classes), "mask_nocrf/train": miou.ConfusionMatrix(ds.num_classes)}
-    for i in range(len(ds)):
-        s = ds[i]
-        cms["mask/train"].update(data.read_mask(out_crf / f"{s['name']}.png"), s["mask"], pred_ignore="exclude")
-        cms["mask_nocrf/train"].update(data.read_mask(out_raw / f"{s['name']}.png"), s["mask"], pred_ignore="exclude")
-    note = ("IRN random walk + alpha rule" if args.mask_method == "irn"
-            else "CRF-refined seed (no IRN) - not comparable with the paper's Mask column")
-    for key, cm in cms.items():
-        if key == "mask/train" and not (args.mask_crf or args.mask_method == "crf"):
-            continue
-        ctx.state["results"][key] = result_entry(cm.compute(), ds.class_names, note=note)
-        print(f"{key} ({note}{'' if 'nocrf' in key else ', CRF'}): mIoU={ctx.state['results'][key]['miou']:.2f}")
-    if "mask/train" not in ctx.state["results"]:
-        ctx.state["results"]["mask/train"] = ctx.state["results"]["mask_nocrf/train"]
-
-
-def seg_transform(args):
+# --- Stage 7: the segmentation network on the final masks (DeepLab VOC recipe; Deviation 10) ---
+def seg_transform(args, key):
     def transform(sample, rng):
-        image, masks, _ = augment.random_rescale(sample["image"], rng, masks=(sample["pseudo"],),
+        image, masks, _ = augment.random_rescale(sample["image"], rng, masks=(sample[key],),
                                                  ratio_range=tuple(args.seg_scale_range))
         image, masks, _ = augment.random_hflip(image, rng, masks=masks)
         image, masks, _, _ = augment.random_crop(image, rng, args.seg_crop, masks=masks)
-        return {"image": augment.to_tensor(image), "pseudo": augment.mask_to_tensor(masks[0])}
+        return {"image": augment.to_tensor(image), "target": augment.mask_to_tensor(masks[0])}
     return transform
 
 
-def build_seg(args, num_classes):
-    seg = SegNet(args.seg_backbone, num_classes, args.pretrained)
-    load_weights(seg.backbone, "seg", args)
-    return seg
-
-
-def train_seg(ctx: Ctx, seg: SegNet):
-    """Stage H: the segmentation network on the final masks (DeepLab VOC recipe; Deviation 10)."""
+def train_seg(ctx, seg):
+    """On the final masks, or on the ground truth under --supervision full (the upper bound)."""
     args = ctx.args
-    mask_dir = mask_dirs(ctx)[0 if (args.mask_crf or args.mask_method == "crf") else 1]
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, transform=seg_transform(args),
-                         extra_dirs={"pseudo": mask_dir}, seed=args.seed)
+    full = args.supervision == "full"
+    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, seed=args.seed,
+                         transform=seg_transform(args, "mask" if full else "pseudo"),
+                         extra_dirs={} if full else {"pseudo": seg_label_dir(ctx)})
     total = args.max_iters or args.seg_iters
-    optimizer = torch.optim.SGD([dict(params=seg.backbone.parameters(), lr0=args.seg_lr),
-                                 dict(params=seg.head.parameters(), lr0=10 * args.seg_lr)],
+    optimizer = torch.optim.SGD([dict(params=seg.backbone.parameters(), lr=args.seg_lr),
+                                 dict(params=seg.head.parameters(), lr=10 * args.seg_lr)],
                                 lr=args.seg_lr, momentum=0.9, weight_decay=args.weight_decay)
-    if ctx.state["optim"] is not None and ctx.state["stage"] == "seg":
-        optimizer.load_state_dict(ctx.state["optim"])
-    net = wrap(ctx, seg)
-    net.train()
+    net = ctx.wrap(seg).train()
 
-    def step(sample, it, epoch):
-        with autocast(ctx):
-            logits = net(sample["image"].to(ctx.device))
-        return {"total": F.cross_entropy(logits.float(), sample["pseudo"].to(ctx.device), ignore_index=data.IGNORE_INDEX)}
+    def step(batch, it):
+        with ctx.autocast():
+            logits = net(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["target"], ignore_index=data.IGNORE_INDEX)
+        return update(optimizer, {"total": loss}, it)
 
-    run_training(ctx, "seg", net, optimizer, ds, args.seg_batch, total, step, salt=3)
+    train_loop(ctx, "seg", ds, args.seg_batch, total, step, {"seg": seg, "optimizer": optimizer},
+               lr=lambda it: poly_lr(it, total), salt=3)
     seg.eval()
 
 
+def seg_label_dir(ctx):
+    return mask_dirs(ctx)[0 if (ctx.args.mask_crf or ctx.args.mask_method == "crf") else 1]
+
+
+# ==================================================================================================
+# Evaluate
+# ==================================================================================================
+# --- Stage 3: seeds (card Sec. 7: chosen on train GT, as the official code) ---
+def evaluate_seeds(ctx, ds):
+    """seed/train on the seed split. attn-pct: greedy theta = 70, 75, ... (official eval_cam.py); fixed: full
+    threshold sweep (common.miou.ThresholdSweep). Writes the seed labels; returns (result, bg parameter)."""
+    args, C = ctx.args, ds.num_classes
+    thetas = (70, 75, 80, 85, 90, 95)
+    attn_cms = [miou.ConfusionMatrix(C) for _ in thetas]
+    sweep = miou.ThresholdSweep(C)
+    has_attn = args.branches != "cnn"
+    for s in each_sample(ctx, ds, "seed eval"):
+        cams = load_cams(ctx, s["name"])
+        m = source_map(cams, args.mask_source)
+        sweep.update(m, cams["keys"], s["mask"])
+        if has_attn:
+            for cm, th in zip(attn_cms, thetas):
+                cm.update(seed_label(m, cams["keys"], attention_bg(cams["attn"], th)), s["mask"])
+    fixed = sweep.compute()
+    ctx.log({"stage": "seeds", "seed_fixed/curve": [[t, round(100 * v, 2)] for t, v in fixed["curve"]]})
+    if has_attn:  # both rules are logged; --seed-bg picks the reported one
+        curve = [cm.compute() for cm in attn_cms]
+        best = 0
+        while best + 1 < len(thetas) and curve[best + 1]["miou"] > curve[best]["miou"]:
+            best += 1  # stop at the first drop (official); we keep the best, not one step past it (card Sec. 8 row 13)
+        ctx.log({"stage": "seeds", "seed_attn/curve": [[t, round(100 * c["miou"], 2)] for t, c in zip(thetas, curve)]})
+    if args.seed_bg == "attn-pct":
+        param, res = thetas[best], curve[best]
+        entry = miou_entry(res, ds.class_names, threshold=f"attention percentile {param}")
+    else:
+        param, res = float(fixed["best_threshold"]), fixed["best"]
+        entry = miou_entry(res, ds.class_names, threshold=param)
+    print(f"seed/train ({args.mask_source}, bg {args.seed_bg} {param}): mIoU={entry['miou']:.2f}")
+    out = ctx.run_dir / "pseudo_labels" / "seed" / ctx.splits["seed"]
+    for name in ds.ids:
+        cams = load_cams(ctx, name)
+        bg = attention_bg(cams["attn"], param) if args.seed_bg == "attn-pct" else param
+        data.save_mask(out / f"{name}.png", seed_label(source_map(cams, args.mask_source), cams["keys"], bg))
+    return entry, param
+
+
+# --- Stage 6: masks, with and without the final CRF (Table 9) ---
+def evaluate_masks(ctx, ds):
+    args = ctx.args
+    note = ("IRN random walk + alpha rule" if args.mask_method == "irn"
+            else "CRF-refined seed (no IRN) - not comparable with the paper's Mask column")
+    cms = {key: miou.ConfusionMatrix(ds.num_classes) for key in ("mask/train", "mask_nocrf/train")}
+    for s in each_sample(ctx, ds, "mask eval"):
+        for (key, cm), folder in zip(cms.items(), mask_dirs(ctx)):
+            cm.update(data.read_mask(folder / f"{s['name']}.png"), s["mask"], pred_ignore="exclude")
+    results = {}
+    for key, cm in cms.items():
+        if key == "mask/train" and not (args.mask_crf or args.mask_method == "crf"):
+            continue
+        results[key] = miou_entry(cm.compute(), ds.class_names, note=note)
+        print(f"{key} ({note}{'' if 'nocrf' in key else ', CRF'}): mIoU={results[key]['miou']:.2f}")
+    results.setdefault("mask/train", results["mask_nocrf/train"])
+    return results
+
+
+# --- Stage 7: the segmentation network ---
 @torch.no_grad()
 def predict_seg(seg, image, ctx):
     x = augment.to_tensor(image).to(ctx.device)[None]
-    with autocast(ctx):
+    with ctx.autocast():
         return seg(x)[0].float().argmax(0).cpu().numpy().astype(np.uint8)
 
 
-def evaluate_seg(ctx: Ctx, seg: SegNet):
-    """seg/val: single scale, no CRF (Deviation 10)."""
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["val"], dataset=ctx.spec.dataset)
-    cm = miou.ConfusionMatrix(ds.num_classes)
+def evaluate(seg, dataset, ctx, vis_path=None):
+    """seg/val: single scale, no CRF (Deviation 10); vis_path: a grid of the first --num-vis images."""
     seg.eval()
-    for i in tqdm(range(len(ds)), desc="seg eval", disable=not ctx.main, leave=False):
-        s = ds[i]
-        cm.update(predict_seg(seg, s["image"], ctx), s["mask"])
+    cm, rows = miou.ConfusionMatrix(dataset.num_classes), []
+    for s in each_sample(ctx, dataset, "seg eval"):
+        pred = predict_seg(seg, s["image"], ctx)
+        cm.update(pred, s["mask"])
+        if len(rows) < ctx.args.num_vis:
+            rows.append([s["image"], colour_labels(pred), colour_labels(s["mask"])])
+    if vis_path is not None and rows:
+        save_grid(vis_path, rows, ["image", "prediction", "ground truth"])
     res = cm.compute()
-    ctx.state["results"]["seg/val"] = result_entry(res, ds.class_names, network=f"DeepLabV3 ({ctx.args.seg_backbone}) "
-                                                   "substitute for DeepLabV3+, single scale, no CRF")
-    print(miou.format_table(res, ds.class_names))
-    print(f"seg/val: mIoU={100 * res['miou']:.2f}")
+    print(miou.format_table(res, dataset.class_names))
+    return miou_entry(res, dataset.class_names, network=f"DeepLabV3 ({ctx.args.seg_backbone}) substitute for "
+                      "DeepLabV3+, single scale, no CRF")
 
 
-def heat(m):
-    """(H, W) in [0, 1] -> uint8 (H, W, 3), a simple blue-red ramp."""
-    m = np.clip(m, 0, 1)
-    return (np.stack([m, 1 - np.abs(2 * m - 1), 1 - m], -1) * 255).astype(np.uint8)
-
-
-def write_vis(ctx: Ctx, seg: SegNet | None):
-    """vis/<id>.png: image | seed map (max over classes) | pseudo label | prediction | ground truth."""
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["seed"], dataset=ctx.spec.dataset)
-    pal = data.voc_palette()
-    mask_dir = mask_dirs(ctx)[0]
-    for i in range(min(ctx.args.num_vis, len(ds))):
+def visualise(ctx, ds, seg):
+    """vis/train.png: image | seed map (max over classes) | seed label | final mask | prediction | ground truth
+    (the columns of the stages this run has)."""
+    args = ctx.args
+    folders = [ctx.run_dir / "pseudo_labels" / "seed" / ctx.splits["seed"]] + ([seg_label_dir(ctx)] if args.until != "seed" else [])
+    rows = []
+    for i in range(min(args.num_vis, len(ds))):
         s = ds[i]
-        cams = load_cams(ctx, s["name"])
-        m = source_map(cams, ctx.args.mask_source)
-        cam = m.max(0) if len(m) else np.zeros(s["image"].shape[:2], np.float32)
-        pred = predict_seg(seg, s["image"], ctx) if seg is not None else np.zeros_like(s["mask"])
-        tiles = [s["image"], heat(cam), pal[data.read_mask(mask_dir / f"{s['name']}.png")], pal[pred], pal[s["mask"]]]
-        Image.fromarray(np.concatenate(tiles, 1)).save(ctx.run_dir / "vis" / f"{s['name']}.png")
+        m = source_map(load_cams(ctx, s["name"]), args.mask_source)
+        row = [s["image"], colour_cam(m.max(0) if len(m) else np.zeros(s["mask"].shape, np.float32))]
+        row += [colour_labels(data.read_mask(folder / f"{s['name']}.png")) for folder in folders]
+        row += [colour_labels(predict_seg(seg, s["image"], ctx))] if seg is not None else []
+        rows.append(row + [colour_labels(s["mask"])])
+    captions = ["image", f"CAM ({args.mask_source})", "seed", "mask"][:2 + len(folders)]
+    save_grid(ctx.run_dir / "vis" / "train.png", rows, captions + ["prediction"] * (seg is not None) + ["ground truth"])
 
 
-# =============================================================================================
-# Main
-# =============================================================================================
-def validate(args: Args):
-    """Every check that can fail on user input, BEFORE the run folder is touched."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given but no CUDA device is available; use --device cpu")
-    for name in ("cnn", "irn_backbone", "seg_backbone", "vit"):
-        if not timm.is_model(getattr(args, name)):
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is not a timm model name; see timm.list_models()")
-    for name in ("cnn", "irn_backbone"):
-        if not getattr(args, name).startswith(("resnet", "resnext", "wide_resnet", "seresnet")):
-            fail(f"--{name.replace('_', '-')} must be a timm ResNet (IRNet-style stride change on layer4)")
-    losses = args.losses.split(",") if args.losses != "none" else []
-    if any(l not in ("cam", "cap", "sap") for l in losses):
-        fail(f"--losses {args.losses}: use a comma list from cam,cap,sap (or 'none')")
-    if args.crop % 16:
-        fail(f"--crop {args.crop} must be a multiple of 16 so the CNN and ViT patch grids match")
-    n2 = (args.crop // 16) ** 2
-    for k in ("k_sap_pos", "k_sap_neg", "k_cap_pos", "k_cap_neg"):
-        if not 1 <= getattr(args, k) <= n2:
-            fail(f"--{k.replace('_', '-')} {getattr(args, k)} must be in 1..{n2} (patches of a {args.crop} crop)")
-    positive = ("batch_size", "epochs", "lr", "tau", "proj_dim", "irn_batch", "irn_epochs", "irn_lr", "irn_crop",
-                "seg_batch", "seg_iters", "seg_lr", "seg_crop", "rw_beta", "log_every", "ckpt_every")
-    for k in positive:
-        if not getattr(args, k) > 0:
-            fail(f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    for k in ("lambda_cam", "lambda_sap", "lambda_cap", "momentum", "weight_decay", "warmup_epochs", "max_iters",
-              "stop_after", "workers", "vit_lr_scale"):
-        if getattr(args, k) < 0 or not math.isfinite(getattr(args, k)):
-            fail(f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
-    if not args.scales or any(s <= 0 for s in args.scales):
-        fail("--scales must be positive numbers")
-    if len(args.resize_long) != 2 or not 0 < args.resize_long[0] <= args.resize_long[1]:
-        fail("--resize-long takes two increasing positive sizes, e.g. 320 640")
-    if not 0 <= args.mask_alpha <= 1 or not 0 < args.ir_percentile < 100:
-        fail("--mask-alpha must be in [0, 1] and --ir-percentile in (0, 100)")
-    if args.irn_crop % 16:
-        fail(f"--irn-crop {args.irn_crop} must be a multiple of 16")
-    if args.irn_radius < 2 or args.rw_radius < 2 or args.irn_radius > args.irn_crop // 8:
-        fail(f"--irn-radius/--rw-radius must be >= 2 and --irn-radius <= irn_crop/8 ({args.irn_crop // 8})")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    for k in ("batch_size", "irn_batch", "seg_batch"):
-        if getattr(args, k) % world:
-            fail(f"--{k.replace('_', '-')} {getattr(args, k)} must be divisible by the {world} processes")
-    if args.seg_batch // world < 2:
-        fail("--seg-batch must give at least 2 images per process (ASPP's pooled BatchNorm)")
-    if args.eval_only and not args.ckpt:
-        fail("--eval-only needs --ckpt FILE (a checkpoints/last.pt of a finished run)")
-    if args.ckpt and not Path(args.ckpt).is_file():
-        fail(f"--ckpt {args.ckpt} does not exist")
-    if args.cobra_ckpt and not Path(args.cobra_ckpt).is_file():
-        fail(f"--cobra-ckpt {args.cobra_ckpt} does not exist; give checkpoints/last.pt of a run past CoBra training")
-    if args.weights and not Path(args.weights).is_file():
-        fail(f"--weights {args.weights} does not exist; give a local file or use --pretrained")
+# === Infrastructure: identical in all five scripts (edit one, copy to all) ===
+# Plumbing, not the paper: command line, errors, device and DDP, seeding, run folder and log, checkpoints
+# (loaded with weights_only=True), Ctrl-C / SIGTERM, the training loop, LR factors, metrics.json, pictures.
+# tests/test_skeleton.py fails when the copies differ; `python tests/test_skeleton.py --sync cosa.py` copies one.
+COMMON_CHOICES = {"preset": ("auto", "paper", "toy"), "device": ("auto", "cpu", "cuda"), "supervision": ("image", "full")}
+COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_after": ">=0", "log_every": ">=1",
+                 "ckpt_every": ">=1"}
+RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
+CKPT_FORMAT = "wsss-reference/1"
 
 
-def resolve_branch_settings(args: Args):
-    """Single-branch runs (Table 3) take the seed from their own CAM; CNN-only runs have no attention."""
-    notes = []
-    if args.branches == "cnn":
-        for k, v in (("mask_source", "cnn"), ("seed_bg", "fixed"), ("ir_thresh", "fixed")):
-            if getattr(args, k) != v:
-                notes.append(f"{k}={v}")
-                setattr(args, k, v)
-    elif args.branches == "vit" and args.mask_source != "tran":
-        notes.append("mask_source=tran")
-        args.mask_source = "tran"
-    if args.branches != "both" and args.losses != "none":
-        args.losses = "none"
-    return notes
+def fail(msg, code=2):
+    """Bad input: one line on stderr, exit code 2, no traceback (DESIGN.md, Errors)."""
+    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
-def run(args: Args):
-    t0 = time.time()
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if args.resume:
-        rd = Path(args.resume)
-        if not (rd / "args.json").is_file() or not (rd / "checkpoints" / "last.pt").is_file():
-            fail(f"--resume {rd}: no args.json / checkpoints/last.pt there; give the folder of an interrupted run")
-        saved = json.loads((rd / "args.json").read_text())
-        keep = {"stop_after": args.stop_after, "workers": args.workers, "resume": args.resume}
-        args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in Args.__annotations__})
-        for k, v in keep.items():
-            setattr(args, k, v)
-        args.out = str(rd)
-    validate(args)
-    notes = resolve_branch_settings(args)
-    spec = data.resolve_data(args.data, toy_train=args.toy_train, toy_val=args.toy_val)
-    splits = data.default_splits(spec)
-    for split in set(splits.values()):
-        data.SegDataset(spec.root, split, dataset=spec.dataset)  # layout checks before anything is written
-    num_classes = len(data.read_class_names(spec.root, spec.dataset))
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
-    if args.amp and device.type != "cuda" and rank == 0:
-        print("note: --amp is ignored on CPU (bf16 autocast is used on CUDA only)")
-    seed_everything(args.seed, args.deterministic)
-
-    # Build every network now: weight-loading failures end before the run folder exists.
-    try:
-        model = build_cobra(args, num_classes)
-        irn = IRNEdge(args.irn_backbone, args.pretrained) if args.mask_method == "irn" else None
-        if irn is not None:
-            load_weights(irn.backbone, "irn", args)
-        seg = build_seg(args, num_classes)
-    except Exception as e:
-        if args.pretrained:
-            fail(f"could not load pretrained weights ({type(e).__name__}: {str(e).splitlines()[0][:100]}); connect "
-                 "once so timm can download them (or pre-populate its cache), pass --weights FILE, or use --no-pretrained")
-        raise
-
-    if args.cobra_ckpt and not args.resume:
-        other = torch.load(args.cobra_ckpt, map_location="cpu", weights_only=False)
-        if STAGES.index(other.get("stage", "cobra")) <= STAGES.index("cobra") or "cobra" not in other.get("models", {}):
-            fail(f"--cobra-ckpt {args.cobra_ckpt} was saved before CoBra training finished; give a later checkpoint")
-        try:
-            model.load_state_dict(other["models"]["cobra"])
-        except RuntimeError:
-            fail(f"--cobra-ckpt {args.cobra_ckpt} does not fit the model flags (--cnn/--vit/--branches/--proj-dim ...)")
-
-    if not args.out:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        args.out = str(Path("runs") / METHOD / f"{spec.name}-{stamp}")
-    ctx = Ctx(args, spec, splits, device, rank, world)
-    args.out = broadcast(ctx, args.out)  # one folder for all ranks (their clocks may differ by a second)
-    ctx.run_dir = run_dir = Path(args.out)
-    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
-        fail(f"--out {run_dir} exists and is not empty; choose another folder or --resume it")
-    ctx.barrier()  # every rank has checked the folder before rank 0 writes into it
-    if args.resume:
-        state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-        ctx.state.update({k: state[k] for k in ctx.state if k in state})
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-    if ctx.main:
-        for sub in ("checkpoints", "vis", "cams"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-        print(f"{METHOD}: data={spec.name} ({spec.root}) preset={args.preset} device={device} world={world} "
-              f"run={run_dir}" + (f" [single branch: {', '.join(notes)}]" if notes else ""))
-        if args.mask_method == "crf":
-            print("mask method: CRF-refined seed (no IRN) - not comparable with the paper's Mask column")
-    ctx.barrier()
-    model.to(device)
-    if irn is not None:
-        irn.to(device)
-    seg.to(device)
-    models = {"cobra": model, "irn": irn, "seg": seg}
-    if args.cobra_ckpt and not args.resume:
-        ctx.state["stage"] = "cams"
-        ctx.log({"stage": "cobra", "loaded_from": str(args.cobra_ckpt)})
-    for name, net in models.items():
-        if net is not None and name in ctx.state["models"]:
-            net.load_state_dict(ctx.state["models"][name])
-
-    clock = [time.time()]
-
-    def advance(stage):
-        ctx.log({"stage": ctx.state["stage"], "time/stage_seconds": round(time.time() - clock[0], 1)}, echo=False)
-        clock[0] = time.time()
-        ctx.state["stage"], ctx.state["iteration"], ctx.state["optim"] = stage, 0, None
-        for name, net in models.items():
-            if net is not None:
-                ctx.state["models"][name] = net.state_dict()
-        ctx.save()
-        ctx.barrier()
-
-    def at(stage):
-        return STAGES.index(ctx.state["stage"]) <= STAGES.index(stage)
-
-    if args.eval_only:
-        return eval_only(ctx, models, t0)
-    if at("cobra"):
-        train_cobra(ctx, model)
-        advance("cams")
-    model.eval()
-    if at("cams"):
-        stage_cams(ctx, model)
-        advance("seeds")
-    if at("seeds"):
-        if ctx.main:
-            evaluate_seeds(ctx)
-        advance("ir_labels")
-        ctx.state["seed_bg_param"] = broadcast(ctx, ctx.state["seed_bg_param"])
-    if args.until == "seed":
-        return finish(ctx, None, t0)
-    if at("ir_labels"):
-        if args.mask_method == "irn":
-            stage_ir_labels(ctx)
-        advance("irn")
-    if at("irn"):
-        if args.mask_method == "irn":
-            train_irn(ctx, irn)
-        advance("masks")
-    if at("masks"):
-        stage_masks(ctx, irn)
-        ctx.barrier()
-        if ctx.main:
-            evaluate_masks(ctx)
-        advance("seg")
-    if args.until == "mask":
-        return finish(ctx, None, t0)
-    if at("seg"):
-        train_seg(ctx, seg)
-        advance("done")
-    finish(ctx, seg, t0)
+def check(ok, msg):
+    if not ok:
+        fail(msg)
 
 
-def broadcast(ctx, value):
-    if ctx.world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
+class StopRun(Exception):
+    """Stopped with a resumable checkpoint: --stop-after (exit code 0), SIGINT (130), SIGTERM (143)."""
+
+    def __init__(self, msg, code=0):
+        super().__init__(msg)
+        self.code = code
+
+
+class NonFinite(Exception):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def build_parser():
+    """One flag per Args field, help = its comment; defaults are None so that the preset fills the rest."""
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Args), flags=re.M))
+    parser = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        paper, toy = (PRESETS[p].get(f.name, f.default) for p in ("paper_voc", "toy"))
+        kw = dict(default=None, help=f"{comments.get(f.name, '')} [paper: {paper}; toy: {toy}]".replace("%", "%%"))
+        if isinstance(f.default, bool):
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kw.update(type=type(f.default[0] if isinstance(f.default, tuple) else f.default),
+                      choices={**COMMON_CHOICES, **CHOICES}.get(f.name), nargs="+" if isinstance(f.default, tuple) else None)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return parser
+
+
+def args_from(values):
+    """Args from a dict (args.json, a checkpoint): unknown keys dropped, lists made tuples."""
+    names = {f.name for f in dataclasses.fields(Args)}
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def parse_args(argv=None):
+    """Command line > preset > Args default -> (args, spec). --resume continues with the run's own args.json
+    (only RUNTIME_FLAGS may change); --eval-only starts from the configuration stored in --ckpt."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()
+             if v is not None}
+    if given.get("resume"):
+        run_dir = Path(given["resume"])
+        check((run_dir / "args.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file(),
+              f"--resume {run_dir}: no args.json and checkpoints/last.pt there; give the folder of an earlier run")
+        values = dataclasses.asdict(args_from(json.loads((run_dir / "args.json").read_text())))
+        for k, v in given.items():
+            check(k in RUNTIME_FLAGS or values[k] == v, f"--resume keeps the run's configuration; drop --{k.replace('_', '-')}")
+        values.update(given, stop_after=given.get("stop_after", 0))  # a stop is for one process, not the run
+    else:
+        spec = data.resolve_data(given.get("data", Args.data))
+        auto_toy = given.get("preset", "auto") == "auto" and spec.name == "toy"
+        preset = "toy" if given.get("preset") == "toy" or auto_toy else f"paper_{spec.dataset}"
+        values = {**dataclasses.asdict(Args()), **PRESETS[preset]}
+        if given.get("eval_only") and given.get("ckpt"):  # the trained networks' configuration
+            values.update(load_run_checkpoint(given["ckpt"], "--ckpt")["args"], out="", resume="", stop_after=0)
+            preset = values["preset"]
+        values.update(given, preset=preset)
+    args = args_from(values)
+    validate_common(args)
+    return args, data.resolve_data(args.data)
+
+
+def in_range(x, spec):
+    """spec: '>0', '>=1', '[0,1]', '(0,1]', '[0,1)', '(0,1)'; any other spec is a bug in LIMITS."""
+    if spec[0] in "[(" and spec[-1] in "])":
+        lo, hi = (float(v) for v in spec[1:-1].split(","))
+        return (x >= lo if spec[0] == "[" else x > lo) and (x <= hi if spec[-1] == "]" else x < hi)
+    if spec.startswith(">="):
+        return x >= float(spec[2:])
+    if spec.startswith(">"):
+        return x > float(spec[1:])
+    raise ValueError(f"LIMITS spec {spec!r}: use '>a', '>=a' or an interval")
+
+
+def validate_common(args):
+    """The checks that every script needs, before anything is written: LIMITS (one per script), files, modes."""
+    for name, spec in {**COMMON_LIMITS, **LIMITS}.items():
+        value = getattr(args, name)
+        check(all(math.isfinite(v) and in_range(v, spec) for v in (value if isinstance(value, tuple) else (value,))),
+              f"--{name.replace('_', '-')} must be {spec}, got {value}")
+    check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is visible; use --device cpu")
+    check(not (args.eval_only and args.resume), "--eval-only and --resume cannot be combined")
+    check(args.ckpt or not args.eval_only, "--eval-only needs --ckpt FILE (checkpoints/last.pt of a finished run)")
+    for flag in ("ckpt", "weights"):
+        check(not getattr(args, flag) or Path(getattr(args, flag)).is_file(), f"--{flag} {getattr(args, flag)}: no such file")
+
+
+def env_world():
+    return int(os.environ.get("WORLD_SIZE", "1"))  # processes (torchrun), also before the process group exists
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's (picklable) object on every rank."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def finish(ctx, seg, t0):
-    if ctx.main:
-        if seg is not None:
-            evaluate_seg(ctx, seg)
-        if ctx.args.until != "seed":
-            write_vis(ctx, seg)
-        ctx.save()
-        write_metrics(ctx, time.time() - t0)
-    ctx.barrier()
+def all_gather_cat(t):
+    """Concatenate (n_rank, ...) tensors over the ranks (n_rank may differ); identity without DDP."""
+    if not dist.is_initialized():
+        return t
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, t.shape[0])
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def eval_only(ctx, models, t0):
-    """--eval-only --ckpt FILE: seg/val from the checkpoint's segmentation network."""
-    state = torch.load(ctx.args.ckpt, map_location="cpu", weights_only=False)
-    if "seg" not in state.get("models", {}) or state.get("stage") != "done":
-        fail(f"--ckpt {ctx.args.ckpt} holds no trained segmentation network; give checkpoints/last.pt of a finished run")
-    models["seg"].load_state_dict(state["models"]["seg"])
-    ctx.state["results"] = {k: v for k, v in state.get("results", {}).items() if k != "seg/val"}
-    if ctx.main:
-        evaluate_seg(ctx, models["seg"])
-        write_metrics(ctx, time.time() - t0)
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def write_metrics(ctx, seconds):
-    args = ctx.args
-    metrics = {"method": METHOD, "dataset": ctx.spec.name, "preset": args.preset, "device": str(ctx.device.type),
-               "seconds": round(seconds, 1), "primary": "seg/val", "results": ctx.state["results"]}
-    tmp = ctx.run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, ctx.run_dir / "metrics.json")
-    r = ctx.state["results"]
-    print(" ".join(f"{k}={v['miou']:.2f}" for k, v in r.items()) + f" seconds={seconds:.1f}")
-    if "seg/val" in r:
-        print(f"RESULT {METHOD} seg/val mIoU={r['seg/val']['miou']:.2f}")
-    else:
-        print(f"RESULT {METHOD} seg/val mIoU=n/a (--until {args.until}: no segmentation stage)")
+def seed_everything(seed, deterministic=False):
+    """Python, numpy and torch RNGs; cuDNN autotuning for the fixed-size crops unless --deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
 
 
-def main(argv=None):
-    args, _ = parse_args(argv)
+def seed_worker(worker_id):
+    random.seed(torch.initial_seed() % 2**32)  # DataLoader's per-worker seed
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def rng_state():
+    """Every global RNG as tensors, strings and numbers, so that checkpoints load with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, torch.tensor(mt), gauss], "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then rename: a crash or SIGKILL mid-write leaves the previous file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what):
+    """torch.load(weights_only=True): tensors, numbers, strings, lists and dicts, never code; errors in one line."""
+    check(Path(path).is_file(), f"{what} {path}: no such file")
     try:
-        run(args)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused objects, truncated or foreign files
+        if "GLOBAL" in str(e):
+            fail(f"{what} {path} refused: it holds Python objects that could run code when loaded; give a plain state dict")
+        fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+
+
+def load_run_checkpoint(path, what):
+    """checkpoints/last.pt of a run of this script."""
+    ckpt = load_checkpoint(path, what)
+    check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
+          f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
+    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    return ckpt
+
+
+def state_dict_of(obj, what):
+    """The tensors of a weights file: a state dict, maybe under 'state_dict' / 'model', without DDP's 'module.'."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
+        obj = obj.get("state_dict", obj.get("model"))
+    check(isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()), f"{what} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(module, state, what, ignore=()):
+    """load_state_dict, failing in one line when keys or shapes do not fit (another method, backbone or number
+    of classes); keys starting with one of `ignore` (an ImageNet classifier) are dropped first."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))} if ignore else state
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    check(not missing and not unexpected, f"{what} does not fit {type(module).__name__}: {len(missing)} missing keys "
+          f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}; saved for another method or backbone?")
+    for k in own:
+        check(own[k].shape == state[k].shape,
+              f"{what} does not fit: {k} is {tuple(state[k].shape)}, needs {tuple(own[k].shape)} (another number of classes?)")
+    module.load_state_dict(state)
+
+
+def timm_model(name, pretrained, **kwargs):
+    """timm.create_model; without internet or cache --pretrained fails in one line that names the alternatives."""
+    check(timm.is_model(name), f"unknown timm model '{name}'; pick one from timm.list_models()")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    import huggingface_hub
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter before our one line
+    try:  # an unreachable hub: read the cache at once instead of after a minute of retries
+        socket.create_connection((urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname, 443), 3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        fail(f"no ImageNet weights for '{name}' ({type(e).__name__}): the hub is unreachable and they are not in the "
+             f"cache {huggingface_hub.constants.HF_HUB_CACHE}; pass --weights FILE --no-pretrained, or connect once")
+
+
+@contextlib.contextmanager
+def run_guard():
+    """How every run ends: bad data -> one line, exit 2; a stop -> the --resume command, exit 0 / 130 / 143;
+    a non-finite loss -> exit 1; signal handlers and the process group restored in every case."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     except data.DataError as e:
         fail(str(e))
-    except StopRun as e:
-        print(str(e))
     except NonFinite as e:
-        print(f"{METHOD}.py: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), code=1)
+    except StopRun as e:
+        if is_main():
+            print(e, flush=True)
+        if e.code:
+            raise SystemExit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, the last complete one still resumes
+        fail("interrupted at once; checkpoints/last.pt (if any) still resumes the run with --resume RUN_DIR", 130)
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class Context:
+    """One process of a run: args, data, device, DDP rank, run folder, log, stages, checkpoints and clock.
+    state (saved in checkpoints/last.pt): the stage in progress and its iteration, the finished stages with
+    their facts, all results so far, the seconds spent over resumes."""
+
+    def __init__(self, args, spec):
+        self.args, self.spec, self.splits = args, spec, data.default_splits(spec)
+        self.world, self.rank = env_world(), int(os.environ.get("RANK", "0"))
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():  # rank-0-only stages may keep the others waiting for hours
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+        self.main, self.amp = self.rank == 0, args.amp and cuda
+        if args.amp and not cuda and self.main:
+            print("note: --amp is ignored on CPU (bf16 autocast is CUDA-only)")
+        seed_everything(args.seed, args.deterministic)
+        self.state = {"stage": "", "iteration": 0, "done": {}, "results": {}, "seconds": 0.0, "stage_start": 0.0,
+                      "stage_seconds": {}}
+        self.payload, self.weights, self.rng, self.signal, self.iters_this_process = {}, {}, None, 0, 0
+        self.run_dir, self.t0 = None, time.time()
+
+    def start(self):
+        """The run folder (never an existing non-empty one) or, with --resume, the state of the stopped run; from
+        here on SIGINT / SIGTERM stop at the next step with a checkpoint. Call it once the inputs are validated."""
+        args = self.args
+        if args.resume:
+            self.run_dir = Path(args.resume)
+            ckpt = load_run_checkpoint(self.run_dir / "checkpoints" / "last.pt", "--resume")
+            self.state, self.payload, self.weights, self.rng = ckpt["state"], ckpt["payload"], ckpt["weights"], ckpt["rng"]
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(args.out) if args.out else data.REPO_ROOT / "runs" / METHOD / f"{self.spec.name}-{stamp}"
+            check(not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())),
+                  f"--out {run_dir} exists and is not empty; choose a new folder or --resume it")
+            self.run_dir = Path(broadcast(str(run_dir)))  # rank 0's clock names the folder
+            barrier()  # every rank has checked the folder before rank 0 creates it
+            if self.main:
+                for sub in ("checkpoints", "vis", "pseudo_labels"):
+                    (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        self.t0 = time.time()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.on_signal)
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.main:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again: at once)",
+                  file=sys.stderr, flush=True)
+
+    def reseed(self, salt):
+        """Each stage starts from its own seed: a run resumed at a stage boundary matches an uninterrupted one."""
+        seed_everything(self.args.seed * 1000 + salt, self.args.deterministic)
+
+    def seconds(self):
+        return self.state["seconds"] + time.time() - self.t0
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun (unused parameters allowed: switches turn heads off)."""
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return model if self.world == 1 else nn.parallel.DistributedDataParallel(model, ids, find_unused_parameters=True)
+
+    @property
+    def results(self):
+        return self.state["results"]
+
+    def log(self, record, echo=False):
+        if self.main:
+            record = {**record, "time": round(self.seconds(), 1)}
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+            if echo:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def save(self, stage="", iteration=0, payload=None):
+        """checkpoints/last.pt (rank 0): run state, the modules of the stage in progress, RNGs, final weights."""
+        self.state.update(stage=stage, iteration=iteration, seconds=self.seconds())
+        self.t0 = time.time()
+        if self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+                "format": CKPT_FORMAT, "method": METHOD, "args": dataclasses.asdict(self.args), "state": self.state,
+                "payload": payload or {}, "rng": rng_state(), "weights": self.weights})
+
+    def done(self, stage):
+        return stage in self.state["done"]
+
+    def finish_stage(self, stage, results=None, weights=None, final=False, **facts):
+        """A finished stage: rank 0's results (broadcast) join metrics.json, its weights go to checkpoints/<stage>.pt
+        (final=True: into last.pt, which --eval-only reads), and a resumed run skips the stage."""
+        results, facts = broadcast((results or {}, facts))
+        self.state["results"].update(results)
+        self.state["done"][stage] = facts
+        self.state["stage_seconds"][stage] = round(self.seconds() - self.state["stage_start"], 1)
+        self.state["stage_start"] = self.seconds()
+        if weights is not None and final:
+            self.weights = weights
+        elif weights is not None and self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / f"{stage}.pt", weights)
+        self.save()
+        barrier()
+        self.check_signal(f"after stage {stage}")
+
+    def stage_weights(self, stage):
+        """The weights a finished stage left (for a resumed run, a later stage or --eval-only)."""
+        path = self.run_dir / "checkpoints" / f"{stage}.pt"
+        return load_checkpoint(path, f"stage '{stage}' weights") if path.is_file() else self.weights
+
+    def final_weights(self):
+        """The trained networks: from --ckpt under --eval-only, else from this run's final stage."""
+        weights = load_run_checkpoint(self.args.ckpt, "--ckpt")["weights"] if self.args.eval_only else self.weights
+        check(weights, f"--ckpt {self.args.ckpt} holds no trained networks: that run had not finished")
+        return weights
+
+    def check_signal(self, where):
+        """Outside a training loop a Ctrl-C stops here; the last checkpoint (the stage's start) resumes."""
+        if self.signal:
+            raise StopRun(self.stop_message(f"{signal.Signals(self.signal).name} {where}"), 128 + self.signal)
+
+    def stop_message(self, why):
+        return f"stopped ({why}); continue with: python {METHOD}.py --resume {self.run_dir}"
+
+    def stop_code(self):
+        """0 = go on, 1 = --stop-after reached, 130 / 143 = SIGINT / SIGTERM; the same on every rank."""
+        code = 128 + self.signal if self.signal else int(0 < self.args.stop_after <= self.iters_this_process)
+        if self.world > 1:
+            t = torch.tensor([code], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return code
+
+
+class EpochData(torch.utils.data.Dataset):
+    """Index k = epoch * len + i -> dataset[i] at that epoch (then fn(sample) if given): augmentations depend on
+    (seed, epoch, i) only (common.data.SegDataset), in persistent DataLoader workers too."""
+
+    def __init__(self, dataset, fn=None):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self.dataset))
+        getattr(self.dataset, "set_epoch", int)(epoch)
+        return self.dataset[i] if self.fn is None else self.fn(self.dataset[i])
+
+    @staticmethod
+    def keep(sample):  # no collation: samples stay numpy arrays
+        return sample
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's per-epoch shuffle (drop_last), seeded by (seed, epoch) only, able to start at batch
+    `skip`: a resumed run reads exactly the batches the uninterrupted run would have read."""
+
+    def __init__(self, n, indices, per_rank, rank, world, seed):
+        self.n, self.indices, self.per_rank, self.rank, self.world, self.seed = n, indices, per_rank, rank, world, seed
+        self.per_epoch, self.epoch, self.skip = len(indices) // (per_rank * world), 0, 0
+
+    def __len__(self):
+        return (self.per_epoch - self.skip) * self.per_rank
+
+    def __iter__(self):
+        order = np.random.default_rng((*self.seed, self.epoch)).permutation(len(self.indices))
+        mine = order[:self.per_epoch * self.per_rank * self.world][self.rank::self.world][self.skip * self.per_rank:]
+        return iter([self.epoch * self.n + int(self.indices[j]) for j in mine])
+
+
+def to_device(batch, device):
+    """Tensors (in dicts) to the device; from pinned memory the copy is asynchronous."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def train_loop(ctx, stage, datasets, batch_size, total_iters, step, modules, lr=None, salt=0, indices=None):
+    """The loop of every training stage. datasets: one dataset, or {name: dataset} read in lockstep (batch =
+    {name: batch}); batch_size is global; step(batch, it) is the paper's update and returns {name: float} for the
+    log; modules {name: object with state_dict()} go into checkpoints/last.pt every --ckpt-every and come back
+    on --resume; lr(it) scales each optimizer group's initial lr. --stop-after, SIGINT and SIGTERM end the
+    current step, write the checkpoint and raise StopRun."""
+    args, named = ctx.args, datasets if isinstance(datasets, dict) else {"": datasets}
+    per_rank = batch_size // ctx.world
+    samplers = [EpochSampler(len(ds), range(len(ds)) if indices is None else indices, per_rank, ctx.rank, ctx.world,
+                             (args.seed, salt, j)) for j, ds in enumerate(named.values())]
+    per_epoch = min(s.per_epoch for s in samplers)
+    check(per_epoch > 0, f"{stage}: fewer training images than one batch of {batch_size}; lower the batch size")
+    loaders = [torch.utils.data.DataLoader(EpochData(ds), per_rank, sampler=s, num_workers=args.workers, drop_last=True,
+                                           pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
+                                           worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
+               for s, ds in zip(samplers, named.values())]  # own generator: iter() draws no global random number
+    optimizers = [m for m in modules.values() if isinstance(m, torch.optim.Optimizer)]
+    for g in (g for opt in optimizers for g in opt.param_groups):
+        g.setdefault("initial_lr", g["lr"])
+    it = 0
+    if ctx.state["stage"] == stage and ctx.payload:  # --resume inside this stage
+        for name, module in modules.items():
+            module.load_state_dict(ctx.payload[name])
+        it, ctx.payload = ctx.state["iteration"], {}
+        set_rng_state(ctx.rng)
+    groups = [g for opt in optimizers for g in opt.param_groups]  # after load_state_dict, which replaces them
+    running = collections.defaultdict(list)
+    bar = tqdm(total=total_iters, initial=it, desc=stage, disable=not ctx.main, mininterval=5, leave=False)
+    while it < total_iters:
+        epoch, skip = divmod(it, per_epoch)
+        for s in samplers:
+            s.epoch, s.skip = epoch, skip
+        streams = [iter(loader) for loader in loaders]
+        for _ in range(min(per_epoch - skip, total_iters - it)):
+            t0 = time.perf_counter()
+            batch = [to_device(next(s), ctx.device) for s in streams]
+            batch, t1 = dict(zip(named, batch)) if isinstance(datasets, dict) else batch[0], time.perf_counter()
+            for g in groups:
+                g["lr"] = g["initial_lr"] * (lr(it) if lr else 1.0)
+            for key, value in step(batch, it).items():
+                running[key].append(value)
+            running["time/data"].append(t1 - t0)
+            running["time/step"].append(time.perf_counter() - t1)
+            it, ctx.iters_this_process = it + 1, ctx.iters_this_process + 1
+            bar.update(1)
+            if it % args.log_every == 0 or it == total_iters:
+                ctx.log({"stage": stage, "iteration": it, "epoch": epoch, "lr": groups[0]["lr"] if groups else 0.0,
+                         **{k: float(np.mean(v)) for k, v in running.items()}}, echo=True)
+                running.clear()
+            code = ctx.stop_code()
+            if it % args.ckpt_every == 0 or code:
+                ctx.save(stage, it, {name: module.state_dict() for name, module in modules.items()})
+            if code:
+                bar.close()
+                why = "--stop-after" if code == 1 else signal.Signals(code - 128).name
+                raise StopRun(ctx.stop_message(f"{why} at iteration {it} of stage {stage}"), 0 if code == 1 else code)
+    bar.close()
+
+
+def check_finite(losses, it):
+    """A non-finite loss stops training with its name and iteration (exit code 1)."""
+    for key, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"{key} is not finite ({float(value)}) at iteration {it}; lower --lr or check the data")
+
+
+def each_sample(ctx, dataset, desc, fn=None, shard=False, limit=0):
+    """Every sample of `dataset` (the first `limit`), read by --workers DataLoader workers; fn(sample) runs in
+    the workers (CPU work such as CRFs; no CUDA there) and its result is yielded. shard: this rank's share only."""
+    order = list(range(min(limit or len(dataset), len(dataset))))
+    order = order[ctx.rank::ctx.world] if shard else order
+    loader = torch.utils.data.DataLoader(EpochData(dataset, fn), batch_size=None, sampler=order,
+                                         num_workers=ctx.args.workers, collate_fn=EpochData.keep, worker_init_fn=seed_worker,
+                                         generator=torch.Generator().manual_seed(ctx.args.seed))
+    for out in tqdm(loader, total=len(order), desc=desc, disable=not ctx.main, mininterval=5, leave=False):
+        ctx.check_signal(f"during {desc}")
+        yield out
+
+
+def poly_lr(it, total, power=0.9):
+    return max(0.0, 1.0 - it / total) ** power  # polynomial decay factor
+
+
+def warmup_lr(it, warmup, start=0.0):
+    return 1.0 if it >= warmup else start + (1.0 - start) * it / warmup  # linear warm-up factor, start -> 1
+
+
+def cosine_lr(it, total, final=0.0):
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))  # 1 -> final
+
+
+def miou_entry(result, class_names, **extra):
+    """common.miou fractions -> metrics.json percentages; NaN (class absent from GT and prediction) -> null."""
+    iou = {n: None if not np.isfinite(v) else round(100 * float(v), 2) for n, v in zip(class_names, result["iou"])}
+    return {"miou": round(100 * float(result["miou"]), 2), "iou": iou, **extra}
+
+
+def write_metrics(ctx, **extra):
+    """metrics.json (written atomically) and the summary; the last line printed is the RESULT line."""
+    if not ctx.main:
+        return
+    metrics = {"method": METHOD, "dataset": ctx.spec.name, "preset": ctx.args.preset, "supervision": ctx.args.supervision,
+               "device": ctx.device.type, "seconds": round(ctx.seconds(), 1), "stage_seconds": ctx.state["stage_seconds"],
+               "primary": "seg/val", **extra, "results": ctx.results}
+    (ctx.run_dir / "metrics.json.tmp").write_text(json.dumps(metrics, indent=1, default=float))
+    os.replace(ctx.run_dir / "metrics.json.tmp", ctx.run_dir / "metrics.json")
+    for key, value in ctx.results.items():
+        print(f"{key}: mIoU={value['miou']:.2f}" + (f" (threshold {value['threshold']})" if "threshold" in value else ""))
+    print(f"run folder: {ctx.run_dir}  ({metrics['seconds']:.1f} s)")
+    seg = ctx.results.get("seg/val")
+    print(f"RESULT {METHOD} seg/val mIoU=" + (f"{seg['miou']:.2f}" if seg else "n/a (this run has no segmentation stage)"))
+
+
+def colour_labels(mask):
+    return data.voc_palette()[mask]  # (H, W) labels -> (H, W, 3) VOC colours, 255 = ignore in its own colour
+
+
+def colour_cam(cam):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 blue-to-red heat map."""
+    c = np.clip(np.nan_to_num(cam), 0, 1)[..., None]
+    return (255 * np.clip(1.5 - np.abs(4 * c - np.array([3, 2, 1])), 0, 1)).astype(np.uint8)
+
+
+def save_grid(path, rows, captions, cell=128):
+    """A picture that explains itself: one row per image, one captioned column per panel (image | CAM | ...);
+    each (H, W, 3) uint8 tile is scaled to fit a cell x cell square."""
+    grid = Image.new("RGB", (cell * len(captions), 16 + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, caption in enumerate(captions):
+        draw.text((c * cell + 3, 2), caption, fill=(0, 0, 0), font=ImageFont.load_default())
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            im = Image.fromarray(np.ascontiguousarray(tile))
+            scale = cell / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            grid.paste(im.resize(size, Image.NEAREST if scale >= 1 else Image.BOX), (c * cell, 16 + r * cell))
+    grid.save(path)
+# === End of infrastructure ===
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+def main(argv=None):
+    """The pipeline of the docstring, stage by stage (a resumed run skips the finished ones), then seg/val."""
+    with run_guard():
+        args, spec = parse_args(argv)
+        validate(args)
+        ctx = Context(args, spec)
+        # data and networks are built (and validated) before anything is written
+        sets = {k: data.SegDataset(spec.root, split, dataset=spec.dataset) for k, split in ctx.splits.items()}
+        model, irn, seg = build_model(args, sets["val"].num_classes, init_weights=not args.eval_only)
+        if args.cobra_ckpt and not args.eval_only:
+            reused = load_run_checkpoint(args.cobra_ckpt, "--cobra-ckpt")["weights"]
+            check("cobra" in reused, f"--cobra-ckpt {args.cobra_ckpt} holds no trained CoBra networks; give "
+                  "checkpoints/last.pt of a finished image-supervised run")
+            load_weights(model, reused["cobra"], f"--cobra-ckpt {args.cobra_ckpt}")
+        if args.eval_only:  # the trained network must fit before anything is written
+            load_weights(seg, ctx.final_weights().get("seg", {}), f"--ckpt {args.ckpt}")
+        for net in (model, irn, seg):
+            if net is not None:
+                net.to(ctx.device)
+        ctx.start()
+        full = args.supervision == "full"  # the upper bound trains only the segmentation network
+        plan = [] if full else ["cobra", "cams", "seeds"]
+        if not full and args.until != "seed":
+            plan += (["ir_labels", "irn"] if irn is not None else []) + ["masks"]
+        plan += ["seg"] if args.until == "seg" else []
+
+        def todo(stage):  # a stage of this run that has not finished yet; it starts from its own seed
+            if args.eval_only or stage not in plan or ctx.done(stage):
+                return False
+            ctx.reseed(plan.index(stage) + 1)
+            return True
+
+        def finish(stage, weights=None, **kw):  # the last stage leaves the networks --eval-only / --cobra-ckpt read
+            last = stage == plan[-1]
+            ctx.finish_stage(stage, weights={**ctx.stage_weights("cobra"), **(weights or {})} if last else weights,
+                             final=last, **kw)
+
+        if todo("cobra"):
+            if not args.cobra_ckpt:
+                train_cobra(ctx, model)
+            finish("cobra", weights={"cobra": model.state_dict()}, reused=args.cobra_ckpt)
+        if todo("cams"):
+            load_weights(model, ctx.stage_weights("cobra")["cobra"], "the CoBra networks")
+            stage_cams(ctx, model, sets["train"])
+            finish("cams")
+        if todo("seeds"):
+            entry, param = evaluate_seeds(ctx, sets["seed"]) if ctx.main else ({}, None)
+            finish("seeds", results={"seed/train": entry}, seed_bg=param)
+        if todo("ir_labels"):
+            stage_ir_labels(ctx, sets["train"])
+            finish("ir_labels")
+        if todo("irn"):
+            train_irn(ctx, irn)
+            finish("irn", weights={"irn": irn.state_dict()})
+        if todo("masks"):
+            if irn is not None:
+                load_weights(irn, ctx.stage_weights("irn")["irn"], "the IRN")
+            stage_masks(ctx, irn, sets["train"])
+            barrier()  # every rank's masks are written
+            finish("masks", results=evaluate_masks(ctx, sets["seed"]) if ctx.main else {})
+        if todo("seg"):
+            train_seg(ctx, seg)
+            finish("seg", weights={"seg": seg.state_dict()})
+        if args.until == "seg" and not args.eval_only:
+            load_weights(seg, ctx.final_weights()["seg"], "the segmentation network")
+        if ctx.main:
+            if args.until == "seg":
+                ctx.results["seg/val"] = evaluate(seg, sets["val"], ctx, ctx.run_dir / "vis" / "val.png")
+            if not (full or args.eval_only):
+                visualise(ctx, sets["seed"], seg if args.until == "seg" else None)
+        write_metrics(ctx)
 
 
 if __name__ == "__main__":

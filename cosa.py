@@ -103,7 +103,6 @@ from tqdm import tqdm
 
 from common import augment, crf, data, miou
 
-import warnings
 
 METHOD = "cosa"
 
@@ -517,20 +516,40 @@ def contrastive_regions(cam_aux, xi, box, grid, alpha=0.8, beta=1.0, eps=1.0):
     return labels, omega
 
 
-def gmm_threshold(values):
-    """Eq. (6) for a 1-D sample: fit a 2-component GMM; xi* = crossing point of the weighted densities
+def fit_gmm(counts, centres, init=None, iters=300, tol=1e-8):
+    """EM for a 2-component 1-D Gaussian mixture on a histogram (bin centres weighted by their counts).
+
+    init: (mu, var, pi) of an earlier fit to warm-start from; else the means start at the extreme occupied
+    bins with equal weights and the sample variance (scikit-learn's GaussianMixture with means_init at the
+    min / max). Returns (mu, var, pi), each of shape (2,)."""
+    w = counts / counts.sum()
+    occupied = centres[counts > 0]
+    if init is None or not np.all(np.isfinite(np.concatenate(init))) or min(init[2]) < 1e-3:
+        var0 = float((w * (centres - (w * centres).sum()) ** 2).sum()) + 1e-6
+        mu, var, pi = np.array([occupied[0], occupied[-1]]), np.full(2, var0), np.full(2, 0.5)
+    else:
+        mu, var, pi = (np.array(v, dtype=np.float64) for v in init)
+    prev = -np.inf
+    for _ in range(iters):
+        log_p = np.log(pi) - 0.5 * np.log(2 * np.pi * var) - (centres[:, None] - mu) ** 2 / (2 * var)  # (bins, 2)
+        log_norm = np.logaddexp(log_p[:, 0], log_p[:, 1])
+        resp = np.exp(log_p - log_norm[:, None]) * w[:, None]  # responsibilities, weighted by the bin mass
+        nk = resp.sum(0) + 1e-12
+        mu = (resp * centres[:, None]).sum(0) / nk
+        var = (resp * (centres[:, None] - mu) ** 2).sum(0) / nk + 1e-6  # + scikit-learn's reg_covar
+        pi = nk / nk.sum()
+        ll = float((w * log_norm).sum())
+        if ll - prev < tol:
+            break
+        prev = ll
+    return mu, var, pi
+
+
+def gmm_threshold(mu, var, pi):
+    """Eq. (6) from a fitted 2-component GMM: xi* = crossing point of the weighted densities
     pi_bg N(x | mu_bg, s_bg) and pi_fg N(x | mu_fg, s_fg) between the two means (Deviation 2).
     A split of the samples at xi* maximises the Eq. (6) likelihood whenever the GMM assignment switches
     once between the means."""
-    from sklearn.mixture import GaussianMixture
-
-    x = np.asarray(values, dtype=np.float64).reshape(-1, 1)
-    gmm = GaussianMixture(2, covariance_type="full", means_init=[[x.min()], [x.max()]], weights_init=[0.5, 0.5],
-                          random_state=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gmm.fit(x)
-    mu, var, pi = gmm.means_.ravel(), gmm.covariances_.ravel(), gmm.weights_
     bg, fg = np.argsort(mu)
 
     def log_density(t, k):
@@ -546,36 +565,53 @@ def gmm_threshold(values):
 
 
 class DynamicThreshold:
-    """Eq. (6) with a FIFO queue of the nu maps of the last Q batches (one instance per CAM).
+    """Eq. (6) on a FIFO queue of the nu maps of the last Q batches (one instance per CAM).
 
+    The queue is kept as one 1000-bin histogram per batch (Deviation 2), so that push() costs one histogram on
+    the device and update() one EM on 1000 bins, warm-started from the previous fit: neither grows with Q.
     Before Q/10 batches are queued, `value` is the start-up threshold (card §5)."""
+
+    bins = 1000
 
     def __init__(self, queue_len, init=0.45, min_value=0.05):
         self.queue = collections.deque(maxlen=queue_len)
         self.init, self.min_value, self.value = init, min_value, init
+        self.total, self.gmm = np.zeros(self.bins, np.int64), None
+        self.centres = (np.arange(self.bins) + 0.5) / self.bins
 
     def push(self, nu):
-        """nu: (B, h*w) confidences of one batch (all ranks' rows under DDP)."""
-        self.queue.append(nu.detach().float().cpu().numpy().ravel())
+        """nu: (B, h*w) confidences in [0, 1] of one batch, on any device."""
+        nu = nu.detach().float().flatten()
+        # Impl. (youshyee/CoSA, utils/seg_helper.py rungmm, gmmfilter_thre 0.05): drop the spike of zeros
+        hist = torch.histc(nu[nu > self.min_value], bins=self.bins, min=0.0, max=1.0)
+        if dist.is_initialized():  # every rank's rows: one xi for all ranks (Deviation 9)
+            dist.all_reduce(hist)
+        hist = hist.round().long().cpu().numpy()
+        if len(self.queue) == self.queue.maxlen:
+            self.total -= self.queue[0]
+        self.queue.append(hist)
+        self.total += hist
 
     def update(self):
         if len(self.queue) < max(1, math.ceil(self.queue.maxlen / 10)):  # Deviation 2: start-up value
             return self.value
-        values = np.concatenate(self.queue)
-        # Impl. (youshyee/CoSA, utils/seg_helper.py rungmm, gmmfilter_thre 0.05): drop the spike of zeros
-        values = values[values > self.min_value]
-        if len(values) >= 10 and values.max() - values.min() > 1e-3:
+        occupied = self.centres[self.total > 0]
+        if self.total.sum() >= 10 and occupied[-1] - occupied[0] > 1e-3:
             # Eq. (6)
-            self.value = gmm_threshold(values)
+            self.gmm = fit_gmm(self.total.astype(np.float64), self.centres, self.gmm)
+            self.value = gmm_threshold(*self.gmm)
         return self.value
 
     def state_dict(self):
-        return {"queue": [torch.from_numpy(q) for q in self.queue], "value": self.value}
+        gmm = [torch.from_numpy(np.asarray(v)) for v in self.gmm] if self.gmm is not None else []
+        return {"queue": [torch.from_numpy(q) for q in self.queue], "value": self.value, "gmm": gmm}
 
     def load_state_dict(self, state):
         self.queue.clear()
         self.queue.extend(q.numpy() for q in state["queue"])
+        self.total = np.sum(list(self.queue), axis=0) if self.queue else np.zeros(self.bins, np.int64)
         self.value = state["value"]
+        self.gmm = tuple(v.numpy() for v in state["gmm"]) if state["gmm"] else None
 
 
 # ==================================================================================================
@@ -640,7 +676,7 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
             for cam, dt in ((cam_a, thresholds[0]), (cam_aux_a, thresholds[1])):
                 # queue rows: downsample the C maps to the token grid, then take the class max (code order)
                 nu_rows = F.interpolate(cam, size=grid, mode="bilinear", align_corners=False).amax(1).flatten(1)
-                dt.push(all_gather_cat(nu_rows))
+                dt.push(nu_rows)
                 dt.update()
     xi, xi_aux = (args.fixed_thr, args.fixed_thr) if args.no_dt else (thresholds[0].value, thresholds[1].value)
     log["dt/xi"], log["dt/xi_aux"] = xi, xi_aux
@@ -852,7 +888,7 @@ def parse_args(argv=None):
         values = dataclasses.asdict(args_from(json.loads((run_dir / "args.json").read_text())))
         for k, v in given.items():
             check(k in RUNTIME_FLAGS or values[k] == v, f"--resume keeps the run's configuration; drop --{k.replace('_', '-')}")
-        values.update(given)
+        values.update(given, stop_after=given.get("stop_after", 0))  # a stop is for one process, not the run
     else:
         spec = data.resolve_data(given.get("data", Args.data))
         auto_toy = given.get("preset", "auto") == "auto" and spec.name == "toy"
@@ -868,11 +904,15 @@ def parse_args(argv=None):
 
 
 def in_range(x, spec):
-    """spec: '>0', '>=1', '[0,1]', '(0,1]', ..."""
-    if spec[0] in "[(":
+    """spec: '>0', '>=1', '[0,1]', '(0,1]', '[0,1)', '(0,1)'; any other spec is a bug in LIMITS."""
+    if spec[0] in "[(" and spec[-1] in "])":
         lo, hi = (float(v) for v in spec[1:-1].split(","))
         return (x >= lo if spec[0] == "[" else x > lo) and (x <= hi if spec[-1] == "]" else x < hi)
-    return x >= float(spec[2:]) if spec[1] == "=" else x > float(spec[1:])
+    if spec.startswith(">="):
+        return x >= float(spec[2:])
+    if spec.startswith(">"):
+        return x > float(spec[1:])
+    raise ValueError(f"LIMITS spec {spec!r}: use '>a', '>=a' or an interval")
 
 
 def validate_common(args):
@@ -1040,6 +1080,8 @@ def run_guard():
             print(e, flush=True)
         if e.code:
             raise SystemExit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, the last complete one still resumes
+        fail("interrupted at once; checkpoints/last.pt (if any) still resumes the run with --resume RUN_DIR", 130)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

@@ -11,33 +11,35 @@ resampling (COR), and asks the network's pixel-wise class distribution on the pa
 match the one it gives on the single-label image (a FixMatch-style KL consistency). Seeds, masks
 and the segmentation network are the baseline's, unchanged.
 
-Pipeline of this file (python csd.py runs all of it):
-  stage 1  train the baseline MCTformer-V2 (train_classifier, csd off)          -> stage1_seed/train
-  prior    its seeds at the best background threshold (+ optional CRF)        -> pseudo_labels/prior
-  stage 2  retrain from the same initialisation with CSD (train_classifier)     -> seed/train (+ subsets)
-  masks    seeds of the stage-2 classifier + dense CRF                          -> mask/train
-  seg      a segmentation network trained on the masks                          -> seg/val (primary)
-With --csd off, stage 1 and the prior are skipped and stage 2 is the plain baseline.
+Pipeline of this file (python csd.py runs all of it; stages named as in checkpoints/ and --resume):
+  stage1      train the baseline MCTformer-V2 (train_classifier, csd off)       -> stage1_seed/train
+  prior       its seeds at the best background threshold (+ optional CRF)     -> pseudo_labels/prior
+  classifier  retrain from the same initialisation with CSD (train_classifier) -> seed/train (+ subsets)
+  seeds       seeds of the stage-2 classifier + dense CRF                      -> mask/train
+  seg         a segmentation network trained on the masks (train_seg)          -> seg/val (primary)
+With --csd off, stage 1 and the prior are skipped and stage 2 is the plain baseline. With --supervision
+full (the fully supervised upper bound) only `seg` runs, on the ground-truth masks: the stages before it
+produce nothing the oracle uses.
 
 Reading guide:
-  Sec. 3.2 "Prior Localization Map Obtaining"   -> run_pipeline() "Stage 1 + prior", write_labels()
+  Sec. 3.2 "Prior Localization Map Obtaining"   -> main() "Stage 1 + prior", make_labels()
   Sec. 3.2 "Co-occurrence Oriented Resampling"  -> split_domains(), cooccurrence_counts(),
                                                    cooccurrence_matrix(), cor_distribution()
   Sec. 3.2 "Augmentation-based SCL"             -> CSDTransform (copy-paste), make_composites(),
                                                    token_mask(), csd_score_map(), loss_fg()
   Sec. 3.2 "Dual Semantic Consistency Learning" -> background_distribution(), loss_bg()
-  Sec. 3.2 "Loss Function"                      -> csd_step()
+  Sec. 3.2 "Loss Function"                      -> csd_losses(), train_step()
   Baseline (MCTformer-V2, CVPR 2022)           -> MCTformerV2, localization_map(), seed_map()
 
 Equation map:
   Eq. (1) co-occurrence prior P_ij = N_ij / sum_k N_ik and P_j = sum_k P_{c_k, j}
                                              -> cooccurrence_matrix(), cor_distribution()
-  Eq. (2) score maps M_s = F(x_s), M_sm^fg = F(x_sm^fg)  (C x H x W)      -> csd_score_map(), csd_step()
+  Eq. (2) score maps M_s = F(x_s), M_sm^fg = F(x_sm^fg)  (C x H x W)      -> csd_score_map(), csd_losses()
   Eq. (3) L_fg = sum_hw 1[(h,w) in M_fg] KL(M_s || M_sm^fg)              -> loss_fg()
   Eq. (4) RECONSTRUCTED (lost in the paper text): dummy channel M' and saliency sigma:
           pi = softmax([M' ; M]), b = (pi_0, sigma(pi) = sum_{c>=1} pi_c) -> background_distribution()
   Eq. (5) L_bg = sum_hw 1[(h,w) in M_bg] KL(b(M_s) || b(M_sm^bg))        -> loss_bg()
-  Eq. (6) L_total = L_cls + lambda1 L_fg + lambda2 L_bg                   -> csd_step()
+  Eq. (6) L_total = L_cls + lambda1 L_fg + lambda2 L_bg                   -> csd_losses()
 
 Deviations (also marked `Deviation:` at the code):
   1. Eq. (4) is missing from the paper text; it is reconstructed as the card (methods/csd.md 4.6)
@@ -63,7 +65,8 @@ Deviations (also marked `Deviation:` at the code):
   8. Baseline: MCTformer-V2 only (V1 and the IRN ResNet-50 CAM baseline are not implemented).
   9. Classification-stream augmentation for the toy preset is the weak CSD augmentation (no
      RandAugment / erasing, card Sec. 9); the paper preset uses the timm ImageNet recipe.
- 10. --amp on CPU is ignored (a note is printed); on CUDA it is fp16 autocast with the KLs in fp32.
+ 10. --amp on CPU is ignored (a note is printed); on CUDA it is bf16 autocast (MCTformer: fp16 with
+     a GradScaler) with the KLs in fp32.
  11. --max-iters N shortens every training stage to N iterations; warm-ups are not rescaled.
  12. Toy preset only: 64-px crops (card: 96/128) and 6 epochs (card: 20-40) to fit 2 CPU cores in
      minutes; seeds at scale 0.64 (the training scale) and a sweep up to t = 0.95 (MCTformer: 0.59),
@@ -73,24 +76,30 @@ Deviations (also marked `Deviation:` at the code):
 
 Run:
   python csd.py                                            (toy data, CPU, minutes)
-  python csd.py --data VOC2012 --pretrained                (CUDA, paper settings)
-  python csd.py --data COCO2014 --pretrained               (MCTformer's settings, C = 80)
+  python csd.py --data VOC2012                             (CUDA, paper settings, ImageNet DeiT-S)
+  python csd.py --data COCO2014                            (MCTformer's settings, C = 80)
   python csd.py --csd off | --sampling uniform | --sampling cor   (ablation rows 61.7 / 63.1 / 63.8)
+  python csd.py --supervision full                         (upper bound: ground-truth masks train the seg network)
+  torchrun --nproc_per_node=2 csd.py --data VOC2012
 """
-from __future__ import annotations
-
 import argparse
+import collections
+import contextlib
 import dataclasses
-import json
-import math
+import datetime
 import inspect
+import json
+import logging
+import math
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,53 +108,58 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from common import augment, crf, data, miou
 
+
 METHOD = "csd"
 
 
-# =============================================================================================
+# ==================================================================================================
 # Config
-# =============================================================================================
+# ==================================================================================================
 @dataclass
 class Args:
-    # --- common flags (DESIGN.md) ---
-    data: str = "toy"  # toy | VOC2012 | COCO2014 | path
-    preset: str = "auto"  # auto = toy on the toy dataset, paper otherwise
-    out: str | None = None  # run folder; default runs/csd/<data>-<time>
+    # --- common interface (DESIGN.md): the same fields in all five scripts ---
+    data: str = "toy"  # toy | VOC2012 | COCO2014 | a dataset folder (VOC or COCO layout)
+    preset: str = "auto"  # auto = toy on the toy data, paper otherwise; every flag overrides its preset value
+    out: str = ""  # run folder (default runs/<method>/<data>-<time>); an existing non-empty one is never used
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0  # MCTformer main.py default
-    workers: int | None = None  # DataLoader workers
-    amp: bool | None = None  # MCTformer trains with AMP (timm NativeScaler)
-    resume: str | None = None  # RUN_DIR to continue
-    eval_only: bool = False  # with --ckpt: seeds, masks, seg/val only
-    ckpt: str | None = None  # a final checkpoint (classifier + segmentation network)
-    pretrained: bool | None = None  # ImageNet weights through timm
-    weights: str | None = None  # local backbone state dict instead of --pretrained
-    max_iters: int | None = None  # override every stage's length (warm-ups not rescaled)
-    stop_after: int | None = None  # testing aid: stop as if interrupted after N training iterations of this invocation
+    seed: int = 0  # python, numpy and torch RNGs, the data order and the augmentations
+    workers: int = 4  # DataLoader worker processes
+    amp: bool = False  # bf16 autocast on CUDA; ignored (with a note) on CPU
+    deterministic: bool = False  # deterministic cuDNN kernels (off: cudnn.benchmark autotuning)
+    resume: str = ""  # RUN_DIR: continue an interrupted run from its checkpoints/last.pt
+    eval_only: bool = False  # skip training and evaluate --ckpt
+    ckpt: str = ""  # checkpoints/last.pt of a finished run, for --eval-only
+    pretrained: bool = True  # ImageNet weights through timm (internet once, or a populated cache)
+    weights: str = ""  # a local backbone state dict instead of timm's download
+    supervision: str = "image"  # image: the method (WSSS) | full: ground-truth masks replace its pseudo labels
+    max_iters: int = 0  # > 0: cap every training stage at N iterations (warm-ups are not rescaled)
+    stop_after: int = 0  # > 0: stop as if interrupted after N iterations of this process (testing aid)
+    log_every: int = 50  # iterations between log lines
+    ckpt_every: int = 2000  # iterations between checkpoints/last.pt writes
     # --- classifier: MCTformer-V2 on DeiT-S (card Sec. 3) ---
-    backbone: str | None = None  # deit_small_patch16_224 (MCTformer models.py)
-    patch_size: int | None = None  # 16 (DeiT-S); toy 8 so full-coverage token masks are not empty
-    embed_dim: int | None = None  # 384 (DeiT-S)
-    depth: int | None = None  # 12 (DeiT-S)
-    num_heads: int | None = None  # 6 (DeiT-S)
-    drop_path: float | None = None  # 0.1 (MCTformer main.py --drop-path)
-    crop_size: int | None = None  # 224 (MCTformer main.py --input-size; CSD card Sec. 2)
-    epochs: int | None = None  # 60 (MCTformer run.sh)
-    batch_size: int | None = None  # 64 (MCTformer run.sh), global over processes
-    lr: float | None = None  # 5e-4 * 64 / 512 (MCTformer main.py lr scaling)
-    min_lr: float | None = None  # 1e-5 (MCTformer main.py)
-    warmup_epochs: int | None = None  # 5 (MCTformer main.py)
-    warmup_lr: float | None = None  # 1e-6 (MCTformer main.py)
-    weight_decay: float | None = None  # 0.05 (MCTformer main.py)
-    cls_aug: str | None = None  # timm (paper: RandomResizedCrop+RandAugment+erasing) | weak (toy)
-    layer_index: int | None = None  # K: class-to-patch attention summed over the last K layers (run.sh: 3)
-    seed_scales: str | None = None  # "1.0" (MCTformer run.sh --scales 1.0); toy: the training scale
-    sweep_max: float | None = None  # seed sweep t = 0.00..sweep_max step 0.01 (MCTformer evaluation.py --curve)
+    backbone: str = "deit_small_patch16_224"  # MCTformer models.py
+    patch_size: int = 16  # DeiT-S; toy 8 so full-coverage token masks are not empty
+    embed_dim: int = 384  # DeiT-S
+    depth: int = 12  # DeiT-S
+    num_heads: int = 6  # DeiT-S
+    drop_path: float = 0.1  # MCTformer main.py --drop-path
+    crop_size: int = 224  # MCTformer main.py --input-size; CSD card Sec. 2
+    epochs: int = 60  # MCTformer run.sh
+    batch_size: int = 64  # MCTformer run.sh, global over processes
+    lr: float = 5e-4 * 64 / 512  # 5e-4 * batch / 512 (MCTformer main.py lr scaling)
+    min_lr: float = 1e-5  # MCTformer main.py
+    warmup_epochs: int = 5  # MCTformer main.py
+    warmup_lr: float = 1e-6  # MCTformer main.py
+    weight_decay: float = 0.05  # MCTformer main.py
+    cls_aug: str = "timm"  # timm (paper: RandomResizedCrop+RandAugment+erasing) | weak (toy)
+    layer_index: int = 3  # K: class-to-patch attention summed over the last K layers (run.sh: 3)
+    seed_scales: tuple = (1.0,)  # seed input scales (MCTformer run.sh --scales 1.0); toy: the training scale
+    sweep_max: float = 0.59  # seed sweep t = 0.00..sweep_max step 0.01 (MCTformer evaluation.py --curve)
     # --- CSD (card Sec. 4) ---
     csd: str = "on"  # on | off (ablation row 61.7)
     sampling: str = "cor"  # cor (Eq. 1) | uniform (row 63.1) | uniform_image
@@ -168,97 +182,73 @@ class Args:
     cor_smoothing: float = 0.0  # add-one smoothing of N (dev code initialises N to ones)
     csd_warmup: int = 0  # epochs without CSD (dev code; not in the paper)
     cls_on_paste: bool = False  # also MLSM on x_sm^fg with y_m | c_s (off: dev code)
-    teacher_conf_thr: float | None = None  # dev code gate of L_fg (spatially normalised teacher > thr)
-    csd_resize: int | None = None  # short side before the 224 crop in the CSD stream (dev code: 256)
+    teacher_conf_thr: float = -1.0  # dev code gate of L_fg (spatially normalised teacher > thr); < 0: off
+    csd_resize: int = 256  # short side before the crop in the CSD stream (dev code: 256)
     # --- masks and segmentation (card Sec. 6) ---
     mask_crf: bool = True  # seeds + dense CRF (PSA/IRN are out of scope)
-    seg_backbone: str | None = None  # resnet101 (paper: ResNet-38 DeepLab, see Deviation 7)
-    seg_crop: int | None = None  # 321 (DeepLab-v2 VOC)
-    seg_batch: int | None = None  # 10 (DeepLab-v2 VOC)
-    seg_iters: int | None = None  # 20000 (DeepLab-v2 VOC)
-    seg_lr: float | None = None  # 2.5e-4 SGD (DeepLab-v2 VOC); toy: AdamW 1e-3
-    seg_optimizer: str | None = None  # sgd | adamw
-    seg_rates: str | None = None  # ASPP dilation rates "6,12,18,24" (DeepLab-v2)
-    ckpt_every: int = 500  # iterations between checkpoints/last.pt
+    seg_backbone: str = "resnet101"  # paper: ResNet-38 DeepLab, see Deviation 7
+    seg_crop: int = 321  # DeepLab-v2 VOC
+    seg_batch: int = 10  # DeepLab-v2 VOC, global over processes
+    seg_iters: int = 20000  # DeepLab-v2 VOC
+    seg_lr: float = 2.5e-4  # SGD (DeepLab-v2 VOC); toy: AdamW 1e-3
+    seg_optimizer: str = "sgd"  # sgd | adamw
+    seg_rates: tuple = (6, 12, 18, 24)  # ASPP dilation rates (DeepLab-v2)
+    num_vis: int = 4  # seed-split images drawn into vis/<seed split>.png
 
 
 PRESETS = {
-    "paper_voc": dict(  # MCTformer-V2 + CSD on VOC (card Sec. 5); segmentation: Deviation 7
-        backbone="deit_small_patch16_224", patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path=0.1,
-        crop_size=224, epochs=60, batch_size=64, lr=5e-4 * 64 / 512, min_lr=1e-5, warmup_epochs=5,
-        warmup_lr=1e-6, weight_decay=0.05, cls_aug="timm", layer_index=3, csd_resize=256, seed_scales="1.0",
-        sweep_max=0.59, pretrained=True, amp=True, workers=8, seg_backbone="resnet101", seg_crop=321, seg_batch=10,
-        seg_iters=20000, seg_lr=2.5e-4, seg_optimizer="sgd", seg_rates="6,12,18,24"),
-    "paper_coco": dict(  # CSD reports VOC only; MCTformer's COCO run uses the same recipe with C = 80
-        backbone="deit_small_patch16_224", patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path=0.1,
-        crop_size=224, epochs=60, batch_size=64, lr=5e-4 * 64 / 512, min_lr=1e-5, warmup_epochs=5,
-        warmup_lr=1e-6, weight_decay=0.05, cls_aug="timm", layer_index=3, csd_resize=256, seed_scales="1.0",
-        sweep_max=0.59, pretrained=True, amp=True, workers=8, seg_backbone="resnet101", seg_crop=321, seg_batch=10,
-        seg_iters=20000, seg_lr=2.5e-4, seg_optimizer="sgd", seg_rates="6,12,18,24"),  # COCO seg schedule: not in the card
+    # the Args defaults: MCTformer-V2 + CSD on VOC (card Sec. 5; MCTformer trains with AMP); segmentation: Deviation 7
+    "paper_voc": dict(pretrained=True, amp=True, workers=8, log_every=20, ckpt_every=500),
+    # CSD reports VOC only; MCTformer's COCO run uses the same recipe with C = 80 (COCO seg schedule: not in the card)
+    "paper_coco": dict(pretrained=True, amp=True, workers=8, log_every=20, ckpt_every=500),
     "toy": dict(  # Deviation 12. card Sec. 9: tiny random-init MCTformer-V2, patch 8, AdamW 1e-3, weak aug; 64 px crops for CPU time
-        backbone="deit_small_patch16_224", patch_size=8, embed_dim=96, depth=4, num_heads=3, drop_path=0.0,
-        crop_size=64, epochs=6, batch_size=16, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6,
+        pretrained=False, workers=0, log_every=20, ckpt_every=500, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+        drop_path=0.0, crop_size=64, epochs=6, batch_size=16, lr=1e-3,
         warmup_epochs=0,  # per-epoch stepped warm-up would spend 1 of the 6 epochs at 1e-6
-        weight_decay=0.05, cls_aug="weak", layer_index=4, csd_resize=72,
-        seed_scales="0.64",  # ~72/112: the scale the toy classifier is trained at (and 2.4x fewer tokens)
+        cls_aug="weak", layer_index=4, csd_resize=72,
+        seed_scales=(0.64,),  # ~72/112: the scale the toy classifier is trained at (and 2.4x fewer tokens)
         sweep_max=0.95,  # random-init maps are flat: the best toy threshold lies above MCTformer's 0.59
-        pretrained=False, amp=False, workers=0, seg_backbone="deit_small_patch16_224", seg_crop=64, seg_batch=16,
-        seg_iters=250, seg_lr=1e-3, seg_optimizer="adamw", seg_rates="1,2"),
+        seg_backbone="deit_small_patch16_224", seg_crop=64, seg_batch=16, seg_iters=250, seg_lr=1e-3,
+        seg_optimizer="adamw", seg_rates=(1, 2)),
 }
-CHOICES = dict(preset=("auto", "paper", "toy"), device=("auto", "cpu", "cuda"), csd=("on", "off"),
-               sampling=("cor", "uniform", "uniform_image"), consistency=("dual", "fg", "bg"),
+CHOICES = dict(csd=("on", "off"), sampling=("cor", "uniform", "uniform_image"), consistency=("dual", "fg", "bg"),
                csd_map=("patchcam", "fused_par"), bg_kl=("saliency", "full", "bgterm", "rawsum"),
                kl_classes=("all", "present"), token_mask=("full", "majority"), reduce=("sum", "mean"),
                target_pool=("multi", "all"), bg_paste=("intersect", "source"), cor_norm=("row", "softmax"),
                cls_aug=("timm", "weak"), seg_optimizer=("sgd", "adamw"))
-# Flags that change nothing in the final results; --resume may take them from the command line.
-RUNTIME_FLAGS = ("resume", "stop_after", "workers", "device")
+LIMITS = {"patch_size": ">=1", "embed_dim": ">=1", "depth": ">=1", "num_heads": ">=1", "drop_path": ">=0",
+          "crop_size": ">=1", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "min_lr": ">=0", "warmup_epochs": ">=0",
+          "warmup_lr": ">=0", "weight_decay": ">=0", "layer_index": ">=1", "seed_scales": "(0,4]", "sweep_max": "[0,1)",
+          "lambda_fg": ">=0", "lambda_bg": ">=0", "kl_temp": ">0", "cor_smoothing": ">=0", "csd_warmup": ">=0",
+          "teacher_conf_thr": "(-inf,1)", "csd_resize": ">=1", "seg_crop": ">=1", "seg_batch": ">=1", "seg_iters": ">=1",
+          "seg_lr": ">0", "seg_rates": ">=1", "num_vis": ">=0"}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (DESIGN.md "Errors")
-        fail(message)
+def validate(args):
+    """Checks that LIMITS cannot express: relations between fields, the prior, the CRF, batches per process."""
+    check(args.crop_size % args.patch_size == 0, f"--crop-size {args.crop_size} must be a multiple of --patch-size {args.patch_size}")
+    check(args.embed_dim % args.num_heads == 0, f"--embed-dim {args.embed_dim} must be divisible by --num-heads {args.num_heads}")
+    check(args.layer_index <= args.depth, f"--layer-index must be in 1..--depth ({args.depth}), got {args.layer_index}")
+    check(args.csd_resize >= args.crop_size, f"--csd-resize {args.csd_resize} must be >= --crop-size {args.crop_size}")
+    try:
+        t = 0.0 if args.prior_threshold == "best" else float(args.prior_threshold)
+    except ValueError:
+        t = -1.0
+    check(0 <= t < 1, f"--prior-threshold must be 'best' or a number in [0, 1), got '{args.prior_threshold}'")
+    check(args.prior in ("seeds", "gt") or args.prior.startswith("dir:"), f"--prior must be 'seeds', 'gt' or 'dir:PATH', got '{args.prior}'")
+    check(not args.prior.startswith("dir:") or Path(args.prior[4:]).is_dir(),
+          f"--prior {args.prior}: folder {args.prior[4:]} does not exist; give a folder of VOC-format <id>.png masks")
+    check(not (args.mask_crf or args.prior_crf) or crf.available(),
+          "dense CRF needs pydensecrf (pip install pydensecrf2); or pass --no-mask-crf --no-prior-crf")
+    for k in ("batch_size", "seg_batch"):
+        check(getattr(args, k) % env_world() == 0, f"--{k.replace('_', '-')} {getattr(args, k)} (global) is not divisible by the "
+              f"{env_world()} processes")
 
 
-def fail(msg: str, code: int = 2):
-    sys.stderr.write(f"{METHOD}.py: error: {msg}\n")
-    sys.exit(code)
-
-
-def build_parser() -> Parser:
-    """argparse from Args; each flag's help is the source comment of its field."""
-    comments = dict(re.findall(r"^    (\w+): [^=\n]+= [^#\n]+#\s*(.+)$", inspect.getsource(Args), re.M))
-    p = Parser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        default = "preset" if f.default is None else f.default
-        text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")
-        if f.type in ("bool | None", "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-            continue
-        typ = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-        p.add_argument(flag, dest=f.name, type=typ, default=None, choices=CHOICES.get(f.name), help=text)
-    return p
-
-
-def resolve_args(ns: argparse.Namespace, spec) -> Args:
-    """Preset values, then every explicitly given flag on top (flags parse with default None)."""
-    args = Args()
-    given = {k: v for k, v in vars(ns).items() if v is not None}
-    preset = given.get("preset", "auto")
-    key = "toy" if preset == "toy" or (preset == "auto" and spec.name == "toy") else \
-        ("paper_coco" if spec.dataset == "coco" else "paper_voc")
-    for k, v in PRESETS[key].items():
-        setattr(args, k, v)
-    for k, v in given.items():
-        setattr(args, k, v)
-    args.preset = key
-    return args
-
-
-# =============================================================================================
-# Model: MCTformer-V2 (xulianuwa/MCTformer @9606597, models.py `MCTformerV2`)
-# =============================================================================================
+# ==================================================================================================
+# Model
+# ==================================================================================================
+# MCTformer-V2 (xulianuwa/MCTformer @9606597, models.py `MCTformerV2`)
 def block_forward(blk, x):
     """One timm ViT block, returning the head-averaged softmax attention as well.
 
@@ -287,21 +277,16 @@ class MCTformerV2(nn.Module):
     patch_cam: conv3x3 on the patch tokens; patch_logits: its global average.
     """
 
-    def __init__(self, args: Args, num_classes: int):
+    def __init__(self, vit, num_classes, crop_size):
         super().__init__()
-        vit = timm.create_model(args.backbone, pretrained=bool(args.pretrained), num_classes=0,
-                                img_size=args.crop_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                                depth=args.depth, num_heads=args.num_heads, drop_path_rate=args.drop_path)
-        if args.weights:
-            load_weights(vit, args.weights)
-        self.num_classes, self.patch_size = num_classes, args.patch_size
+        self.num_classes, self.patch_size = num_classes, vit.patch_embed.patch_size[0]
         self.patch_embed, self.blocks = vit.patch_embed, vit.blocks
         # Impl. (MCTformer, models.py): the DeiT cls token and its position embedding repeated C times.
         self.cls_token = nn.Parameter(vit.cls_token.detach().repeat(1, num_classes, 1))  # (1, C, D)
         pos = vit.pos_embed.detach()  # (1, 1 + N, D)
         self.pos_embed = nn.Parameter(torch.cat([pos[:, :1].repeat(1, num_classes, 1), pos[:, 1:]], 1))  # (1, C+N, D)
-        self.head = nn.Conv2d(args.embed_dim, num_classes, 3, padding=1)  # V2 patch branch
-        self.grid = args.crop_size // args.patch_size
+        self.head = nn.Conv2d(vit.embed_dim, num_classes, 3, padding=1)  # V2 patch branch
+        self.grid = crop_size // self.patch_size
 
     def interpolate_pos(self, h, w):
         """Patch part bicubically resized to (h, w); class part unchanged. -> (1, C + h*w, D)."""
@@ -334,14 +319,6 @@ class MCTformerV2(nn.Module):
                 "attn": torch.stack(attns, 1)}  # attn (B, L, C+N, C+N)
 
 
-def load_weights(vit, path):
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    if len(missing) > len(vit.state_dict()) // 2:
-        raise ValueError(f"{path} does not look like weights of this backbone ({len(missing)} missing keys)")
-
-
 def localization_map(out, layer_index: int, num_classes: int, par: bool = True):
     """MCTformer-V2 fused map A_cp * ReLU(patch-CAM) (detached CAM), optionally PAR-refined.
 
@@ -360,187 +337,58 @@ def localization_map(out, layer_index: int, num_classes: int, par: bool = True):
     return (A_pp @ fused.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, h, w)
 
 
-# =============================================================================================
-# CSD: domains, co-occurrence (Eq. 1), copy-paste
-# =============================================================================================
-def split_domains(labels: np.ndarray):
-    """Source pools S_c (single-label images of class c) and the multi-label target pool T.
+class SegNet(nn.Module):
+    """DeepLab-v2 style: a timm feature extractor + ASPP (sum of dilated 3x3 classifiers).
+    Deviation 7: not MCTformer's ResNet-38 DeepLab (not in timm)."""
 
-    labels: (n, K) multi-hot. -> (list of K index arrays, target index array).
-    """
-    counts = labels.sum(1)
-    single = np.flatnonzero(counts == 1)
-    cls = labels[single].argmax(1)
-    sources = [single[cls == c] for c in range(labels.shape[1])]
-    return sources, np.flatnonzero(counts >= 2)
+    def __init__(self, backbone, num_classes, rates):
+        super().__init__()
+        self.backbone = backbone
+        channels = backbone.feature_info.channels()[-1]
+        self.aspp = nn.ModuleList(nn.Conv2d(channels, num_classes, 3, padding=r, dilation=r) for r in rates)
+        self.stride = 32  # inputs are padded to a multiple of this
 
-
-def cooccurrence_counts(labels: np.ndarray, smoothing: float = 0.0) -> np.ndarray:
-    """N (K, K): off-diagonal N_ij = images holding both i and j; diagonal N_ii = single-label
-    images of class i (the reading under which "more single-label samples are sampled more")."""
-    y = (labels > 0).astype(np.float64)
-    N = y.T @ y  # (K, K): every pair of an image counts
-    np.fill_diagonal(N, (y[y.sum(1) == 1]).sum(0))
-    return N + smoothing
+    def forward(self, x):
+        f = self.backbone(x)[-1]  # (B, D, h, w)
+        logits = sum(conv(f) for conv in self.aspp)  # (B, C, h, w)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def cooccurrence_matrix(N: np.ndarray, norm: str = "row") -> np.ndarray:
-    """Eq. (1): P_ij = N_ij / sum_k N_ik (rows sum to 1). --cor-norm softmax: dev code softmax(0.1 N)."""
-    if norm == "softmax":
-        z = 0.1 * N
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
-    rows = N.sum(1, keepdims=True)
-    # A class absent from the training set gets a uniform row; it is never a target class, so unused.
-    return np.where(rows > 0, N / np.maximum(rows, 1e-12), 1.0 / N.shape[1])  # Eq. (1)
+def create_backbone(name, pretrained, **kwargs):
+    try:
+        return timm_model(name, pretrained, **kwargs)
+    except (TypeError, RuntimeError) as e:
+        fail(f"timm cannot build '{name}' with {kwargs}: {str(e).splitlines()[0][:120]}")
 
 
-def cor_distribution(P: np.ndarray, y_m: np.ndarray, eligible: np.ndarray, mode: str = "cor",
-                     source_sizes: np.ndarray | None = None) -> np.ndarray:
-    """Which class to paste into a target with classes {c_1..c_n}.
+def build_model(args, num_classes, *, init_weights):
+    """The MCTformer-V2 classifier (C foreground classes); init_weights: ImageNet weights (--pretrained) or
+    --weights FILE into the DeiT backbone."""
+    vit = create_backbone(args.backbone, init_weights and args.pretrained and not args.weights, num_classes=0,
+                          img_size=args.crop_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
+                          num_heads=args.num_heads, drop_path_rate=args.drop_path)
+    check(hasattr(vit, "blocks") and hasattr(vit, "cls_token"), f"backbone '{args.backbone}' is not a timm ViT with a class token")
+    if init_weights and args.weights:  # an ImageNet classifier in the file is dropped
+        what = f"--weights {args.weights}"
+        load_weights(vit, state_dict_of(load_checkpoint(args.weights, "--weights"), what), what, ignore=("head.",))
+    return MCTformerV2(vit, num_classes, args.crop_size)
 
-    cor: P_j proportional to sum_k P_{c_k, j} (Eq. 1), zero where S_j is empty, renormalised.
-    uniform: uniform over classes with a non-empty S_j; uniform_image: proportional to |S_j|.
-    Returns (K,) summing to 1, or all zeros when no class is eligible.
-    """
-    if mode == "cor":
-        p = P[y_m > 0].sum(0)  # Eq. (1)  P_j = sum_k P_{c_k, j}
-    elif mode == "uniform":
-        p = np.ones(P.shape[1])
+
+def build_segnet(args, num_classes, *, init_weights):
+    """The segmentation network (C + 1 outputs); ImageNet weights with --pretrained and init_weights."""
+    name = args.seg_backbone
+    if name.startswith(("vit", "deit")):
+        kw = dict(img_size=args.seg_crop, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                  depth=args.depth, num_heads=args.num_heads, dynamic_img_size=True)
     else:
-        p = np.asarray(source_sizes, np.float64)
-    p = np.where(eligible, p, 0.0)
-    total = p.sum()
-    return p / total if total > 0 else p
+        kw = dict(output_stride=8)
+    backbone = create_backbone(name, init_weights and args.pretrained, features_only=True, out_indices=(-1,), **kw)
+    return SegNet(backbone, num_classes, args.seg_rates)
 
 
-def weak_augment(image, masks, rng, crop: int, resize_short: int):
-    """Joint weak augmentation (dev code datasets.py): short side -> resize_short (nearest for masks),
-    random crop (masks padded 255), horizontal flip 0.5. The image and all masks move together."""
-    ratio = resize_short / min(image.shape[:2])
-    if abs(ratio - 1.0) > 1e-6:
-        image, masks, _ = augment.rescale(image, ratio, masks=masks)
-    image, masks, _, _ = augment.random_crop(image, rng, crop, masks=masks)
-    image, masks, _ = augment.random_hflip(image, rng, masks=masks)
-    return image, masks
-
-
-def make_composites(x_s, x_m, M_fg, R_bg):
-    """Copy-paste, position-preserving at scale 1 (both crops are the same size).
-    x_s, x_m: (3, H, W); M_fg, R_bg: bool (H, W). -> x_sm^fg, x_sm^bg (3, H, W)."""
-    x_fg = augment.paste(x_m, x_s, M_fg)  # where(M_fg, x_s, x_m)
-    x_bg = augment.paste(x_m, x_s, R_bg)  # where(R_bg, x_s, x_m)
-    return x_fg, x_bg
-
-
-def token_mask(mask: torch.Tensor, patch: int, mode: str = "full") -> torch.Tensor:
-    """Pixel mask (..., H, W) -> token mask (..., H/p, W/p): full = the whole patch inside (dev code),
-    majority = more than half of it."""
-    cover = F.avg_pool2d(mask.float().reshape(-1, 1, *mask.shape[-2:]), patch)  # (n, 1, h, w)
-    cover = cover.reshape(*mask.shape[:-2], *cover.shape[-2:])
-    return cover >= 1.0 if mode == "full" else cover > 0.5
-
-
-def random_resized_crop(image, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision RandomResizedCrop (bicubic), drawn from rng; timm's ImageNet train transform."""
-    H, W = image.shape[:2]
-    for _ in range(10):
-        area = H * W * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if 0 < w <= W and 0 < h <= H:
-            y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-            break
-    else:  # fallback: central crop of the clamped aspect
-        h, w, y0, x0 = H, W, 0, 0
-    patch = image[y0:y0 + h, x0:x0 + w]
-    return np.asarray(Image.fromarray(patch).resize((size, size), Image.BICUBIC))
-
-
-def random_erasing(x: torch.Tensor, rng, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
-    """timm RandomErasing, mode 'pixel' (per-pixel normal noise), on a normalised (3, H, W) tensor."""
-    if rng.random() >= p:
-        return x
-    _, H, W = x.shape
-    for _ in range(10):
-        area = H * W * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-        if h < H and w < W:
-            y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-            x = x.clone()
-            x[:, y0:y0 + h, x0:x0 + w] = torch.from_numpy(rng.standard_normal((3, h, w)).astype(np.float32))
-            return x
-    return x
-
-
-class CSDTransform:
-    """Training sample = classification view of image i + (when CSD is on) one CSD triplet.
-
-    The triplet's random draws (x_m from the target pool, class c by COR/uniform, x_s from S_c)
-    use the sample's rng, so they depend on (seed, epoch, index) only.
-    """
-
-    def __init__(self, args: Args, raw=None, labels=None, P=None, prior_key="prior"):
-        self.args, self.raw, self.labels, self.P, self.prior_key = args, raw, labels, P, prior_key
-        if raw is not None:
-            self.sources, multi = split_domains(labels)
-            self.targets = multi if args.target_pool == "multi" else np.arange(len(labels))
-            self.sizes = np.array([len(s) for s in self.sources])
-            self.eligible = self.sizes > 0
-
-    def classification_view(self, image, rng):
-        a = self.args
-        if a.cls_aug == "timm":  # Deviation 9: the toy preset uses the weak branch below
-            image = random_resized_crop(image, rng, a.crop_size)
-            image, _, _ = augment.random_hflip(image, rng)
-            image = augment.rand_augment(image, rng)
-            return random_erasing(augment.to_tensor(image), rng)
-        image, _ = weak_augment(image, (), rng, a.crop_size, a.csd_resize)
-        return augment.to_tensor(image)
-
-    def prior_of(self, sample):
-        return sample["mask"] if self.prior_key == "mask" else sample[self.prior_key]
-
-    def __call__(self, sample, rng):
-        out = {"image": self.classification_view(sample["image"], rng), "label": torch.from_numpy(sample["label"])}
-        if self.raw is not None:
-            out.update(self.triplet(rng))
-        return out
-
-    def triplet(self, rng):
-        a, K = self.args, self.labels.shape[1]
-        m = int(self.targets[rng.integers(len(self.targets))])
-        y_m = self.labels[m]
-        probs = cor_distribution(self.P, y_m, self.eligible, a.sampling, self.sizes)
-        crop = a.crop_size
-        if probs.sum() == 0:  # no class with a source image: an empty triplet (zero CSD loss)
-            z = torch.zeros(3, crop, crop)
-            zb = torch.zeros(crop, crop, dtype=torch.bool)
-            return {"x_s": z, "x_fg": z, "x_bg": z, "M_fg": zb, "M_bg": zb, "R_bg": zb, "bg_m": zb, "c_s": torch.tensor(0),
-                    "y_fg": torch.from_numpy(y_m), "y_bg": torch.from_numpy(y_m), "y_s": torch.zeros(K)}
-        c = int(rng.choice(K, p=probs))
-        s = int(self.sources[c][rng.integers(len(self.sources[c]))])
-        src, tgt = self.raw.load(s), self.raw.load(m)
-        # Joint weak augmentation of (x_s, its prior) and of (x_m, its prior): masks stay aligned.
-        img_s, (pr_s,) = weak_augment(src["image"], (self.prior_of(src),), rng, crop, a.csd_resize)
-        img_m, (pr_m,) = weak_augment(tgt["image"], (self.prior_of(tgt),), rng, crop, a.csd_resize)
-        pr_s, pr_m = torch.from_numpy(pr_s.astype(np.int64)), torch.from_numpy(pr_m.astype(np.int64))
-        M_fg = pr_s == c + 1  # foreground of the source class (label values are class index + 1)
-        M_bg = (pr_s != c + 1) & (pr_s != data.IGNORE_INDEX)  # not foreground, not padding/ignore
-        R_bg = M_bg & (pr_m == 0) if a.bg_paste == "intersect" else M_bg
-        x_s, x_m = augment.to_tensor(img_s), augment.to_tensor(img_m)
-        x_fg, x_bg = make_composites(x_s, x_m, M_fg, R_bg)
-        y_fg = np.maximum(y_m, np.eye(K, dtype=np.float32)[c])  # y_m | {c_s}
-        return {"x_s": x_s, "x_fg": x_fg, "x_bg": x_bg, "M_fg": M_fg, "M_bg": M_bg, "R_bg": R_bg, "bg_m": pr_m == 0,
-                "c_s": torch.tensor(c),
-                "y_fg": torch.from_numpy(y_fg), "y_bg": torch.from_numpy(y_m.copy()),
-                "y_s": torch.from_numpy(self.labels[s].copy())}
-
-
-# =============================================================================================
+# ==================================================================================================
 # Losses
-# =============================================================================================
+# ==================================================================================================
 def loss_cls(out, y):
     """MCTformer-V2: L_cls = MLSM(class-token logits, y) + MLSM(patch logits, y)."""
     return F.multilabel_soft_margin_loss(out["cls_logits"], y) + F.multilabel_soft_margin_loss(out["patch_logits"], y)
@@ -605,7 +453,7 @@ def loss_bg(M_s, M_sm_bg, T_bg, *, dummy=0.0, mode="saliency", temp=1.0, reduce=
     return reduce_tokens(kl, T_bg, reduce)
 
 
-def csd_score_map(out, args: Args, num_classes: int):
+def csd_score_map(out, args, num_classes: int):
     """M of Eq. (2). Deviation 3: patchcam = the raw V2 patch-CAM logits (no min-max, as the paper stresses);
     fused_par = the PAR-refined fused map (dev code; gradient reaches only the attention)."""
     if args.csd_map == "patchcam":
@@ -613,7 +461,7 @@ def csd_score_map(out, args: Args, num_classes: int):
     return localization_map(out, args.layer_index, num_classes, par=True)
 
 
-def csd_step(model, batch, args: Args, num_classes: int, csd_active: bool):
+def csd_losses(model, batch, args, num_classes: int, csd_active: bool):
     """One training step's losses. Eq. (6): L_total = L_cls + lambda1 L_fg + lambda2 L_bg.
 
     The classification stream and the two composites go through ONE forward (3B images), which
@@ -634,7 +482,7 @@ def csd_step(model, batch, args: Args, num_classes: int, csd_active: bool):
     if args.cls_on_paste:
         out_fg = {"cls_logits": out["cls_logits"][B:2 * B], "patch_logits": out["patch_logits"][B:2 * B]}
         l_cls = l_cls + loss_cls(out_fg, batch["y_fg"])
-    net = model.module if hasattr(model, "module") else model
+    net = unwrap(model)
     was_training = net.training
     net.eval()
     with torch.no_grad():
@@ -646,7 +494,7 @@ def csd_step(model, batch, args: Args, num_classes: int, csd_active: bool):
     M_fg, M_bg = M_sm[B:2 * B], M_sm[2 * B:]
     T_fg = token_mask(batch["M_fg"], net.patch_size, args.token_mask)  # (B, h, w)
     T_bg = token_mask(batch["R_bg"], net.patch_size, args.token_mask)
-    if args.teacher_conf_thr is not None:  # dev code gate, off by default
+    if args.teacher_conf_thr >= 0:  # dev code gate, off by default
         m = M_s.gather(1, batch["c_s"].view(-1, 1, 1, 1).expand(-1, 1, *M_s.shape[-2:])).squeeze(1)
         lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
         T_fg = T_fg & ((m - lo) / (hi - lo + 1e-5) > args.teacher_conf_thr)
@@ -660,18 +508,18 @@ def csd_step(model, batch, args: Args, num_classes: int, csd_active: bool):
             "tokens_fg": T_fg.float().sum((1, 2)).mean(), "tokens_bg": T_bg.float().sum((1, 2)).mean()}
 
 
-# =============================================================================================
-# Pseudo labels: seeds, prior, masks
-# =============================================================================================
+# ==================================================================================================
+# Pseudo labels
+# ==================================================================================================
+# Seeds (MCTformer-V2 fused + PAR maps), the stage-1 prior and the masks
 @torch.no_grad()
-def lowres_maps(model, image: np.ndarray, label: np.ndarray, args: Args, device) -> list:
+def lowres_maps(model, image: np.ndarray, label: np.ndarray, args, device) -> list:
     """Token-resolution MCTformer-V2 maps of the present classes, per scale: fused -> PAR for the
     image and its flip. -> [(2, Kp, h_s, w_s) float16 per scale]; kept small so that the sweep
     pass and the mask pass share one forward per image."""
     keys = torch.as_tensor(np.flatnonzero(label > 0), device=device)
-    H, W = image.shape[:2]
     maps = []
-    for scale in [float(v) for v in args.seed_scales.split(",")]:
+    for scale in args.seed_scales:
         img = image if scale == 1.0 else augment.rescale(image, scale)[0]
         x = augment.to_tensor(img).to(device)
         x = torch.stack([x, x.flip(-1)])  # (2, 3, H_s, W_s)
@@ -717,46 +565,356 @@ def crf_labels(image, seed_label, label, preset):
     keys = np.concatenate([[0], np.flatnonzero(label > 0) + 1])
     lut = np.zeros(256, np.int64)
     lut[keys] = np.arange(len(keys))
-    # np.array copies: pydensecrf rejects the read-only arrays PIL decoding returns (common/ bug, reported).
     out = crf.refine_labels(np.array(image, np.uint8), lut[seed_label], len(keys), **crf.PRESETS[preset])
     return keys[out].astype(np.uint8)
 
 
-def _keep_numpy(sample):
-    return sample
-
-
-def _image_loader(ds, workers):
-    """One raw sample (numpy arrays) at a time, in order; workers only read and decode files."""
-    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep_numpy)
-
-
-def compute_maps(model, datasets, args, device, desc):
+def compute_maps(ctx, model, datasets, desc):
     """Low-resolution maps of every image of the given datasets (ids shared by several computed once)."""
     model.eval()
     cache = {}
     for ds in datasets:
         todo = [i for i, name in enumerate(ds.ids) if name not in cache]
-        sub = torch.utils.data.Subset(ds, todo)
-        for sample in tqdm(_image_loader(sub, args.workers), desc=desc, total=len(todo), disable=not is_main(),
-                           mininterval=5):
-            cache[sample["name"]] = lowres_maps(model, sample["image"], sample["label"], args, device)
+        for sample in each_sample(ctx, torch.utils.data.Subset(ds, todo), desc):
+            cache[sample["name"]] = lowres_maps(model, sample["image"], sample["label"], ctx.args, ctx.device)
     return cache
 
 
-def evaluate_seeds(cache, ds, args):
-    """Full background-threshold sweep (t = 0.00..sweep_max, step 0.01) on a split with GT, per
-    subset. Returns {"all", "single", "multi"}: ThresholdSweep.compute() results.
+def write_labels(ctx, cache, ds, t, out_dir: Path, use_crf, desc, score_ids=(), cm=None, indices=None):
+    """Seeds at threshold t (+ dense CRF, in the loader workers) for the images of ds (all, or `indices`)
+    -> out_dir/<id>.png; the labels of images in score_ids are scored against their GT in cm."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    score_ids = set(score_ids)
+
+    def to_label(sample):
+        lab = seeds_to_label(seed_from_lowres(cache[sample["name"]], sample["label"], sample["image"].shape[:2]),
+                             sample["label"], t)
+        return sample, crf_labels(sample["image"], lab, sample["label"], "psa") if use_crf else lab
+
+    for sample, lab in each_sample(ctx, ds if indices is None else torch.utils.data.Subset(ds, indices), desc, fn=to_label):
+        data.save_mask(out_dir / f"{sample['name']}.png", lab)
+        if sample["name"] in score_ids:
+            cm.update(lab, sample["mask"])
+
+
+def make_labels(ctx, model, train_set, seed_set, stage, t, use_crf, out_dir):
+    """Seeds of `model` -> labels at background threshold t (+ dense CRF) for every training image, in out_dir.
+    t = "best": the argmax of the full seed sweep on the seed split (Deviation 5). stage "prior": the stage-1
+    prior (Sec. 3.2); "mask": the final masks, scored on the seed split. Rank 0 only. -> (results, t)."""
+    split, names = ctx.splits["seed"], seed_set.class_names
+    cache = compute_maps(ctx, model, [train_set] + ([seed_set] if t == "best" else []), f"{stage} maps")
+    res = {}
+    if t == "best":  # Deviation 5: the threshold is the sweep argmax against GT
+        sweep = evaluate_seeds(cache, each_sample(ctx, seed_set, "seed sweep"), seed_set.num_classes, ctx.args.sweep_max)
+        res = {f"{'stage1_seed' if stage == 'prior' else 'seed'}/{split}{k}": v for k, v in seed_results(sweep, names).items()}
+        t = sweep["all"]["best_threshold"]
+    t, cm = float(t), miou.ConfusionMatrix(seed_set.num_classes)
+    scored = seed_set.ids if stage == "mask" else ()
+    write_labels(ctx, cache, train_set, t, out_dir, use_crf, f"{stage} labels", scored, cm)
+    if stage == "mask":
+        rest = [i for i, name in enumerate(seed_set.ids) if name not in set(train_set.ids)]
+        if rest:  # seed-split images outside the training split (not the case for VOC train / train_aug)
+            write_labels(ctx, cache, seed_set, t, ctx.run_dir / "pseudo_labels" / "mask" / split, use_crf,
+                         "masks (seed split)", scored, cm, indices=rest)
+        res[f"mask/{split}"] = miou_entry(cm.compute(), names, threshold=t, crf=bool(use_crf))
+    return res, t
+
+
+# ==================================================================================================
+# Train
+# ==================================================================================================
+# --- CSD: domains, co-occurrence oriented resampling (Eq. (1)), copy-paste (Sec. 3.2) ---
+def split_domains(labels: np.ndarray):
+    """Source pools S_c (single-label images of class c) and the multi-label target pool T.
+
+    labels: (n, K) multi-hot. -> (list of K index arrays, target index array).
+    """
+    counts = labels.sum(1)
+    single = np.flatnonzero(counts == 1)
+    cls = labels[single].argmax(1)
+    sources = [single[cls == c] for c in range(labels.shape[1])]
+    return sources, np.flatnonzero(counts >= 2)
+
+
+def cooccurrence_counts(labels: np.ndarray, smoothing: float = 0.0) -> np.ndarray:
+    """N (K, K): off-diagonal N_ij = images holding both i and j; diagonal N_ii = single-label
+    images of class i (the reading under which "more single-label samples are sampled more")."""
+    y = (labels > 0).astype(np.float64)
+    N = y.T @ y  # (K, K): every pair of an image counts
+    np.fill_diagonal(N, (y[y.sum(1) == 1]).sum(0))
+    return N + smoothing
+
+
+def cooccurrence_matrix(N: np.ndarray, norm: str = "row") -> np.ndarray:
+    """Eq. (1): P_ij = N_ij / sum_k N_ik (rows sum to 1). --cor-norm softmax: dev code softmax(0.1 N)."""
+    if norm == "softmax":
+        z = 0.1 * N
+        z = np.exp(z - z.max(1, keepdims=True))
+        return z / z.sum(1, keepdims=True)
+    rows = N.sum(1, keepdims=True)
+    # A class absent from the training set gets a uniform row; it is never a target class, so unused.
+    return np.where(rows > 0, N / np.maximum(rows, 1e-12), 1.0 / N.shape[1])  # Eq. (1)
+
+
+def cor_distribution(P: np.ndarray, y_m: np.ndarray, eligible: np.ndarray, mode: str = "cor", source_sizes=None):
+    """Which class to paste into a target with classes {c_1..c_n}.
+
+    cor: P_j proportional to sum_k P_{c_k, j} (Eq. 1), zero where S_j is empty, renormalised.
+    uniform: uniform over classes with a non-empty S_j; uniform_image: proportional to |S_j|.
+    Returns (K,) summing to 1, or all zeros when no class is eligible.
+    """
+    if mode == "cor":
+        p = P[y_m > 0].sum(0)  # Eq. (1)  P_j = sum_k P_{c_k, j}
+    elif mode == "uniform":
+        p = np.ones(P.shape[1])
+    else:
+        p = np.asarray(source_sizes, np.float64)
+    p = np.where(eligible, p, 0.0)
+    total = p.sum()
+    return p / total if total > 0 else p
+
+
+def weak_augment(image, masks, rng, crop: int, resize_short: int):
+    """Joint weak augmentation (dev code datasets.py): short side -> resize_short (nearest for masks),
+    random crop (masks padded 255), horizontal flip 0.5. The image and all masks move together."""
+    ratio = resize_short / min(image.shape[:2])
+    if abs(ratio - 1.0) > 1e-6:
+        image, masks, _ = augment.rescale(image, ratio, masks=masks)
+    image, masks, _, _ = augment.random_crop(image, rng, crop, masks=masks)
+    image, masks, _ = augment.random_hflip(image, rng, masks=masks)
+    return image, masks
+
+
+def make_composites(x_s, x_m, M_fg, R_bg):
+    """Copy-paste, position-preserving at scale 1 (both crops are the same size).
+    x_s, x_m: (3, H, W); M_fg, R_bg: bool (H, W). -> x_sm^fg, x_sm^bg (3, H, W)."""
+    x_fg = augment.paste(x_m, x_s, M_fg)  # where(M_fg, x_s, x_m)
+    x_bg = augment.paste(x_m, x_s, R_bg)  # where(R_bg, x_s, x_m)
+    return x_fg, x_bg
+
+
+def token_mask(mask: torch.Tensor, patch: int, mode: str = "full") -> torch.Tensor:
+    """Pixel mask (..., H, W) -> token mask (..., H/p, W/p): full = the whole patch inside (dev code),
+    majority = more than half of it."""
+    cover = F.avg_pool2d(mask.float().reshape(-1, 1, *mask.shape[-2:]), patch)  # (n, 1, h, w)
+    cover = cover.reshape(*mask.shape[:-2], *cover.shape[-2:])
+    return cover >= 1.0 if mode == "full" else cover > 0.5
+
+
+def random_resized_crop(image, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop (bicubic), drawn from rng; timm's ImageNet train transform."""
+    H, W = image.shape[:2]
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            break
+    else:  # fallback after 10 tries: the whole image
+        h, w, y0, x0 = H, W, 0, 0
+    patch = image[y0:y0 + h, x0:x0 + w]
+    return np.asarray(Image.fromarray(patch).resize((size, size), Image.BICUBIC))
+
+
+def random_erasing(x: torch.Tensor, rng, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)):
+    """timm RandomErasing, mode 'pixel' (per-pixel normal noise), on a normalised (3, H, W) tensor."""
+    if rng.random() >= p:
+        return x
+    _, H, W = x.shape
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if h < H and w < W:
+            y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            x = x.clone()
+            x[:, y0:y0 + h, x0:x0 + w] = torch.from_numpy(rng.standard_normal((3, h, w)).astype(np.float32))
+            return x
+    return x
+
+
+class CSDTransform:
+    """Training sample = classification view of image i + (when CSD is on) one CSD triplet.
+
+    The triplet's random draws (x_m from the target pool, class c by COR/uniform, x_s from S_c)
+    use the sample's rng, so they depend on (seed, epoch, index) only.
+    """
+
+    def __init__(self, args, raw=None, labels=None, P=None, prior_key="prior"):
+        self.args, self.raw, self.labels, self.P, self.prior_key = args, raw, labels, P, prior_key
+        if raw is not None:
+            self.sources, multi = split_domains(labels)
+            self.targets = multi if args.target_pool == "multi" else np.arange(len(labels))
+            self.sizes = np.array([len(s) for s in self.sources])
+            self.eligible = self.sizes > 0
+
+    def classification_view(self, image, rng):
+        a = self.args
+        if a.cls_aug == "timm":  # Deviation 9: the toy preset uses the weak branch below
+            image = random_resized_crop(image, rng, a.crop_size)
+            image, _, _ = augment.random_hflip(image, rng)
+            image = augment.rand_augment(image, rng)
+            return random_erasing(augment.to_tensor(image), rng)
+        image, _ = weak_augment(image, (), rng, a.crop_size, a.csd_resize)
+        return augment.to_tensor(image)
+
+    def __call__(self, sample, rng):
+        out = {"image": self.classification_view(sample["image"], rng), "label": torch.from_numpy(sample["label"])}
+        if self.raw is not None:
+            out.update(self.triplet(rng))
+        return out
+
+    def triplet(self, rng):
+        a, K = self.args, self.labels.shape[1]
+        m = int(self.targets[rng.integers(len(self.targets))])
+        y_m = self.labels[m]
+        probs = cor_distribution(self.P, y_m, self.eligible, a.sampling, self.sizes)
+        crop = a.crop_size
+        if probs.sum() == 0:  # no class with a source image: an empty triplet (zero CSD loss)
+            z = torch.zeros(3, crop, crop)
+            zb = torch.zeros(crop, crop, dtype=torch.bool)
+            return {"x_s": z, "x_fg": z, "x_bg": z, "M_fg": zb, "M_bg": zb, "R_bg": zb, "bg_m": zb, "c_s": torch.tensor(0),
+                    "y_fg": torch.from_numpy(y_m), "y_bg": torch.from_numpy(y_m), "y_s": torch.zeros(K)}
+        c = int(rng.choice(K, p=probs))
+        s = int(self.sources[c][rng.integers(len(self.sources[c]))])
+        src, tgt = self.raw.load(s), self.raw.load(m)
+        # Joint weak augmentation of (x_s, its prior) and of (x_m, its prior): masks stay aligned.
+        img_s, (pr_s,) = weak_augment(src["image"], (src[self.prior_key],), rng, crop, a.csd_resize)
+        img_m, (pr_m,) = weak_augment(tgt["image"], (tgt[self.prior_key],), rng, crop, a.csd_resize)
+        pr_s, pr_m = torch.from_numpy(pr_s.astype(np.int64)), torch.from_numpy(pr_m.astype(np.int64))
+        M_fg = pr_s == c + 1  # foreground of the source class (label values are class index + 1)
+        M_bg = (pr_s != c + 1) & (pr_s != data.IGNORE_INDEX)  # not foreground, not padding/ignore
+        R_bg = M_bg & (pr_m == 0) if a.bg_paste == "intersect" else M_bg
+        x_s, x_m = augment.to_tensor(img_s), augment.to_tensor(img_m)
+        x_fg, x_bg = make_composites(x_s, x_m, M_fg, R_bg)
+        y_fg = np.maximum(y_m, np.eye(K, dtype=np.float32)[c])  # y_m | {c_s}
+        return {"x_s": x_s, "x_fg": x_fg, "x_bg": x_bg, "M_fg": M_fg, "M_bg": M_bg, "R_bg": R_bg, "bg_m": pr_m == 0,
+                "c_s": torch.tensor(c),
+                "y_fg": torch.from_numpy(y_fg), "y_bg": torch.from_numpy(y_m.copy()),
+                "y_s": torch.from_numpy(self.labels[s].copy())}
+
+
+# --- Stages 1 and 2: the classifier (MCTformer-V2 optimiser and schedule) ---
+def param_groups(model, weight_decay):
+    """AdamW groups: no decay for 1-D parameters, position embeddings and class tokens (timm)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or "pos_embed" in name or "cls_token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(epoch, epochs, args):
+    """timm CosineLRScheduler stepped per epoch, as a factor of --lr: linear warm-up from --warmup-lr,
+    then cosine to --min-lr."""
+    if epoch < args.warmup_epochs:
+        return warmup_lr(epoch, args.warmup_epochs, args.warmup_lr / args.lr)
+    return cosine_lr(epoch, epochs, args.min_lr / args.lr)
+
+
+def train_step(net, batch, it, args, num_classes, csd_active, optimizer, autocast):
+    """One iteration of MCTformer-V2 + CSD: Eq. (6) on the batch and its triplets, then one AdamW step.
+    Returns a dict of floats (losses, masked token counts) for the log."""
+    with autocast():
+        losses = csd_losses(net, batch, args, num_classes, csd_active)
+    log = {(f"csd/{k}" if k.startswith("tokens") else f"losses/{k}"): v.item() for k, v in losses.items()}
+    check_finite(log, it)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return log
+
+
+def train_classifier(ctx, stage, num_classes, train_labels, csd_on, prior_dir=None):
+    """Stage 1 (csd_on=False: the MCTformer-V2 baseline) or stage 2 (CSD), from the (ImageNet or random) init."""
+    args, spec, K = ctx.args, ctx.spec, num_classes - 1
+    ctx.reseed(1)  # one salt for both stages: the same initialisation and data order, a paired comparison
+    model = build_model(args, K, init_weights=True).to(ctx.device)
+    transform = CSDTransform(args)
+    if csd_on:
+        prior_key = "mask" if args.prior == "gt" else "prior"
+        raw = data.SegDataset(spec.root, ctx.splits["train"], dataset=spec.dataset,
+                              extra_dirs=None if prior_key == "mask" else {"prior": prior_dir})
+        P = cooccurrence_matrix(cooccurrence_counts(train_labels, args.cor_smoothing), args.cor_norm)  # Eq. (1)
+        transform = CSDTransform(args, raw, train_labels, P, prior_key)
+        ctx.log({"stage": stage, "cooccurrence_P": np.round(P, 4).tolist()})
+    train_set = data.SegDataset(spec.root, ctx.splits["train"], dataset=spec.dataset, transform=transform, seed=args.seed)
+    ipe = len(train_set) // args.batch_size  # iterations per epoch
+    total = args.max_iters or args.epochs * ipe  # Deviation 11
+    epochs = math.ceil(total / ipe)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
+    net = ctx.wrap(model).train()
+
+    def step(batch, it):
+        return train_step(net, batch, it, args, K, csd_on and it // ipe >= args.csd_warmup, optimizer, ctx.autocast)
+
+    train_loop(ctx, stage, train_set, args.batch_size, total, step, {"model": model, "optimizer": optimizer},
+               lr=lambda it: lr_factor(it // ipe, epochs, args), salt=1)
+    return model
+
+
+# --- Segmentation network (Deviation 7) ---
+class SegTransform:
+    """Segmentation training: random rescale 0.7-1.3, crop (labels padded 255), flip; labels = sample[key]."""
+
+    def __init__(self, crop, key="pseudo"):
+        self.crop, self.key = crop, key
+
+    def __call__(self, sample, rng):
+        image, (lab,), _ = augment.random_rescale(sample["image"], rng, masks=(sample[self.key],), ratio_range=(0.7, 1.3))
+        image, (lab,), _, _ = augment.random_crop(image, rng, self.crop, masks=(lab,))
+        image, (lab,), _ = augment.random_hflip(image, rng, masks=(lab,))
+        return {"image": augment.to_tensor(image), "target": augment.mask_to_tensor(lab)}
+
+
+def train_seg(ctx, num_classes, mask_dir):
+    """The segmentation network on the masks (--supervision full: on the ground-truth masks)."""
+    args, spec, full = ctx.args, ctx.spec, ctx.args.supervision == "full"
+    ctx.reseed(3)
+    model = build_segnet(args, num_classes, init_weights=True).to(ctx.device)
+    train_set = data.SegDataset(spec.root, ctx.splits["train"], dataset=spec.dataset, seed=args.seed + 2,
+                                extra_dirs=None if full else {"pseudo": mask_dir},
+                                transform=SegTransform(args.seg_crop, "mask" if full else "pseudo"))
+    total = args.max_iters or args.seg_iters
+    if args.seg_optimizer == "sgd":  # DeepLab-v2: 10x lr for the classifier
+        groups = [{"params": model.backbone.parameters(), "lr": args.seg_lr},
+                  {"params": model.aspp.parameters(), "lr": 10 * args.seg_lr}]
+        optimizer = torch.optim.SGD(groups, lr=args.seg_lr, momentum=0.9, weight_decay=5e-4)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.seg_lr, weight_decay=0.01)
+    net = ctx.wrap(model).train()
+
+    def step(batch, it):
+        with ctx.autocast():
+            loss = F.cross_entropy(net(batch["image"]).float(), batch["target"], ignore_index=data.IGNORE_INDEX)
+        check_finite({"losses/seg": loss.item()}, it)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"losses/seg": loss.item()}
+
+    train_loop(ctx, "seg", train_set, args.seg_batch, total, step, {"model": model, "optimizer": optimizer},
+               lr=lambda it: poly_lr(it, total), salt=3)
+    return model
+
+
+# ==================================================================================================
+# Evaluate
+# ==================================================================================================
+def evaluate_seeds(cache, samples, num_classes, sweep_max):
+    """Full background-threshold sweep (t = 0.00..sweep_max, step 0.01) on the samples of a split with GT,
+    per subset. Returns {"all", "single", "multi"}: ThresholdSweep.compute() results.
 
     The prediction at threshold t_i is arg = argmax_c cam_c where best = max_c cam_c > t_i, else
     background. One histogram over (k, gt, arg), k = #{thresholds < best}, holds every threshold's
     confusion matrix: pixels with k > i are foreground at t_i. This fills common.miou.ThresholdSweep's
     matrices with exactly the counts its per-image update() would give, in one pass per image."""
-    thresholds = np.round(np.arange(0.0, args.sweep_max + 1e-9, 0.01), 2)
-    T, C = len(thresholds), ds.num_classes
+    thresholds = np.round(np.arange(0.0, sweep_max + 1e-9, 0.01), 2)
+    T, C = len(thresholds), num_classes
     hist = {g: np.zeros((T + 1, C, C), np.int64) for g in ("single", "multi", "none")}
-    for i in range(len(ds)):
-        sample = ds.load(i)
+    for sample in samples:
         label, gt = sample["label"], sample["mask"].astype(np.int64)
         cam = seed_from_lowres(cache[sample["name"]], label, gt.shape)  # (C-1, H, W); absent classes are 0
         n = int((label > 0).sum())
@@ -786,70 +944,14 @@ def seed_results(res, class_names):
     """metrics.json entries: the subsets are scored at the all-images best threshold t* (the one
     the masks use) and also at their own best threshold."""
     t = res["all"]["best_threshold"]
-    out = {"": result_entry(res["all"]["best"], class_names, threshold=t)}
+    out = {"": miou_entry(res["all"]["best"], class_names, threshold=t)}
     for g in ("single", "multi"):
         curve = dict(res[g]["curve"])
         if not np.isnan(curve[t]):
-            out["_" + g] = {"miou": pct(curve[t]), "iou": {}, "threshold": t,
-                            "best_miou": pct(res[g]["best"]["miou"]), "best_threshold": res[g]["best_threshold"]}
+            out["_" + g] = {"miou": round(100 * float(curve[t]), 2), "iou": {}, "threshold": t,
+                            "best_miou": round(100 * float(res[g]["best"]["miou"]), 2),
+                            "best_threshold": res[g]["best_threshold"]}
     return out
-
-
-def write_labels(cache, ds, t, out_dir: Path, use_crf, desc, score_ids=(), cm=None, indices=None):
-    """Seeds at threshold t (+ dense CRF) for the images of ds (all, or `indices`) -> out_dir/<id>.png;
-    the labels of images in score_ids are scored against their GT in cm."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    score_ids = set(score_ids)
-    for i in tqdm(range(len(ds)) if indices is None else indices, desc=desc, disable=not is_main(), mininterval=5):
-        sample = ds.load(i)
-        cam = seed_from_lowres(cache[sample["name"]], sample["label"], sample["image"].shape[:2])
-        lab = seeds_to_label(cam, sample["label"], t)
-        if use_crf:
-            lab = crf_labels(sample["image"], lab, sample["label"], "psa")
-        data.save_mask(out_dir / f"{sample['name']}.png", lab)
-        if sample["name"] in score_ids:
-            cm.update(lab, sample["mask"])
-
-
-# =============================================================================================
-# Segmentation network (Deviation 7)
-# =============================================================================================
-class SegNet(nn.Module):
-    """DeepLab-v2 style: a timm feature extractor + ASPP (sum of dilated 3x3 classifiers).
-    Deviation 7: not MCTformer's ResNet-38 DeepLab (not in timm)."""
-
-    def __init__(self, args: Args, num_classes: int):
-        super().__init__()
-        name = args.seg_backbone
-        if name.startswith(("vit", "deit")):
-            kw = dict(img_size=args.seg_crop, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                      depth=args.depth, num_heads=args.num_heads, dynamic_img_size=True)
-        else:
-            kw = dict(output_stride=8)
-        self.backbone = timm.create_model(name, pretrained=bool(args.pretrained), features_only=True,
-                                          out_indices=(-1,), **kw)
-        channels = self.backbone.feature_info.channels()[-1]
-        rates = [int(r) for r in args.seg_rates.split(",")]
-        self.aspp = nn.ModuleList(nn.Conv2d(channels, num_classes, 3, padding=r, dilation=r) for r in rates)
-        self.stride = 32
-
-    def forward(self, x):
-        f = self.backbone(x)[-1]  # (B, D, h, w)
-        logits = sum(conv(f) for conv in self.aspp)  # (B, C, h, w)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-class SegTransform:
-    """Segmentation training: random rescale 0.7-1.3, crop (labels padded 255), flip."""
-
-    def __init__(self, crop):
-        self.crop = crop
-
-    def __call__(self, sample, rng):
-        image, (lab,), _ = augment.random_rescale(sample["image"], rng, masks=(sample["pseudo"],), ratio_range=(0.7, 1.3))
-        image, (lab,), _, _ = augment.random_crop(image, rng, self.crop, masks=(lab,))
-        image, (lab,), _ = augment.random_hflip(image, rng, masks=(lab,))
-        return {"image": augment.to_tensor(image), "target": augment.mask_to_tensor(lab)}
 
 
 @torch.no_grad()
@@ -862,23 +964,154 @@ def seg_predict(model, image, device, stride):
     return model(x)[0, :, :H, :W].argmax(0).cpu().numpy()
 
 
-def evaluate_seg(model, ds, args, device):
+def evaluate(ctx, segnet, ds):
+    """seg/<split>: single-scale predictions of the segmentation network, no CRF (Deviation 7)."""
     cm = miou.ConfusionMatrix(ds.num_classes)
-    model.eval()
-    for sample in tqdm(_image_loader(ds, args.workers), desc="seg/val", disable=not is_main(), mininterval=5):
-        cm.update(seg_predict(model, sample["image"], device, model.stride), sample["mask"])
-    return cm.compute()
+    segnet.eval()
+    for sample in each_sample(ctx, ds, f"seg/{ds.split}"):
+        cm.update(seg_predict(segnet, sample["image"], ctx.device, segnet.stride), sample["mask"])
+    return miou_entry(cm.compute(), ds.class_names)
 
 
-# =============================================================================================
-# Training (shared loop for the classifier stages and the segmentation network)
-# =============================================================================================
+def save_vis(ctx, classifier, segnet, ds, mask_dir):
+    """vis/<split>.png rows: image | CAM (seed) | mask | prediction | ground truth (without a classifier,
+    under --supervision full: image | prediction | ground truth)."""
+    rows = []
+    for i in range(min(ctx.args.num_vis, len(ds))):
+        s = ds.load(i)
+        pred, gt = colour_labels(seg_predict(segnet.eval(), s["image"], ctx.device, segnet.stride)), colour_labels(s["mask"])
+        if classifier is None:
+            rows.append([s["image"], pred, gt])
+            continue
+        cam = seed_map(classifier.eval(), s["image"], s["label"], ctx.args, ctx.device).max(0)
+        path = mask_dir / f"{s['name']}.png"
+        mask = colour_labels(data.read_mask(path)) if path.is_file() else np.zeros_like(s["image"])
+        rows.append([s["image"], colour_cam(cam), mask, pred, gt])
+    captions = ["image", "prediction", "ground truth"] if classifier is None else \
+        ["image", "CAM (seed)", "mask", "prediction", "ground truth"]
+    if rows:
+        save_grid(ctx.run_dir / "vis" / f"{ds.split}.png", rows, captions)
+
+
+# === Infrastructure: identical in all five scripts (edit one, copy to all) ===
+# Plumbing, not the paper: command line, errors, device and DDP, seeding, run folder and log, checkpoints
+# (loaded with weights_only=True), Ctrl-C / SIGTERM, the training loop, LR factors, metrics.json, pictures.
+# tests/test_skeleton.py fails when the copies differ; `python tests/test_skeleton.py --sync cosa.py` copies one.
+COMMON_CHOICES = {"preset": ("auto", "paper", "toy"), "device": ("auto", "cpu", "cuda"), "supervision": ("image", "full")}
+COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_after": ">=0", "log_every": ">=1",
+                 "ckpt_every": ">=1"}
+RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
+CKPT_FORMAT = "wsss-reference/1"
+
+
+def fail(msg, code=2):
+    """Bad input: one line on stderr, exit code 2, no traceback (DESIGN.md, Errors)."""
+    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def check(ok, msg):
+    if not ok:
+        fail(msg)
+
+
+class StopRun(Exception):
+    """Stopped with a resumable checkpoint: --stop-after (exit code 0), SIGINT (130), SIGTERM (143)."""
+
+    def __init__(self, msg, code=0):
+        super().__init__(msg)
+        self.code = code
+
+
+class NonFinite(Exception):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def build_parser():
+    """One flag per Args field, help = its comment; defaults are None so that the preset fills the rest."""
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Args), flags=re.M))
+    parser = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        paper, toy = (PRESETS[p].get(f.name, f.default) for p in ("paper_voc", "toy"))
+        kw = dict(default=None, help=f"{comments.get(f.name, '')} [paper: {paper}; toy: {toy}]".replace("%", "%%"))
+        if isinstance(f.default, bool):
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kw.update(type=type(f.default[0] if isinstance(f.default, tuple) else f.default),
+                      choices={**COMMON_CHOICES, **CHOICES}.get(f.name), nargs="+" if isinstance(f.default, tuple) else None)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return parser
+
+
+def args_from(values):
+    """Args from a dict (args.json, a checkpoint): unknown keys dropped, lists made tuples."""
+    names = {f.name for f in dataclasses.fields(Args)}
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def parse_args(argv=None):
+    """Command line > preset > Args default -> (args, spec). --resume continues with the run's own args.json
+    (only RUNTIME_FLAGS may change); --eval-only starts from the configuration stored in --ckpt."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()
+             if v is not None}
+    if given.get("resume"):
+        run_dir = Path(given["resume"])
+        check((run_dir / "args.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file(),
+              f"--resume {run_dir}: no args.json and checkpoints/last.pt there; give the folder of an earlier run")
+        values = dataclasses.asdict(args_from(json.loads((run_dir / "args.json").read_text())))
+        for k, v in given.items():
+            check(k in RUNTIME_FLAGS or values[k] == v, f"--resume keeps the run's configuration; drop --{k.replace('_', '-')}")
+        values.update(given, stop_after=given.get("stop_after", 0))  # a stop is for one process, not the run
+    else:
+        spec = data.resolve_data(given.get("data", Args.data))
+        auto_toy = given.get("preset", "auto") == "auto" and spec.name == "toy"
+        preset = "toy" if given.get("preset") == "toy" or auto_toy else f"paper_{spec.dataset}"
+        values = {**dataclasses.asdict(Args()), **PRESETS[preset]}
+        if given.get("eval_only") and given.get("ckpt"):  # the trained networks' configuration
+            values.update(load_run_checkpoint(given["ckpt"], "--ckpt")["args"], out="", resume="", stop_after=0)
+            preset = values["preset"]
+        values.update(given, preset=preset)
+    args = args_from(values)
+    validate_common(args)
+    return args, data.resolve_data(args.data)
+
+
+def in_range(x, spec):
+    """spec: '>0', '>=1', '[0,1]', '(0,1]', '[0,1)', '(0,1)'; any other spec is a bug in LIMITS."""
+    if spec[0] in "[(" and spec[-1] in "])":
+        lo, hi = (float(v) for v in spec[1:-1].split(","))
+        return (x >= lo if spec[0] == "[" else x > lo) and (x <= hi if spec[-1] == "]" else x < hi)
+    if spec.startswith(">="):
+        return x >= float(spec[2:])
+    if spec.startswith(">"):
+        return x > float(spec[1:])
+    raise ValueError(f"LIMITS spec {spec!r}: use '>a', '>=a' or an interval")
+
+
+def validate_common(args):
+    """The checks that every script needs, before anything is written: LIMITS (one per script), files, modes."""
+    for name, spec in {**COMMON_LIMITS, **LIMITS}.items():
+        value = getattr(args, name)
+        check(all(math.isfinite(v) and in_range(v, spec) for v in (value if isinstance(value, tuple) else (value,))),
+              f"--{name.replace('_', '-')} must be {spec}, got {value}")
+    check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is visible; use --device cpu")
+    check(not (args.eval_only and args.resume), "--eval-only and --resume cannot be combined")
+    check(args.ckpt or not args.eval_only, "--eval-only needs --ckpt FILE (checkpoints/last.pt of a finished run)")
+    for flag in ("ckpt", "weights"):
+        check(not getattr(args, flag) or Path(getattr(args, flag)).is_file(), f"--{flag} {getattr(args, flag)}: no such file")
+
+
+def env_world():
+    return int(os.environ.get("WORLD_SIZE", "1"))  # processes (torchrun), also before the process group exists
+
+
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world():
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
 def barrier():
@@ -886,538 +1119,542 @@ def barrier():
         dist.barrier()
 
 
-def seed_everything(seed):
-    # TRY NOT TO MODIFY: seeding (identical in all scripts)
+def broadcast(obj):
+    """Rank 0's (picklable) object on every rank."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_cat(t):
+    """Concatenate (n_rank, ...) tensors over the ranks (n_rank may differ); identity without DDP."""
+    if not dist.is_initialized():
+        return t
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, t.shape[0])
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed, deterministic=False):
+    """Python, numpy and torch RNGs; cuDNN autotuning for the fixed-size crops unless --deterministic."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+
+
+def seed_worker(worker_id):
+    random.seed(torch.initial_seed() % 2**32)  # DataLoader's per-worker seed
+    np.random.seed(torch.initial_seed() % 2**32)
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every global RNG as tensors, strings and numbers, so that checkpoints load with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, torch.tensor(mt), gauss], "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["random"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj, path: Path):
-    tmp = path.with_suffix(".tmp")
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then rename: a crash or SIGKILL mid-write leaves the previous file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-class Logger:
-    def __init__(self, run_dir: Path | None):
-        self.path = run_dir / "log.jsonl" if run_dir is not None and is_main() else None
-
-    def log(self, record: dict, echo: str | None = None):
-        if not is_main():
-            return
-        if echo:
-            print(echo, flush=True)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def load_checkpoint(path, what):
+    """torch.load(weights_only=True): tensors, numbers, strings, lists and dicts, never code; errors in one line."""
+    check(Path(path).is_file(), f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused objects, truncated or foreign files
+        if "GLOBAL" in str(e):
+            fail(f"{what} {path} refused: it holds Python objects that could run code when loaded; give a plain state dict")
+        fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no decay for 1-D parameters, position embeddings and class tokens (timm)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or "pos_embed" in name or "cls_token" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def load_run_checkpoint(path, what):
+    """checkpoints/last.pt of a run of this script."""
+    ckpt = load_checkpoint(path, what)
+    check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
+          f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
+    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    return ckpt
 
 
-def cosine_lr(it, ipe, total, args):
-    """timm CosineLRScheduler stepped per epoch: linear warm-up from warmup_lr, then cosine to min_lr."""
-    epoch, epochs = it // ipe, max(1, math.ceil(total / ipe))
-    if epoch < args.warmup_epochs:
-        return args.warmup_lr + epoch * (args.lr - args.warmup_lr) / args.warmup_epochs
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+def state_dict_of(obj, what):
+    """The tensors of a weights file: a state dict, maybe under 'state_dict' / 'model', without DDP's 'module.'."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
+        obj = obj.get("state_dict", obj.get("model"))
+    check(isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()), f"{what} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def poly_lr(it, total, base, power=0.9):
-    return base * (1 - it / total) ** power
+def load_weights(module, state, what, ignore=()):
+    """load_state_dict, failing in one line when keys or shapes do not fit (another method, backbone or number
+    of classes); keys starting with one of `ignore` (an ImageNet classifier) are dropped first."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))} if ignore else state
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    check(not missing and not unexpected, f"{what} does not fit {type(module).__name__}: {len(missing)} missing keys "
+          f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}; saved for another method or backbone?")
+    for k in own:
+        check(own[k].shape == state[k].shape,
+              f"{what} does not fit: {k} is {tuple(state[k].shape)}, needs {tuple(own[k].shape)} (another number of classes?)")
+    module.load_state_dict(state)
 
 
-class Interrupted(Exception):
-    pass
+def timm_model(name, pretrained, **kwargs):
+    """timm.create_model; without internet or cache --pretrained fails in one line that names the alternatives."""
+    check(timm.is_model(name), f"unknown timm model '{name}'; pick one from timm.list_models()")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    import huggingface_hub
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter before our one line
+    try:  # an unreachable hub: read the cache at once instead of after a minute of retries
+        socket.create_connection((urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname, 443), 3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        fail(f"no ImageNet weights for '{name}' ({type(e).__name__}): the hub is unreachable and they are not in the "
+             f"cache {huggingface_hub.constants.HF_HUB_CACHE}; pass --weights FILE --no-pretrained, or connect once")
 
 
-def train_loop(ctx, stage, model, optimizer, dataset, batch_size, total, lr_fn, step_fn):
-    """Epoch loop with DistributedSampler, resumable at any iteration: the sampler order depends on
-    (seed, epoch) only and the batches already done in the current epoch are skipped."""
-    args, device, run_dir = ctx["args"], ctx["device"], ctx["run_dir"]
-    ws, rank = world()
-    per_rank = batch_size // ws
-    ipe = len(dataset) // batch_size
-    if ipe == 0:
-        fail(f"the training split has {len(dataset)} images, fewer than --batch-size {batch_size}")
-    start = 0
-    ck = ctx.get("resume_ckpt")
-    if ck is not None and ck["stage"] == stage:
-        model_to_load = model.module if hasattr(model, "module") else model
-        model_to_load.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"])
-        start = ck["iteration"]
-        ctx["resume_ckpt"] = None
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx["amp"])
-    net = model.module if hasattr(model, "module") else model
-    it = start
-    bar = tqdm(total=total, initial=start, desc=stage, disable=not is_main(), mininterval=5)
-    while it < total:
-        epoch = it // ipe
-        dataset.set_epoch(epoch)
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=ws, rank=rank, shuffle=True,
-                                                      seed=args.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[(it - epoch * ipe) * per_rank:ipe * per_rank]
-        gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=order, drop_last=True,
-                                             num_workers=args.workers, generator=gen,
-                                             worker_init_fn=lambda w: seed_everything(args.seed + 1000 * epoch + w))
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            lr = lr_fn(it, ipe, epoch)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_mult", 1.0)
-            model.train()
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=ctx["amp"]):
-                losses = step_fn(model, batch, epoch)
-            for name, value in losses.items():
-                if not torch.isfinite(value):
-                    sys.stderr.write(f"{METHOD}.py: non-finite loss losses/{name} = {value.item()} at {stage} "
-                                     f"iteration {it}; lower the learning rate or check the inputs\n")
-                    sys.exit(1)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            it += 1
+@contextlib.contextmanager
+def run_guard():
+    """How every run ends: bad data -> one line, exit 2; a stop -> the --resume command, exit 0 / 130 / 143;
+    a non-finite loss -> exit 1; signal handlers and the process group restored in every case."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except data.DataError as e:
+        fail(str(e))
+    except NonFinite as e:
+        fail(str(e), code=1)
+    except StopRun as e:
+        if is_main():
+            print(e, flush=True)
+        if e.code:
+            raise SystemExit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, the last complete one still resumes
+        fail("interrupted at once; checkpoints/last.pt (if any) still resumes the run with --resume RUN_DIR", 130)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Context:
+    """One process of a run: args, data, device, DDP rank, run folder, log, stages, checkpoints and clock.
+    state (saved in checkpoints/last.pt): the stage in progress and its iteration, the finished stages with
+    their facts, all results so far, the seconds spent over resumes."""
+
+    def __init__(self, args, spec):
+        self.args, self.spec, self.splits = args, spec, data.default_splits(spec)
+        self.world, self.rank = env_world(), int(os.environ.get("RANK", "0"))
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():  # rank-0-only stages may keep the others waiting for hours
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+        self.main, self.amp = self.rank == 0, args.amp and cuda
+        if args.amp and not cuda and self.main:
+            print("note: --amp is ignored on CPU (bf16 autocast is CUDA-only)")
+        seed_everything(args.seed, args.deterministic)
+        self.state = {"stage": "", "iteration": 0, "done": {}, "results": {}, "seconds": 0.0, "stage_start": 0.0,
+                      "stage_seconds": {}}
+        self.payload, self.weights, self.rng, self.signal, self.iters_this_process = {}, {}, None, 0, 0
+        self.run_dir, self.t0 = None, time.time()
+
+    def start(self):
+        """The run folder (never an existing non-empty one) or, with --resume, the state of the stopped run; from
+        here on SIGINT / SIGTERM stop at the next step with a checkpoint. Call it once the inputs are validated."""
+        args = self.args
+        if args.resume:
+            self.run_dir = Path(args.resume)
+            ckpt = load_run_checkpoint(self.run_dir / "checkpoints" / "last.pt", "--resume")
+            self.state, self.payload, self.weights, self.rng = ckpt["state"], ckpt["payload"], ckpt["weights"], ckpt["rng"]
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(args.out) if args.out else data.REPO_ROOT / "runs" / METHOD / f"{self.spec.name}-{stamp}"
+            check(not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())),
+                  f"--out {run_dir} exists and is not empty; choose a new folder or --resume it")
+            self.run_dir = Path(broadcast(str(run_dir)))  # rank 0's clock names the folder
+            barrier()  # every rank has checked the folder before rank 0 creates it
+            if self.main:
+                for sub in ("checkpoints", "vis", "pseudo_labels"):
+                    (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        self.t0 = time.time()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.on_signal)
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.main:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again: at once)",
+                  file=sys.stderr, flush=True)
+
+    def reseed(self, salt):
+        """Each stage starts from its own seed: a run resumed at a stage boundary matches an uninterrupted one."""
+        seed_everything(self.args.seed * 1000 + salt, self.args.deterministic)
+
+    def seconds(self):
+        return self.state["seconds"] + time.time() - self.t0
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun (unused parameters allowed: switches turn heads off)."""
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return model if self.world == 1 else nn.parallel.DistributedDataParallel(model, ids, find_unused_parameters=True)
+
+    @property
+    def results(self):
+        return self.state["results"]
+
+    def log(self, record, echo=False):
+        if self.main:
+            record = {**record, "time": round(self.seconds(), 1)}
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+            if echo:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def save(self, stage="", iteration=0, payload=None):
+        """checkpoints/last.pt (rank 0): run state, the modules of the stage in progress, RNGs, final weights."""
+        self.state.update(stage=stage, iteration=iteration, seconds=self.seconds())
+        self.t0 = time.time()
+        if self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+                "format": CKPT_FORMAT, "method": METHOD, "args": dataclasses.asdict(self.args), "state": self.state,
+                "payload": payload or {}, "rng": rng_state(), "weights": self.weights})
+
+    def done(self, stage):
+        return stage in self.state["done"]
+
+    def finish_stage(self, stage, results=None, weights=None, final=False, **facts):
+        """A finished stage: rank 0's results (broadcast) join metrics.json, its weights go to checkpoints/<stage>.pt
+        (final=True: into last.pt, which --eval-only reads), and a resumed run skips the stage."""
+        results, facts = broadcast((results or {}, facts))
+        self.state["results"].update(results)
+        self.state["done"][stage] = facts
+        self.state["stage_seconds"][stage] = round(self.seconds() - self.state["stage_start"], 1)
+        self.state["stage_start"] = self.seconds()
+        if weights is not None and final:
+            self.weights = weights
+        elif weights is not None and self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / f"{stage}.pt", weights)
+        self.save()
+        barrier()
+        self.check_signal(f"after stage {stage}")
+
+    def stage_weights(self, stage):
+        """The weights a finished stage left (for a resumed run, a later stage or --eval-only)."""
+        path = self.run_dir / "checkpoints" / f"{stage}.pt"
+        return load_checkpoint(path, f"stage '{stage}' weights") if path.is_file() else self.weights
+
+    def final_weights(self):
+        """The trained networks: from --ckpt under --eval-only, else from this run's final stage."""
+        weights = load_run_checkpoint(self.args.ckpt, "--ckpt")["weights"] if self.args.eval_only else self.weights
+        check(weights, f"--ckpt {self.args.ckpt} holds no trained networks: that run had not finished")
+        return weights
+
+    def check_signal(self, where):
+        """Outside a training loop a Ctrl-C stops here; the last checkpoint (the stage's start) resumes."""
+        if self.signal:
+            raise StopRun(self.stop_message(f"{signal.Signals(self.signal).name} {where}"), 128 + self.signal)
+
+    def stop_message(self, why):
+        return f"stopped ({why}); continue with: python {METHOD}.py --resume {self.run_dir}"
+
+    def stop_code(self):
+        """0 = go on, 1 = --stop-after reached, 130 / 143 = SIGINT / SIGTERM; the same on every rank."""
+        code = 128 + self.signal if self.signal else int(0 < self.args.stop_after <= self.iters_this_process)
+        if self.world > 1:
+            t = torch.tensor([code], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return code
+
+
+class EpochData(torch.utils.data.Dataset):
+    """Index k = epoch * len + i -> dataset[i] at that epoch (then fn(sample) if given): augmentations depend on
+    (seed, epoch, i) only (common.data.SegDataset), in persistent DataLoader workers too."""
+
+    def __init__(self, dataset, fn=None):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self.dataset))
+        getattr(self.dataset, "set_epoch", int)(epoch)
+        return self.dataset[i] if self.fn is None else self.fn(self.dataset[i])
+
+    @staticmethod
+    def keep(sample):  # no collation: samples stay numpy arrays
+        return sample
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's per-epoch shuffle (drop_last), seeded by (seed, epoch) only, able to start at batch
+    `skip`: a resumed run reads exactly the batches the uninterrupted run would have read."""
+
+    def __init__(self, n, indices, per_rank, rank, world, seed):
+        self.n, self.indices, self.per_rank, self.rank, self.world, self.seed = n, indices, per_rank, rank, world, seed
+        self.per_epoch, self.epoch, self.skip = len(indices) // (per_rank * world), 0, 0
+
+    def __len__(self):
+        return (self.per_epoch - self.skip) * self.per_rank
+
+    def __iter__(self):
+        order = np.random.default_rng((*self.seed, self.epoch)).permutation(len(self.indices))
+        mine = order[:self.per_epoch * self.per_rank * self.world][self.rank::self.world][self.skip * self.per_rank:]
+        return iter([self.epoch * self.n + int(self.indices[j]) for j in mine])
+
+
+def to_device(batch, device):
+    """Tensors (in dicts) to the device; from pinned memory the copy is asynchronous."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def train_loop(ctx, stage, datasets, batch_size, total_iters, step, modules, lr=None, salt=0, indices=None):
+    """The loop of every training stage. datasets: one dataset, or {name: dataset} read in lockstep (batch =
+    {name: batch}); batch_size is global; step(batch, it) is the paper's update and returns {name: float} for the
+    log; modules {name: object with state_dict()} go into checkpoints/last.pt every --ckpt-every and come back
+    on --resume; lr(it) scales each optimizer group's initial lr. --stop-after, SIGINT and SIGTERM end the
+    current step, write the checkpoint and raise StopRun."""
+    args, named = ctx.args, datasets if isinstance(datasets, dict) else {"": datasets}
+    per_rank = batch_size // ctx.world
+    samplers = [EpochSampler(len(ds), range(len(ds)) if indices is None else indices, per_rank, ctx.rank, ctx.world,
+                             (args.seed, salt, j)) for j, ds in enumerate(named.values())]
+    per_epoch = min(s.per_epoch for s in samplers)
+    check(per_epoch > 0, f"{stage}: fewer training images than one batch of {batch_size}; lower the batch size")
+    loaders = [torch.utils.data.DataLoader(EpochData(ds), per_rank, sampler=s, num_workers=args.workers, drop_last=True,
+                                           pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
+                                           worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
+               for s, ds in zip(samplers, named.values())]  # own generator: iter() draws no global random number
+    optimizers = [m for m in modules.values() if isinstance(m, torch.optim.Optimizer)]
+    for g in (g for opt in optimizers for g in opt.param_groups):
+        g.setdefault("initial_lr", g["lr"])
+    it = 0
+    if ctx.state["stage"] == stage and ctx.payload:  # --resume inside this stage
+        for name, module in modules.items():
+            module.load_state_dict(ctx.payload[name])
+        it, ctx.payload = ctx.state["iteration"], {}
+        set_rng_state(ctx.rng)
+    groups = [g for opt in optimizers for g in opt.param_groups]  # after load_state_dict, which replaces them
+    running = collections.defaultdict(list)
+    bar = tqdm(total=total_iters, initial=it, desc=stage, disable=not ctx.main, mininterval=5, leave=False)
+    while it < total_iters:
+        epoch, skip = divmod(it, per_epoch)
+        for s in samplers:
+            s.epoch, s.skip = epoch, skip
+        streams = [iter(loader) for loader in loaders]
+        for _ in range(min(per_epoch - skip, total_iters - it)):
+            t0 = time.perf_counter()
+            batch = [to_device(next(s), ctx.device) for s in streams]
+            batch, t1 = dict(zip(named, batch)) if isinstance(datasets, dict) else batch[0], time.perf_counter()
+            for g in groups:
+                g["lr"] = g["initial_lr"] * (lr(it) if lr else 1.0)
+            for key, value in step(batch, it).items():
+                running[key].append(value)
+            running["time/data"].append(t1 - t0)
+            running["time/step"].append(time.perf_counter() - t1)
+            it, ctx.iters_this_process = it + 1, ctx.iters_this_process + 1
             bar.update(1)
-            if it % 20 == 0 or it == total:
-                rec = {"stage": stage, "iteration": it, "epoch": epoch, "lr": lr,
-                       **{f"losses/{k}": round(float(v.detach()), 6) for k, v in losses.items()}}
-                ctx["logger"].log(rec)
-                bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in losses.items()}, refresh=False)
-            ctx["iters_this_run"] = ctx.get("iters_this_run", 0) + 1
-            stop = args.stop_after is not None and ctx["iters_this_run"] >= args.stop_after
-            if it % args.ckpt_every == 0 or stop or it == total:
-                save_progress(ctx, stage, it, net, optimizer)
-            if stop:
-                raise Interrupted(f"{stage} iteration {it}")
-            if it >= total:
-                break
+            if it % args.log_every == 0 or it == total_iters:
+                ctx.log({"stage": stage, "iteration": it, "epoch": epoch, "lr": groups[0]["lr"] if groups else 0.0,
+                         **{k: float(np.mean(v)) for k, v in running.items()}}, echo=True)
+                running.clear()
+            code = ctx.stop_code()
+            if it % args.ckpt_every == 0 or code:
+                ctx.save(stage, it, {name: module.state_dict() for name, module in modules.items()})
+            if code:
+                bar.close()
+                why = "--stop-after" if code == 1 else signal.Signals(code - 128).name
+                raise StopRun(ctx.stop_message(f"{why} at iteration {it} of stage {stage}"), 0 if code == 1 else code)
     bar.close()
 
 
-def save_progress(ctx, stage, it, net, optimizer):
-    if not is_main() or ctx["run_dir"] is None:
+def check_finite(losses, it):
+    """A non-finite loss stops training with its name and iteration (exit code 1)."""
+    for key, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"{key} is not finite ({float(value)}) at iteration {it}; lower --lr or check the data")
+
+
+def each_sample(ctx, dataset, desc, fn=None, shard=False, limit=0):
+    """Every sample of `dataset` (the first `limit`), read by --workers DataLoader workers; fn(sample) runs in
+    the workers (CPU work such as CRFs; no CUDA there) and its result is yielded. shard: this rank's share only."""
+    order = list(range(min(limit or len(dataset), len(dataset))))
+    order = order[ctx.rank::ctx.world] if shard else order
+    loader = torch.utils.data.DataLoader(EpochData(dataset, fn), batch_size=None, sampler=order,
+                                         num_workers=ctx.args.workers, collate_fn=EpochData.keep, worker_init_fn=seed_worker,
+                                         generator=torch.Generator().manual_seed(ctx.args.seed))
+    for out in tqdm(loader, total=len(order), desc=desc, disable=not ctx.main, mininterval=5, leave=False):
+        ctx.check_signal(f"during {desc}")
+        yield out
+
+
+def poly_lr(it, total, power=0.9):
+    return max(0.0, 1.0 - it / total) ** power  # polynomial decay factor
+
+
+def warmup_lr(it, warmup, start=0.0):
+    return 1.0 if it >= warmup else start + (1.0 - start) * it / warmup  # linear warm-up factor, start -> 1
+
+
+def cosine_lr(it, total, final=0.0):
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))  # 1 -> final
+
+
+def miou_entry(result, class_names, **extra):
+    """common.miou fractions -> metrics.json percentages; NaN (class absent from GT and prediction) -> null."""
+    iou = {n: None if not np.isfinite(v) else round(100 * float(v), 2) for n, v in zip(class_names, result["iou"])}
+    return {"miou": round(100 * float(result["miou"]), 2), "iou": iou, **extra}
+
+
+def write_metrics(ctx, **extra):
+    """metrics.json (written atomically) and the summary; the last line printed is the RESULT line."""
+    if not ctx.main:
         return
-    atomic_save({"stage": stage, "iteration": it, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": rng_state(), "done": ctx["done"], "args": dataclasses.asdict(ctx["args"])},
-                ctx["run_dir"] / "checkpoints" / "last.pt")
+    metrics = {"method": METHOD, "dataset": ctx.spec.name, "preset": ctx.args.preset, "supervision": ctx.args.supervision,
+               "device": ctx.device.type, "seconds": round(ctx.seconds(), 1), "stage_seconds": ctx.state["stage_seconds"],
+               "primary": "seg/val", **extra, "results": ctx.results}
+    (ctx.run_dir / "metrics.json.tmp").write_text(json.dumps(metrics, indent=1, default=float))
+    os.replace(ctx.run_dir / "metrics.json.tmp", ctx.run_dir / "metrics.json")
+    for key, value in ctx.results.items():
+        print(f"{key}: mIoU={value['miou']:.2f}" + (f" (threshold {value['threshold']})" if "threshold" in value else ""))
+    print(f"run folder: {ctx.run_dir}  ({metrics['seconds']:.1f} s)")
+    seg = ctx.results.get("seg/val")
+    print(f"RESULT {METHOD} seg/val mIoU=" + (f"{seg['miou']:.2f}" if seg else "n/a (this run has no segmentation stage)"))
 
 
-def finish_stage(ctx, stage, results=None, weights=None):
-    """Record a completed stage (its results and, for trained networks, a weights file)."""
-    ctx["done"][stage] = results or {}
-    if is_main() and ctx["run_dir"] is not None:
-        if weights is not None:
-            atomic_save(weights, ctx["run_dir"] / "checkpoints" / f"{stage}.pt")
-        atomic_save({"stage": stage, "iteration": 0, "done": ctx["done"], "args": dataclasses.asdict(ctx["args"])},
-                    ctx["run_dir"] / "checkpoints" / "last.pt")
-    barrier()
+def colour_labels(mask):
+    return data.voc_palette()[mask]  # (H, W) labels -> (H, W, 3) VOC colours, 255 = ignore in its own colour
 
 
-def wrap_ddp(model, device):
-    if dist.is_initialized():
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+def colour_cam(cam):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 blue-to-red heat map."""
+    c = np.clip(np.nan_to_num(cam), 0, 1)[..., None]
+    return (255 * np.clip(1.5 - np.abs(4 * c - np.array([3, 2, 1])), 0, 1)).astype(np.uint8)
 
 
-def train_classifier(ctx, stage, csd_on, prior_dir=None):
-    """Stage 1 (csd_on=False) or stage 2: MCTformer-V2 from its (ImageNet or random) initialisation."""
-    args, spec, device = ctx["args"], ctx["spec"], ctx["device"]
-    seed_everything(args.seed)  # the same initialisation in both stages: a paired comparison
-    model = MCTformerV2(args, ctx["num_classes"] - 1).to(device)
-    K = ctx["num_classes"] - 1
-    transform = CSDTransform(args)
-    if csd_on:
-        prior_key = "mask" if args.prior == "gt" else "prior"
-        raw = data.SegDataset(spec.root, ctx["splits"]["train"], dataset=spec.dataset,
-                              extra_dirs=None if prior_key == "mask" else {"prior": prior_dir})
-        labels = ctx["train_labels"]
-        P = cooccurrence_matrix(cooccurrence_counts(labels, args.cor_smoothing), args.cor_norm)  # Eq. (1)
-        transform = CSDTransform(args, raw, labels, P, prior_key)
-        ctx["logger"].log({"stage": stage, "cooccurrence_P": np.round(P, 4).tolist()})
-    ds = data.SegDataset(spec.root, ctx["splits"]["train"], dataset=spec.dataset, transform=transform, seed=args.seed)
-    ipe = len(ds) // args.batch_size
-    total = args.max_iters if args.max_iters is not None else args.epochs * max(ipe, 1)  # Deviation 11
-    ddp_model = wrap_ddp(model, device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
-
-    def step(m, batch, epoch):
-        return csd_step(m, batch, args, K, csd_active=csd_on and epoch >= args.csd_warmup)
-
-    train_loop(ctx, stage, ddp_model, optimizer, ds, args.batch_size, total,
-               lambda it, ipe_, ep: cosine_lr(it, ipe_, total, args), step)
-    return model
+def save_grid(path, rows, captions, cell=128):
+    """A picture that explains itself: one row per image, one captioned column per panel (image | CAM | ...);
+    each (H, W, 3) uint8 tile is scaled to fit a cell x cell square."""
+    grid = Image.new("RGB", (cell * len(captions), 16 + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, caption in enumerate(captions):
+        draw.text((c * cell + 3, 2), caption, fill=(0, 0, 0), font=ImageFont.load_default())
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            im = Image.fromarray(np.ascontiguousarray(tile))
+            scale = cell / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            grid.paste(im.resize(size, Image.NEAREST if scale >= 1 else Image.BOX), (c * cell, 16 + r * cell))
+    grid.save(path)
+# === End of infrastructure ===
 
 
-def train_segmentation(ctx, mask_dir):
-    args, spec, device = ctx["args"], ctx["spec"], ctx["device"]
-    seed_everything(args.seed + 2)
-    model = SegNet(args, ctx["num_classes"]).to(device)
-    ds = data.SegDataset(spec.root, ctx["splits"]["train"], dataset=spec.dataset, extra_dirs={"pseudo": mask_dir},
-                         transform=SegTransform(args.seg_crop), seed=args.seed + 2)
-    total = args.max_iters if args.max_iters is not None else args.seg_iters
-    if args.seg_optimizer == "sgd":  # DeepLab-v2: 10x lr for the classifier
-        groups = [{"params": model.backbone.parameters(), "lr_mult": 1.0},
-                  {"params": model.aspp.parameters(), "lr_mult": 10.0}]
-        optimizer = torch.optim.SGD(groups, lr=args.seg_lr, momentum=0.9, weight_decay=5e-4)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.seg_lr, weight_decay=0.01)
-    ddp_model = wrap_ddp(model, device)
-
-    def step(m, batch, epoch):
-        loss = F.cross_entropy(m(batch["image"]), batch["target"], ignore_index=data.IGNORE_INDEX)
-        return {"total": loss, "seg": loss}
-
-    train_loop(ctx, "seg", ddp_model, optimizer, ds, args.seg_batch, total,
-               lambda it, ipe, ep: poly_lr(it, total, args.seg_lr), step)
-    return model
-
-
-# =============================================================================================
-# Evaluation helpers, visualisation
-# =============================================================================================
-def pct(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(100.0 * float(x), 2)
-
-
-def result_entry(res, class_names, **extra):
-    iou = {n: pct(v) for n, v in zip(class_names, res["iou"]) if not np.isnan(v)}
-    return {"miou": pct(res["miou"]), "iou": iou, **extra}
-
-
-def save_vis(ctx, classifier, segnet, ds, mask_dir, n=4):
-    """vis/seed_split.png rows: image | CAM heat-map | pseudo label | prediction | ground truth."""
-    args, device = ctx["args"], ctx["device"]
-    pal = data.voc_palette()
-    rows = []
-    for i in range(min(n, len(ds))):
-        s = ds.load(i)
-        cam = seed_map(classifier, s["image"], s["label"], args, device).max(0)
-        heat = (np.stack([cam, cam * 0.5, 1 - cam], -1) * 255).astype(np.uint8)
-        mask_path = mask_dir / f"{s['name']}.png"
-        pseudo = pal[data.read_mask(mask_path)] if mask_path.is_file() else np.zeros_like(s["image"])
-        pred = pal[seg_predict(segnet, s["image"], device, segnet.stride)]
-        tiles = [s["image"], heat, pseudo, pred, pal[s["mask"]]]
-        tiles = [np.asarray(Image.fromarray(t).resize((128, 128), Image.NEAREST)) for t in tiles]
-        rows.append(np.concatenate(tiles, 1))
-    if rows:
-        (ctx["run_dir"] / "vis").mkdir(exist_ok=True)
-        Image.fromarray(np.concatenate(rows, 0)).save(ctx["run_dir"] / "vis" / "seed_split.png")
-
-
-# =============================================================================================
+# ==================================================================================================
 # Main
-# =============================================================================================
-def validate(args: Args, spec):
-    """Everything that can be wrong with the command line, checked before any file is written."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was given but no CUDA GPU is available; use --device cpu")
-    for name in (args.backbone, args.seg_backbone):
-        if not timm.is_model(name):
-            fail(f"unknown timm model '{name}'; pick one from timm.list_models() (e.g. deit_small_patch16_224)")
-    positive = dict(patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-                    crop_size=args.crop_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    seg_crop=args.seg_crop, seg_batch=args.seg_batch, seg_iters=args.seg_iters, seg_lr=args.seg_lr,
-                    kl_temp=args.kl_temp, ckpt_every=args.ckpt_every)
-    for k, v in positive.items():
-        if not v > 0:
-            fail(f"--{k.replace('_', '-')} must be > 0, got {v}")
-    for k in ("lambda_fg", "lambda_bg", "weight_decay", "min_lr", "warmup_lr", "drop_path", "cor_smoothing"):
-        v = getattr(args, k)
-        if not (v >= 0 and math.isfinite(v)):
-            fail(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}")
-    for k in ("max_iters", "stop_after"):
-        v = getattr(args, k)
-        if v is not None and v < 1:
-            fail(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-    if args.crop_size % args.patch_size:
-        fail(f"--crop-size {args.crop_size} must be a multiple of --patch-size {args.patch_size}")
-    if args.embed_dim % args.num_heads:
-        fail(f"--embed-dim {args.embed_dim} must be divisible by --num-heads {args.num_heads}")
-    if not 1 <= args.layer_index <= args.depth:
-        fail(f"--layer-index must be in 1..--depth ({args.depth}), got {args.layer_index}")
-    if not 0.0 <= args.sweep_max < 1.0:
-        fail(f"--sweep-max must be in [0, 1), got {args.sweep_max}")
-    if args.csd_resize < args.crop_size:
-        fail(f"--csd-resize {args.csd_resize} must be >= --crop-size {args.crop_size}")
-    if args.teacher_conf_thr is not None and not 0 <= args.teacher_conf_thr < 1:
-        fail(f"--teacher-conf-thr must be in [0, 1), got {args.teacher_conf_thr}")
-    if args.prior_threshold != "best":
-        try:
-            t = float(args.prior_threshold)
-        except ValueError:
-            fail(f"--prior-threshold must be 'best' or a number in [0, 1), got '{args.prior_threshold}'")
-        if not 0 <= t < 1:
-            fail(f"--prior-threshold must be in [0, 1), got {t}")
-    if not (args.prior in ("seeds", "gt") or args.prior.startswith("dir:")):
-        fail(f"--prior must be 'seeds', 'gt' or 'dir:PATH', got '{args.prior}'")
-    if args.prior.startswith("dir:") and not Path(args.prior[4:]).is_dir():
-        fail(f"--prior {args.prior}: folder {args.prior[4:]} does not exist; give a folder of VOC-format <id>.png masks")
-    try:
-        if not all(0 < float(v) <= 4 for v in args.seed_scales.split(",")):
-            raise ValueError
-    except ValueError:
-        fail(f"--seed-scales must be comma-separated numbers in (0, 4], got '{args.seed_scales}'")
-    try:
-        [int(r) for r in args.seg_rates.split(",")]
-    except ValueError:
-        fail(f"--seg-rates must be comma-separated integers, got '{args.seg_rates}'")
-    if args.weights and not Path(args.weights).is_file():
-        fail(f"--weights {args.weights} is not a file; pass a local state dict or use --pretrained (timm download)")
-    if args.eval_only and not args.ckpt:
-        fail("--eval-only needs --ckpt FILE (a final checkpoints/last.pt of a finished run)")
-    if args.ckpt and not Path(args.ckpt).is_file():
-        fail(f"--ckpt {args.ckpt} is not a file")
-    if (args.mask_crf or args.prior_crf) and not crf.available():
-        fail("dense CRF needs pydensecrf (pip install pydensecrf2); or pass --no-mask-crf --no-prior-crf")
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    for k in ("batch_size", "seg_batch"):
-        if getattr(args, k) % ws:
-            fail(f"--{k.replace('_', '-')} {getattr(args, k)} must be divisible by the number of processes ({ws})")
-
-
-def load_resume(run_dir: Path, ns):
-    if not run_dir.is_dir() or not (run_dir / "args.json").is_file():
-        fail(f"--resume {run_dir}: not a run folder (no args.json); give the folder of an interrupted run")
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        fail(f"--resume {run_dir}: no checkpoints/last.pt to continue from; start a new run instead")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        fail(f"--resume {run_dir}: checkpoints/last.pt cannot be read ({type(e).__name__}); start a new run")
-    saved = json.loads((run_dir / "args.json").read_text())
-    args = Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}})
-    for k in RUNTIME_FLAGS:
-        v = getattr(ns, k)
-        if v is not None:
-            setattr(args, k, v)
-    args.resume = str(run_dir)
-    if ns.stop_after is None:
-        args.stop_after = None
-    return args, ck
-
-
-def setup_device(args):
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if ws > 1:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timedelta(hours=3))
-        if want_cuda:
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device("cpu")
-    return torch.device("cuda", 0) if want_cuda else torch.device("cpu")
-
-
+# ==================================================================================================
 def main(argv=None):
-    t0 = time.time()
-    ns = build_parser().parse_args(argv)
-    try:
-        if ns.resume:
-            args, resume_ckpt = load_resume(Path(ns.resume), ns)
-            spec = data.resolve_data(args.data)
-        else:
-            resume_ckpt = None
-            spec = data.resolve_data(ns.data or "toy")
-            args = resolve_args(ns, spec)
-        validate(args, spec)
-        splits = data.default_splits(spec)
-        train_ds = data.SegDataset(spec.root, splits["train"], dataset=spec.dataset)
-        seed_ds = data.SegDataset(spec.root, splits["seed"], dataset=spec.dataset)
-        val_ds = data.SegDataset(spec.root, splits["val"], dataset=spec.dataset)
-        for name, ds in (("train", train_ds), ("seed", seed_ds), ("val", val_ds)):
-            if len(ds) == 0:
-                fail(f"split '{splits[name]}' of {spec.root} is empty; list image ids in ImageSets/Segmentation/{splits[name]}.txt")
-        train_labels = train_ds.labels()
-        if args.csd == "on" and not args.eval_only:
+    """stage1 -> prior -> classifier (stage 2) -> seeds and masks -> seg -> seg/val, into metrics.json."""
+    with run_guard():
+        args, spec = parse_args(argv)
+        validate(args)
+        ctx = Context(args, spec)
+        splits, full = ctx.splits, args.supervision == "full"
+        # data and networks are built (and validated) before anything is written
+        train_set, seed_set, val_set = (data.SegDataset(spec.root, splits[k], dataset=spec.dataset) for k in ("train", "seed", "val"))
+        for k, ds in (("train", train_set), ("seed", seed_set), ("val", val_set)):
+            check(len(ds) > 0, f"split '{splits[k]}' of {spec.root} is empty; list image ids in ImageSets/Segmentation/{splits[k]}.txt")
+        check(len(train_set) >= max(args.batch_size, args.seg_batch), f"the training split has {len(train_set)} images, "
+              f"fewer than one batch (--batch-size {args.batch_size}, --seg-batch {args.seg_batch})")
+        num_classes, train_labels = val_set.num_classes, train_set.labels()
+        if args.csd == "on" and not (args.eval_only or full):
             sources, targets = split_domains(train_labels)
-            if sum(len(s) for s in sources) == 0:
-                fail("CSD needs single-label training images (the source domain) and there are none; use --csd off")
-            if args.target_pool == "multi" and len(targets) == 0:
-                fail("CSD needs multi-label training images (the target domain); use --target-pool all or --csd off")
-    except data.DataError as e:
-        fail(str(e))
-
-    # Run folder: checked by every process BEFORE the process group forms (so no rank sees the folder
-    # rank 0 is about to create), created only after everything above passed.
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        run_dir = Path(args.out) if args.out else data.REPO_ROOT / "runs" / METHOD / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        if run_dir.exists() and any(run_dir.iterdir()):
-            fail(f"output folder {run_dir} is not empty; pass another --out or --resume {run_dir}")
-    device = setup_device(args)
-    amp = bool(args.amp) and device.type == "cuda"
-    if args.amp and not amp and is_main():
-        print("note: --amp is ignored on CPU (training runs in fp32)", flush=True)  # Deviation 10
-    if dist.is_initialized() and not args.out and not args.resume:  # one timestamped folder for all ranks
-        obj = [str(run_dir)]
-        dist.broadcast_object_list(obj, src=0)
-        run_dir = Path(obj[0])
-    if is_main():
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-    barrier()
-    ctx = {"args": args, "spec": spec, "splits": splits, "device": device, "amp": amp, "run_dir": run_dir,
-           "num_classes": train_ds.num_classes, "class_names": list(train_ds.class_names),
-           "train_labels": train_labels, "logger": Logger(run_dir), "resume_ckpt": resume_ckpt,
-           "done": dict(resume_ckpt["done"]) if resume_ckpt else {}}
-    if is_main():
-        print(f"csd: {spec.name} ({spec.dataset}) preset={args.preset} device={device} csd={args.csd} "
-              f"sampling={args.sampling} consistency={args.consistency} run={run_dir}", flush=True)
-    try:
-        results = run_pipeline(ctx, train_ds, seed_ds, val_ds)
-    except Interrupted as e:
-        if is_main():
-            print(f"stopped after {args.stop_after} iterations ({e}); continue with --resume {run_dir}", flush=True)
-        barrier()
-        return
-    except data.DataError as e:
-        fail(str(e))
-    if is_main():
-        metrics = {"method": METHOD, "dataset": spec.name, "preset": args.preset, "device": device.type,
-                   "seconds": round(time.time() - t0, 1),
-                   "primary": "seg/val", "results": results}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        for k, v in results.items():
-            extra = f" (t={v['threshold']})" if "threshold" in v else ""
-            print(f"{k}: mIoU={v['miou']}{extra}", flush=True)
-        print(f"seconds: {metrics['seconds']}")
-        print(f"RESULT {METHOD} seg/val mIoU={results['seg/val']['miou']}", flush=True)
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def run_pipeline(ctx, train_ds, seed_ds, val_ds):
-    """stage1 -> prior -> classifier (stage 2) -> seeds/masks -> seg -> eval; completed stages are
-    taken from the checkpoint on --resume."""
-    args, run_dir, device, names = ctx["args"], ctx["run_dir"], ctx["device"], ctx["class_names"]
-    done, results = ctx["done"], {}
-    split_train, split_seed = ctx["splits"]["train"], ctx["splits"]["seed"]
-    ckpt_dir = run_dir / "checkpoints"
-
-    def load_net(net, stage):
-        net.load_state_dict(torch.load(ckpt_dir / f"{stage}.pt", map_location="cpu", weights_only=False))
-        return net.to(device)
-
-    if args.eval_only:
-        ck = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-        if "model" not in ck or "seg_model" not in ck:
-            fail(f"--ckpt {args.ckpt} is not a final checkpoint (needs the classifier and the segmentation network)")
-        classifier, segnet = MCTformerV2(args, ctx["num_classes"] - 1), SegNet(args, ctx["num_classes"])
-        try:
-            classifier.load_state_dict(ck["model"])
-            segnet.load_state_dict(ck["seg_model"])
-        except RuntimeError:
-            fail(f"--ckpt {args.ckpt} does not match the configured networks; pass the flags/preset of its training run")
-        classifier, segnet = classifier.to(device), segnet.to(device)
-    else:
-        classifier = segnet = None
-
-    # ---- Stage 1 + prior (Sec. 3.2 "Prior Localization Map Obtaining") ----
-    prior_dir = run_dir / "pseudo_labels" / "prior" / split_train
-    if args.prior.startswith("dir:"):
-        prior_dir = Path(args.prior[4:])
-    need_prior = args.csd == "on" and args.prior == "seeds" and not args.eval_only
-    if need_prior and "prior" not in done:
-        if "stage1" in done:
-            base = load_net(MCTformerV2(args, ctx["num_classes"] - 1), "stage1")
-        else:
-            base = train_classifier(ctx, "stage1", csd_on=False)
-            finish_stage(ctx, "stage1", weights=base.state_dict())
-        res = {}
-        if is_main():
-            t = args.prior_threshold
-            cache = compute_maps(base, [train_ds] + ([seed_ds] if t == "best" else []), args, device, "stage-1 maps")
-            if t == "best":  # Deviation 5: the stage-1 threshold is the sweep argmax against GT
-                sweep = evaluate_seeds(cache, seed_ds, args)
-                res = {f"stage1_seed/{split_seed}{k}": v for k, v in seed_results(sweep, names).items()}
-                t = sweep["all"]["best_threshold"]
-            write_labels(cache, train_ds, float(t), prior_dir, args.prior_crf, "prior masks")
-            res["_prior_threshold"] = float(t)
-        finish_stage(ctx, "prior", res)
-        if dist.is_initialized():  # the other ranks need the results recorded by rank 0
-            obj = [done]
-            dist.broadcast_object_list(obj, src=0)
-            ctx["done"] = done = obj[0]
-    for k, v in done.get("prior", {}).items():
-        if not k.startswith("_"):
-            results[k] = v
-
-    # ---- Stage 2: the classifier with CSD (or the plain baseline with --csd off) ----
-    if classifier is None:
-        if "classifier" in done:
-            classifier = load_net(MCTformerV2(args, ctx["num_classes"] - 1), "classifier")
-        else:
-            classifier = train_classifier(ctx, "classifier", csd_on=args.csd == "on", prior_dir=prior_dir)
-            finish_stage(ctx, "classifier", weights=classifier.state_dict())
-
-    # ---- Seeds (full sweep) and masks (seeds + dense CRF) ----
-    mask_dir = run_dir / "pseudo_labels" / "mask" / split_train
-    if "seeds" not in done or args.eval_only:
-        res = {}
-        if is_main():
-            cache = compute_maps(classifier, [train_ds, seed_ds], args, device, "maps")
-            sweep = evaluate_seeds(cache, seed_ds, args)
-            res = {f"seed/{split_seed}{k}": v for k, v in seed_results(sweep, names).items()}
-            t = sweep["all"]["best_threshold"]
-            cm = miou.ConfusionMatrix(ctx["num_classes"])
-            write_labels(cache, train_ds, t, mask_dir, args.mask_crf, "masks", seed_ds.ids, cm)
-            rest = [i for i, name in enumerate(seed_ds.ids) if name not in set(train_ds.ids)]
-            if rest:  # seed-split images outside the training split (not the case for VOC train / train_aug)
-                write_labels(cache, seed_ds, t, run_dir / "pseudo_labels" / "mask" / split_seed, args.mask_crf,
-                             "masks (seed split)", seed_ds.ids, cm, indices=rest)
-            res[f"mask/{split_seed}"] = result_entry(cm.compute(), names, threshold=t, crf=bool(args.mask_crf))
-        finish_stage(ctx, "seeds", res)
-        if dist.is_initialized():
-            obj = [ctx["done"]]
-            dist.broadcast_object_list(obj, src=0)
-            ctx["done"] = done = obj[0]
-    results.update(ctx["done"]["seeds"])
-
-    # ---- Segmentation network on the masks, evaluated on val ----
-    if segnet is None:
-        if "seg" in ctx["done"]:
-            segnet = load_net(SegNet(args, ctx["num_classes"]), "seg")
-        else:
-            segnet = train_segmentation(ctx, mask_dir)
-            finish_stage(ctx, "seg", weights=segnet.state_dict())
-    if is_main():
-        results["seg/val"] = result_entry(evaluate_seg(segnet, val_ds, args, device), names)
-        save_vis(ctx, classifier, segnet, seed_ds, mask_dir)
-        atomic_save({"stage": "done", "iteration": 0, "model": classifier.state_dict(),
-                     "seg_model": segnet.state_dict(), "done": ctx["done"], "args": dataclasses.asdict(args)},
-                    ckpt_dir / "last.pt")
-    return results
+            check(sum(len(s) for s in sources) > 0, "CSD needs single-label training images (the source domain) and there "
+                  "are none; use --csd off")
+            check(args.target_pool != "multi" or len(targets) > 0, "CSD needs multi-label training images (the target "
+                  "domain); use --target-pool all or --csd off")
+        fresh = not (args.resume or args.eval_only)
+        classifier = None if full else build_model(args, num_classes - 1, init_weights=fresh).to(ctx.device)
+        segnet = build_segnet(args, num_classes, init_weights=fresh).to(ctx.device)
+        if args.eval_only:  # the trained networks of --ckpt
+            weights = ctx.final_weights()
+            check(full or "classifier" in weights, f"--ckpt {args.ckpt} holds no classifier (a --supervision full run)")
+            load_weights(segnet, weights["seg"], f"--ckpt {args.ckpt} (segmentation network)")
+            if not full:
+                load_weights(classifier, weights["classifier"], f"--ckpt {args.ckpt} (classifier)")
+        ctx.start()
+        mask_dir = ctx.run_dir / "pseudo_labels" / "mask" / splits["train"]
+        if not (args.eval_only or full):
+            # --- Stage 1 + prior (Sec. 3.2 "Prior Localization Map Obtaining") ---
+            prior_dir = Path(args.prior[4:]) if args.prior.startswith("dir:") else \
+                ctx.run_dir / "pseudo_labels" / "prior" / splits["train"]
+            if args.csd == "on" and args.prior == "seeds" and not ctx.done("prior"):
+                if not ctx.done("stage1"):
+                    base = train_classifier(ctx, "stage1", num_classes, train_labels, csd_on=False)
+                    ctx.finish_stage("stage1", weights={"classifier": base.state_dict()})
+                load_weights(classifier, ctx.stage_weights("stage1")["classifier"], "the stage-1 classifier")
+                res, t = make_labels(ctx, classifier, train_set, seed_set, "prior", args.prior_threshold, args.prior_crf,
+                                     prior_dir) if ctx.main else ({}, 0.0)
+                ctx.finish_stage("prior", results=res, threshold=t)
+            # --- Stage 2: the classifier with CSD (or the plain baseline with --csd off) ---
+            if not ctx.done("classifier"):
+                model = train_classifier(ctx, "classifier", num_classes, train_labels, args.csd == "on", prior_dir)
+                ctx.finish_stage("classifier", weights={"classifier": model.state_dict()})
+            load_weights(classifier, ctx.stage_weights("classifier")["classifier"], "the stage-2 classifier")
+        if not full and (args.eval_only or not ctx.done("seeds")):  # --- seeds (full sweep), masks (+ dense CRF) ---
+            res = make_labels(ctx, classifier, train_set, seed_set, "mask", "best", args.mask_crf, mask_dir)[0] if ctx.main else {}
+            ctx.finish_stage("seeds", results=res)
+        if not args.eval_only:  # --- the segmentation network on the masks (or the ground truth) ---
+            if not ctx.done("seg"):
+                weights = {"seg": train_seg(ctx, num_classes, mask_dir).state_dict()}
+                ctx.finish_stage("seg", weights=weights if full else {**weights, "classifier": classifier.state_dict()},
+                                 final=True)
+            load_weights(segnet, ctx.final_weights()["seg"], "the segmentation network")
+        if ctx.main:
+            ctx.results["seg/val"] = evaluate(ctx, segnet, val_set)
+            save_vis(ctx, classifier, segnet, seed_set, mask_dir)
+        write_metrics(ctx)
 
 
 if __name__ == "__main__":

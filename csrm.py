@@ -21,9 +21,9 @@ Reading guide (paper section -> code):
   Sec. 3.2.3 activation consistency-> restricted_probs(), loss_s2c()
   Sec. 3.2.4 segmentation consist. -> classmix(), entropy(), loss_unsup()
   Sec. 3.2.5 contrastive learning  -> MemoryBank, loss_contrast()
-  Sec. 3.2.6 teacher, total loss   -> ema_update(), csrm_step()
+  Sec. 3.2.6 teacher, total loss   -> build_model(), ema_update(), train_step()
   Sec. 4 setup / schedules         -> PRESETS, aux_weights(), unreliable_ratio(), train_csrm()
-  Sec. 4 inference + verification  -> tta_cams(), make_pseudo_labels(), train_verify()
+  Sec. 4 inference + verification  -> tta_cams(), make_pseudo_labels(), train_verify(), evaluate()
 
 Equation map:
   Eq. (1)  A = C(F(x)), p = sigmoid(GAP(A))               -> CSRMNet.forward()
@@ -39,7 +39,7 @@ Equation map:
   Eq. (11) gamma_t = quantile(H, 1 - alpha_t), mask       -> loss_unsup(), loss_contrast() masks
   Eq. (12) L_u reliable cross-entropy                     -> loss_unsup()
   Eq. (13) L_m InfoNCE with prototypes and bank negatives -> loss_contrast()
-  Eq. (14) L = L_c + L_s + l_s2c L_s2c + l_u L_u + l_m L_m -> csrm_step()
+  Eq. (14) L = L_c + L_s + l_s2c L_s2c + l_u L_u + l_m L_m -> train_step()
 
 Symbols: A cam logits (B,C,h,w); z = GAP(A) cls logits; S seg logits (B,C+1,H,W), S4 the same at
 stride 4; R representations (B,D,H/4,W/4); PL pseudo labels; P_t label-restricted teacher
@@ -83,25 +83,32 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       from 27.3 to 22.6 in 60 steps, at 0.002 to 26.7.
 Run:
   python csrm.py                                   (toy data, CPU, minutes)
-  python csrm.py --data VOC2012 --pretrained       (paper settings, CUDA)
-  python csrm.py --data COCO2014 --pretrained      (paper COCO settings)
+  python csrm.py --data VOC2012                    (paper settings, CUDA)
+  python csrm.py --data COCO2014                   (paper COCO settings)
   python csrm.py --no-s2c --no-u --no-m            (Table 1 row 1: L_s only)
+  python csrm.py --supervision full                (upper bound: the verification DeepLabV3+ on ground-truth masks;
+                                                    CSRM and its pseudo labels are skipped, stage 0 only for --seg-init cam)
+  torchrun --nproc_per_node=4 csrm.py --data VOC2012 --amp
 """
-from __future__ import annotations
-
 import argparse
+import collections
+import contextlib
 import copy
 import dataclasses
+import datetime
 import inspect
 import json
+import logging
 import math
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
-from datetime import datetime
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
@@ -111,7 +118,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from common import augment, crf, data, miou
@@ -119,54 +126,56 @@ from common import augment, crf, data, miou
 METHOD = "csrm"
 
 
-# ----------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Config
-# ----------------------------------------------------------------------------------------------
+# ==================================================================================================
 @dataclass
 class Args:
-    # -- common flags (DESIGN.md)
-    data: str = "toy"  # toy | VOC2012 | COCO2014 | path
-    preset: str = "auto"  # auto | paper | toy
-    out: str = ""  # run folder; default runs/csrm/<data>-<time>
+    # --- common interface (DESIGN.md): the same fields in all five scripts ---
+    data: str = "toy"  # toy | VOC2012 | COCO2014 | a dataset folder (VOC or COCO layout)
+    preset: str = "auto"  # auto = toy on the toy data, paper otherwise; every flag overrides its preset value
+    out: str = ""  # run folder (default runs/<method>/<data>-<time>); an existing non-empty one is never used
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    workers: int = 2  # DataLoader workers
-    amp: bool = False  # CUDA float16 autocast (official: AMP); ignored on CPU
-    resume: str = ""  # RUN_DIR to continue from checkpoints/last.pt
-    eval_only: bool = False  # skip training; needs --ckpt
-    ckpt: str = ""  # checkpoint with a CSRM teacher (and optionally the verification net)
-    pretrained: bool = False  # ImageNet weights through timm for the backbones
-    weights: str = ""  # local state dict for the CSRM/CAM backbone
-    seg_weights: str = ""  # local state dict for the verification backbone
-    max_iters: int = 0  # cap every training stage at N iterations (0 = no cap)
-    stop_after: int = 0  # testing aid: stop as if interrupted after N iterations of this process
-    deterministic: bool = False  # deterministic cuDNN
-    # -- network (Sec. 3.1; card 3)
-    backbone: str = "resnest101e"  # Sec. 5: ResNeSt-101 (VOC ablation), timm resnest101e
+    seed: int = 0  # python, numpy and torch RNGs, the data order and the augmentations
+    workers: int = 4  # DataLoader worker processes
+    amp: bool = False  # bf16 autocast on CUDA; ignored (with a note) on CPU
+    deterministic: bool = False  # deterministic cuDNN kernels (off: cudnn.benchmark autotuning)
+    resume: str = ""  # RUN_DIR: continue an interrupted run from its checkpoints/last.pt
+    eval_only: bool = False  # skip training and evaluate --ckpt
+    ckpt: str = ""  # checkpoints/last.pt of a finished run, for --eval-only
+    pretrained: bool = True  # ImageNet weights through timm (internet once, or a populated cache)
+    weights: str = ""  # a local backbone state dict instead of timm's download
+    supervision: str = "image"  # image: the method (WSSS) | full: ground-truth masks replace its pseudo labels
+    max_iters: int = 0  # > 0: cap every training stage at N iterations (warm-ups are not rescaled)
+    stop_after: int = 0  # > 0: stop as if interrupted after N iterations of this process (testing aid)
+    log_every: int = 50  # iterations between log lines
+    ckpt_every: int = 2000  # iterations between checkpoints/last.pt writes
+    # --- network (Sec. 3.1; card 3) ---
+    backbone: str = "resnest101e"  # Sec. 5: ResNeSt-101 (VOC ablation), timm resnest101e (--weights: its local state dict)
     width: int = 256  # ASPP / decoder channels (DeepLabV3+)
     low_width: int = 48  # low-level projection (DeepLabV3+)
     rep_dim: int = 256  # Sec. 3.1 Eq. (4): 256-d representations
     frozen_stages: int = 1  # official: VOC freezes the stem (1); COCO trains only layer4 (4)
-    init_ckpt: str = ""  # Sec. 3.2.6: external CAM weights {backbone, classifier}; skips stage 0
-    # -- stage 0, plain CAM classifier (PNOC scripts/cam/train_vanilla.py)
+    init_ckpt: str = ""  # Sec. 3.2.6: external CAM weights {backbone, classifier}; skips stage-0 training
+    # --- stage 0, plain CAM classifier (PNOC scripts/cam/train_vanilla.py) ---
     cam_epochs: int = 15  # PNOC: 15 epochs
     cam_batch: int = 32  # PNOC: batch 32
     cam_lr: float = 0.1  # PNOC: lr 0.1, classifier x10, biases x2
-    # -- CSRM training (Sec. 4; card 6)
+    # --- CSRM training (Sec. 4; card 6) ---
     epochs: int = 15  # Sec. 4: 15 epochs
     steps_per_epoch: int = 46  # official runner --max_steps: an "epoch" is 46 steps
     warmup_epochs: int = 1  # Sec. 4 warm-up; official W = 1
     batch_size: int = 32  # Sec. 4: batch 32 per half (32 augmented + 32 plain)
     crop: int = 512  # Sec. 4: 512 x 512
     scale_min: float = 0.625  # official: rescale 320-640 around 512
-    scale_max: float = 1.25
+    scale_max: float = 1.25  # official: rescale 320-640 around 512
     lr: float = 0.007  # Sec. 4: 0.007 pretrained, x10 for new layers
     lr_new_mult: float = 10.0  # Sec. 4: 0.07 for randomly initialised weights
     wd: float = 1e-4  # Sec. 4
     grad_clip: float = 1.0  # official: clip grad norm 1.0
     label_smoothing: float = 0.1  # official: VOC 0.1, COCO 0
     ema: float = 0.99  # official: teacher momentum 0.99
-    # -- loss weights and switches (Eq. (14), Table 1)
+    # --- loss weights and switches (Eq. (14), Table 1) ---
     s2c: bool = True  # Table 1: L_s2c on/off (--no-s2c)
     u: bool = True  # Table 1: L_u on/off (--no-u)
     m: bool = True  # Table 1: L_m on/off (--no-m)
@@ -175,14 +184,14 @@ class Args:
     w_m: float = 1.0  # Sec. 4: lambda_m = 1
     s2c_sigma: float = 0.5  # Eq. (8) sigma_s2c (official --s2c_sigma)
     s2c_ramp_start: float = 0.1  # Sec. 4: "from 10% to 100%"
-    # -- pseudo labels and mixing (Eq. (6); Sec. 4)
+    # --- pseudo labels and mixing (Eq. (6); Sec. 4) ---
     bg_thr: float = 0.05  # Sec. 4: delta_bg
     fg_thr: float = 0.30  # official VOC runner (paper 0.35)
     crf_iters: int = 10  # irn label dCRF
     crf_workers: int = 8  # CPU threads for the per-step dCRFs (official: a CPU pool)
     mix_prob: float = 0.5  # Sec. 4: ClassMix with p 0.5
     unreliable: float = 0.20  # Sec. 4: alpha_0 = 20%, linearly to 0
-    # -- contrastive (Sec. 3.2.5, Eq. (13); official cfg_contra)
+    # --- contrastive (Sec. 3.2.5, Eq. (13); official cfg_contra) ---
     queries: int = 256  # official: 256 queries per class (paper P = 50)
     negatives: int = 50  # official: 50 negatives per query (paper N = 256)
     tau: float = 0.5  # Sec. 4
@@ -193,133 +202,65 @@ class Args:
     bank: int = 30000  # official memobank size
     bank_bg: int = 50000  # official background memobank size
     u2pl_index_quirk: bool = False  # reproduce U2PL's loop-position indexing (card 8.13)
-    # -- inference and evaluation (Sec. 4; card 7)
-    tta_scales: str = "0.5,1,1.5,2"  # Sec. 4 TTA; PNOC scales
-    tta_flip: bool = True
+    # --- inference and evaluation (Sec. 4; card 7) ---
+    tta_scales: tuple = (0.5, 1.0, 1.5, 2.0)  # Sec. 4 TTA; PNOC scales
+    tta_flip: bool = True  # Sec. 4 TTA: horizontal flip too
     pl_thr: float = 0.4  # PNOC make_pseudo_masks: background threshold 0.4
     pl_crf: bool = True  # Table 2: dCRF on the pseudo labels (pseudo_crf/...)
     val_images: int = 1464  # per-epoch validation images of the seed split (official: VOC train)
-    # -- verification (Sec. 4; PNOC scripts/segmentation/train.py)
+    # --- verification (Sec. 4; PNOC scripts/segmentation/train.py) ---
     seg_backbone: str = "resnest269e"  # Table 3: DeepLabV3+ RS-269
+    seg_weights: str = ""  # local state dict for the verification backbone (--seg-init imagenet)
     seg_epochs: int = 50  # Sec. 4: 50 epochs
     seg_batch: int = 32  # Sec. 4: batch 32
     seg_lr: float = 0.007  # Sec. 4: 0.007 (VOC), 0.004 (COCO)
     seg_wd: float = 4e-5  # PNOC segmentation train: 4e-5
-    seg_init: str = "imagenet"  # Sec. 4: ImageNet backbone (timm, --pretrained/--seg-weights); "cam": stage-0 backbone
-    vis: int = 4  # number of val images in vis/ grids
-    ckpt_every: int = 50  # iterations between checkpoints/last.pt
+    seg_init: str = "imagenet"  # Sec. 4: imagenet = timm backbone (--pretrained / --seg-weights) | cam = stage-0 backbone
+    vis: int = 4  # number of val images in vis/val.png
 
 
 PRESETS = {
-    "paper_voc": dict(pretrained=True),  # otherwise the Args defaults are the official VOC settings
-    "paper_coco": dict(
-        pretrained=True, backbone="resnest269e", frozen_stages=4, steps_per_epoch=256, batch_size=16, crop=640,
-        lr=0.004, label_smoothing=0.0, fg_thr=0.40, rank_high=12, seg_lr=0.004, val_images=5000,
-    ),
+    # the Args defaults are the official VOC settings
+    "paper_voc": dict(workers=2, log_every=10, ckpt_every=50),
+    "paper_coco": dict(workers=2, log_every=10, ckpt_every=50, backbone="resnest269e", frozen_stages=4,
+                       steps_per_epoch=256, batch_size=16, crop=640, lr=0.004, label_smoothing=0.0, fg_thr=0.40,
+                       rank_high=12, seg_lr=0.004, val_images=5000),
     "toy": dict(  # card 10, with the learning rates of Deviation 16
-        backbone="resnet18", width=64, low_width=16, rep_dim=32, cam_epochs=3, cam_batch=16,
-        cam_lr=0.05, epochs=4, steps_per_epoch=15, batch_size=4, crop=96, lr=0.002, queries=32,
-        negatives=16, bank=2000, bank_bg=4000, crf_iters=5, crf_workers=0, tta_scales="1",
-        workers=0, val_images=100, seg_backbone="resnet18", seg_epochs=3, seg_batch=16, seg_lr=0.001,
-        seg_wd=1e-4, seg_init="cam",
-    ),
+        pretrained=False, workers=0, log_every=10, ckpt_every=50, backbone="resnet18", width=64, low_width=16,
+        rep_dim=32, cam_epochs=3, cam_batch=16, cam_lr=0.05, epochs=4, steps_per_epoch=15, batch_size=4, crop=96,
+        lr=0.002, queries=32, negatives=16, bank=2000, bank_bg=4000, crf_iters=5, crf_workers=0, tta_scales=(1.0,),
+        val_images=100, seg_backbone="resnet18", seg_epochs=3, seg_batch=16, seg_lr=0.001, seg_wd=1e-4, seg_init="cam"),
 }
+CHOICES = {"seg_init": ("imagenet", "cam")}
+LIMITS = {**dict.fromkeys(("cam_epochs", "cam_batch", "epochs", "steps_per_epoch", "batch_size", "crop", "width",
+                           "low_width", "rep_dim", "queries", "negatives", "bank", "bank_bg", "seg_epochs", "seg_batch",
+                           "rank_low"), ">=1"),
+          **dict.fromkeys(("mix_prob", "unreliable", "s2c_sigma", "s2c_ramp_start", "ema", "label_smoothing", "pl_thr",
+                           "query_conf", "neg_conf", "bg_thr", "fg_thr"), "[0,1]"),
+          **dict.fromkeys(("lr", "cam_lr", "seg_lr", "tau", "lr_new_mult", "scale_min", "tta_scales"), ">0"),
+          **dict.fromkeys(("wd", "seg_wd", "grad_clip", "w_s2c", "w_u", "w_m", "crf_workers", "crf_iters",
+                           "frozen_stages", "val_images", "vis", "warmup_epochs"), ">=0")}
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """Errors are one line on stderr and exit code 2 (DESIGN.md, Errors)."""
-
-    def error(self, message):
-        fail(message)
-
-
-def fail(msg: str, code: int = 2):
-    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def parse_args(argv=None) -> Args:
-    """Argparse built from Args; every flag defaults to None so presets fill what was not given."""
-    p = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    # --help shows each field's source comment from the Args block above
-    helps = dict(re.findall(r"^    (\w+): [^=]+=[^#]*#\s*(.+)$", inspect.getsource(Args), re.M))
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
-        text = helps.get(f.name, "").replace("%", "%%")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            p.add_argument(flag, type=type(f.default), default=None, help=text)
-    ns = vars(p.parse_args(argv))
-    given = {k: v for k, v in ns.items() if v is not None}
-    data_name = given.get("data", Args.data)
-    preset = given.get("preset", "auto")
-    if preset not in ("auto", "paper", "toy"):
-        fail(f"--preset must be auto, paper or toy, got {preset!r}")
-    if preset == "auto":
-        preset = "toy" if data_name == "toy" else "paper"
-    if preset == "paper":
-        coco = data_name.upper().startswith("COCO") or (Path(data_name) / "train2014").is_dir()
-        preset = "paper_coco" if coco else "paper_voc"
-    args = Args(**{**PRESETS[preset], **given})
-    args.preset = preset
-    return args
-
-
-def check_args(args: Args) -> None:
-    """Everything checkable before the run folder exists (DESIGN.md, Errors)."""
-    def check(cond, msg):
-        if not cond:
-            fail(msg)
-    check(args.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda")
-    check(not (args.device == "cuda" and not torch.cuda.is_available()),
-          "--device cuda was given but no CUDA device is available; use --device cpu")
-    for name in (args.backbone, args.seg_backbone):
-        check(timm.is_model(name), f"unknown timm backbone {name!r}; pick one from timm.list_models()")
-    for k in ("cam_epochs", "cam_batch", "epochs", "steps_per_epoch", "batch_size", "crop", "width",
-              "low_width", "rep_dim", "queries", "negatives", "bank", "bank_bg", "seg_epochs", "seg_batch"):
-        check(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be >= 1")
+def validate(args):
+    """The relations that LIMITS cannot express."""
     check(args.crop % 16 == 0, f"--crop must be a multiple of 16 (output stride), got {args.crop}")
-    check(0 <= args.warmup_epochs < args.epochs, "--warmup-epochs must be in [0, --epochs)")
-    check(0 < args.scale_min <= args.scale_max, "need 0 < --scale-min <= --scale-max")
-    check(0 <= args.bg_thr < args.fg_thr <= 1, "need 0 <= --bg-thr < --fg-thr <= 1 (Eq. (6))")
-    for k in ("mix_prob", "unreliable", "s2c_sigma", "s2c_ramp_start", "ema", "label_smoothing",
-              "pl_thr", "query_conf", "neg_conf"):
-        check(0 <= getattr(args, k) <= 1, f"--{k.replace('_', '-')} must be in [0, 1]")
-    for k in ("lr", "cam_lr", "seg_lr", "tau", "lr_new_mult"):
-        check(getattr(args, k) > 0, f"--{k.replace('_', '-')} must be > 0")
-    for k in ("wd", "seg_wd", "grad_clip", "w_s2c", "w_u", "w_m", "max_iters", "stop_after",
-              "workers", "crf_workers", "crf_iters", "frozen_stages", "val_images", "vis"):
-        check(getattr(args, k) >= 0, f"--{k.replace('_', '-')} must be >= 0")
-    check(1 <= args.rank_low < args.rank_high, "need 1 <= --rank-low < --rank-high")
-    check(args.ckpt_every >= 1, "--ckpt-every must be >= 1")
-    check(args.seg_init in ("imagenet", "cam"), "--seg-init must be imagenet or cam")
+    check(args.warmup_epochs < args.epochs, "--warmup-epochs must be in [0, --epochs)")
+    check(args.scale_min <= args.scale_max, "need 0 < --scale-min <= --scale-max")
+    check(args.bg_thr < args.fg_thr, "need 0 <= --bg-thr < --fg-thr <= 1 (Eq. (6))")
+    check(args.rank_low < args.rank_high, "need 1 <= --rank-low < --rank-high")
     check(args.seg_init != "cam" or args.seg_backbone == args.backbone,
           "--seg-init cam needs --seg-backbone equal to --backbone (it copies the stage-0 backbone)")
-    try:
-        scales = tta_scales(args)
-    except ValueError:
-        scales = []
-    check(len(scales) > 0 and all(s > 0 for s in scales), "--tta-scales must be positive numbers, e.g. 0.5,1,1.5,2")
-    check(not (args.eval_only and not args.ckpt), "--eval-only needs --ckpt FILE (a csrm checkpoint)")
-    check(not (args.eval_only and args.resume), "--eval-only and --resume exclude each other")
-    for k in ("ckpt", "init_ckpt", "weights", "seg_weights"):
-        path = getattr(args, k)
-        check(not path or Path(path).is_file(), f"--{k.replace('_', '-')} {path}: no such file")
-    if args.resume:
-        check((Path(args.resume) / "checkpoints" / "last.pt").is_file(),
-              f"--resume {args.resume}: no checkpoints/last.pt there; pass the folder of an earlier run")
+    for k in ("batch_size", "cam_batch", "seg_batch"):
+        check(getattr(args, k) % env_world() == 0,
+              f"--{k.replace('_', '-')} {getattr(args, k)} (global) is not divisible by the {env_world()} processes")
 
 
-def tta_scales(args: Args) -> list[float]:
-    return [float(s) for s in args.tta_scales.split(",") if s.strip()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Model (Sec. 3.1)
-# ----------------------------------------------------------------------------------------------
-def conv_gn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
+# ==================================================================================================
+# Model
+# ==================================================================================================
+# Sec. 3.1, card 3
+def conv_gn_relu(cin, cout, k, dilation=1):
     # Impl. (lucasdavid/PNOC, core/deeplab_utils.py): every norm in the heads is GroupNorm(4),
     # so the batch mixing two augmentation regimes and the 1x1 pooled ASPP map are harmless.
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
@@ -329,23 +270,22 @@ def conv_gn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequentia
 class ASPP(nn.Module):
     """DeepLabV3+ atrous spatial pyramid pooling on the stride-16 features."""
 
-    def __init__(self, cin: int, width: int, rates=(6, 12, 18)):
+    def __init__(self, cin, width, rates=(6, 12, 18)):
         super().__init__()
         self.branches = nn.ModuleList([conv_gn_relu(cin, width, 1)] + [conv_gn_relu(cin, width, 3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_gn_relu(cin, width, 1))
         self.fuse = nn.Sequential(conv_gn_relu(5 * width, width, 1), nn.Dropout(0.5))
 
     def forward(self, x):
-        size = x.shape[-2:]
         feats = [b(x) for b in self.branches]
-        feats.append(F.interpolate(self.pool(x), size=size, mode="bilinear", align_corners=True))
+        feats.append(F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True))
         return self.fuse(torch.cat(feats, 1))  # (B, width, h, w)
 
 
 class DeepLabV3PlusHead(nn.Module):
     """ASPP + low-level projection + decoder; also the verification network's head."""
 
-    def __init__(self, c_low: int, c_high: int, num_outputs: int, width: int, low_width: int):
+    def __init__(self, c_low, c_high, num_outputs, width, low_width):
         super().__init__()
         self.aspp = ASPP(c_high, width)
         self.project = conv_gn_relu(c_low, low_width, 1)
@@ -359,7 +299,7 @@ class DeepLabV3PlusHead(nn.Module):
         return torch.cat([a, self.project(f_low)], 1)  # (B, width + low_width, h4, w4)
 
 
-def init_new_layers(module: nn.Module) -> None:
+def init_new_layers(module):
     # Sec. 3.2.6: new branches "randomly drawn from a Kaiming normal distribution"; GN 1 / 0.
     for mod in module.modules():
         if isinstance(mod, nn.Conv2d):
@@ -371,41 +311,29 @@ def init_new_layers(module: nn.Module) -> None:
             nn.init.zeros_(mod.bias)
 
 
-def create_backbone(name: str, pretrained: bool, weights: str = "") -> nn.Module:
-    """timm feature extractor F: stride-4 (layer1) and stride-16 (layer4, dilated) features."""
+def create_backbone(name, pretrained=False, weights="", flag="--weights"):
+    """timm feature extractor F: stride-4 (layer1) and stride-16 (layer4, dilated) features. ImageNet weights
+    through timm, or `weights`: a local timm state dict of that backbone (its classifier is dropped)."""
     try:
-        net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(1, 4),
-                                output_stride=16)
-    except Exception as exc:  # no internet / no cache
-        raise WeightsError(f"could not load ImageNet weights for {name} through timm ({exc.__class__.__name__}); "
-                           "populate the timm cache, pass --weights FILE, or use --no-pretrained") from None
+        net = timm_model(name, pretrained and not weights, features_only=True, out_indices=(1, 4), output_stride=16)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+        fail(f"timm cannot build '{name}' as a stride-16 feature extractor ({type(e).__name__}: {e})")
     if weights:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            missing, _ = net.load_state_dict(state, strict=False)
-            if len(missing) == len(net.state_dict()):
-                raise ValueError("no parameter name matched")
-        except Exception as exc:
-            raise WeightsError(f"could not load --weights {weights} into {name} ({exc}); pass a timm state dict "
-                               "for this backbone, or use --pretrained (timm) instead") from None
+        what = f"{flag} {weights}"
+        load_weights(net, state_dict_of(load_checkpoint(weights, flag), what), what, ignore=("fc.", "head.", "classifier."))
     return net
-
-
-class WeightsError(Exception):
-    pass
 
 
 class CAMNet(nn.Module):
     """Stage 0: backbone + bias-free 1x1 classifier (a plain CAM network)."""
 
-    def __init__(self, backbone: str, num_classes: int, pretrained=False, weights=""):
+    def __init__(self, backbone, num_classes, pretrained=False, weights=""):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained, weights)
         self.classifier = nn.Conv2d(self.backbone.feature_info.channels()[-1], num_classes, 1, bias=False)
         init_new_layers(self.classifier)
 
-    def forward(self, x, seg: bool = False, rep: bool = False) -> dict:
+    def forward(self, x, seg=False, rep=False):
         # Eq. (1)  A = C(F(x)), z = GAP(A)
         A = self.classifier(self.backbone(x)[-1])  # (B, C, h, w)
         return {"cam": A, "cls_logits": A.mean((2, 3))}
@@ -414,20 +342,18 @@ class CAMNet(nn.Module):
 class CSRMNet(nn.Module):
     """Feature extractor F + classification C, segmentation S and representation R branches."""
 
-    def __init__(self, backbone: str, num_classes: int, width: int, low_width: int, rep_dim: int,
-                 pretrained=False, weights=""):
+    def __init__(self, backbone, num_classes, width, low_width, rep_dim):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained, weights)
+        self.backbone = create_backbone(backbone)  # random: the CAM weights replace it (build_model)
         c_low, c_high = self.backbone.feature_info.channels()
         self.classifier = nn.Conv2d(c_high, num_classes, 1, bias=False)
         self.head = DeepLabV3PlusHead(c_low, c_high, num_classes + 1, width, low_width)
         # Eq. (4): the R branch shares ASPP + projection; no dropout, no L2 normalisation.
         self.rep_head = nn.Sequential(conv_gn_relu(width + low_width, width, 3), nn.Conv2d(width, rep_dim, 1))
-        init_new_layers(self.classifier)
-        init_new_layers(self.head)
-        init_new_layers(self.rep_head)
+        for module in (self.classifier, self.head, self.rep_head):
+            init_new_layers(module)
 
-    def freeze(self, frozen_stages: int) -> "CSRMNet":
+    def freeze(self, frozen_stages):
         """Frozen backbone BN (eval statistics, no affine training); stem and early stages frozen."""
         self.backbone = timm.layers.freeze_batch_norm_2d(self.backbone)
         names = ["conv1", "bn1"] + [f"layer{i}" for i in range(1, 4)]
@@ -440,7 +366,7 @@ class CSRMNet(nn.Module):
     def pretrained_parameters(self):
         return list(self.backbone.parameters()) + list(self.classifier.parameters())
 
-    def forward(self, x, seg: bool = True, rep: bool = True) -> dict:
+    def forward(self, x, seg=True, rep=True):
         f_low, f_high = self.backbone(x)  # (B, c_low, H/4, W/4), (B, c_high, H/16, W/16)
         # Eq. (1)  A_c = C_c(F(x));  p_c = sigmoid(GAP(A_c))  (the sigmoid lives in the loss)
         A = self.classifier(f_high)  # (B, C, H/16, W/16)
@@ -461,9 +387,9 @@ class CSRMNet(nn.Module):
 class SegNet(nn.Module):
     """Verification network: DeepLabV3+ on a timm backbone (Deviation 15)."""
 
-    def __init__(self, backbone: str, num_outputs: int, width: int, low_width: int, pretrained=False, weights=""):
+    def __init__(self, backbone, num_outputs, width, low_width, pretrained=False, weights=""):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained, weights)
+        self.backbone = create_backbone(backbone, pretrained, weights, "--seg-weights")
         c_low, c_high = self.backbone.feature_info.channels()
         self.head = DeepLabV3PlusHead(c_low, c_high, num_outputs, width, low_width)
         init_new_layers(self.head)
@@ -474,10 +400,36 @@ class SegNet(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses (Sec. 3.2)
-# ----------------------------------------------------------------------------------------------
-def loss_cls(cls_logits: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+def build_model(args, num_classes, cam_weights=None):
+    """Sec. 3.2.6: the student, restored from the CAM weights {backbone, classifier} (new heads keep their
+    Kaiming init), backbone BN and early stages frozen; the teacher is its copy, without gradients."""
+    student = CSRMNet(args.backbone, num_classes, args.width, args.low_width, args.rep_dim)
+    if cam_weights is not None:
+        load_weights(student.backbone, cam_weights["backbone"], "the CAM backbone")
+        load_weights(student.classifier, cam_weights["classifier"], "the CAM classifier")
+    student.freeze(args.frozen_stages)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    return student, teacher
+
+
+@torch.no_grad()
+def ema_update(teacher, student, step, args):
+    """Sec. 3.2.6 mean teacher; step = optimiser steps taken. Copy while epoch <= W, then EMA."""
+    epoch = (step - 1) // args.steps_per_epoch
+    if epoch <= args.warmup_epochs:
+        d = 0.0
+    else:
+        # Impl. (lucasdavid/wsss-csrm, scripts/ss/train_csrm.py): momentum ramp capped at 0.99
+        d = min(1 - 1 / (1 + step - args.warmup_epochs * args.steps_per_epoch), args.ema)
+    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+        p_t.mul_(d).add_(p_s.detach(), alpha=1 - d)
+
+
+# ==================================================================================================
+# Losses
+# ==================================================================================================
+# Sec. 3.2, one function per equation
+def loss_cls(cls_logits, y, eps):
     """Eq. (5): multi-label soft-margin on logits z (B, C) with smoothed labels y (B, C)."""
     # Impl. (lucasdavid/wsss-csrm, scripts/ss/train_csrm.py): y~ = (1 - eps) y + eps / 2; Eq. (5)
     # as printed applies the sigmoid twice, the code feeds logits.
@@ -486,7 +438,7 @@ def loss_cls(cls_logits: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Ten
     return F.multilabel_soft_margin_loss(cls_logits.float(), y_s)
 
 
-def loss_seg(S: torch.Tensor, PL: torch.Tensor, eps: float) -> torch.Tensor:
+def loss_seg(S, PL, eps):
     """Eq. (7): cross-entropy of the student's S (B, C+1, H, W) on reliable PL (B, H, W) pixels."""
     # Impl. (wsss-csrm): only images whose PL holds a foreground pixel count.
     has_fg = ((PL > 0) & (PL != 255)).flatten(1).any(1)
@@ -496,7 +448,7 @@ def loss_seg(S: torch.Tensor, PL: torch.Tensor, eps: float) -> torch.Tensor:
     return F.cross_entropy(S[has_fg].float(), PL[has_fg], ignore_index=255, label_smoothing=eps)
 
 
-def loss_s2c(S: torch.Tensor, A: torch.Tensor, P_t: torch.Tensor, sigma: float, eps: float) -> torch.Tensor:
+def loss_s2c(S, A, P_t, sigma, eps):
     """Eqs. (8)-(9): the teacher's segmentation supervises the student's raw CAM logits.
 
     S: student seg logits (B, C+1, H, W); A: student CAM logits (B, C, h, w); P_t: teacher
@@ -513,14 +465,14 @@ def loss_s2c(S: torch.Tensor, A: torch.Tensor, P_t: torch.Tensor, sigma: float, 
     return F.cross_entropy(Q_logits, target, ignore_index=255, label_smoothing=eps)
 
 
-def entropy(prob: torch.Tensor) -> torch.Tensor:
+def entropy(prob):
     """Eq. (10): H = -sum_c s log s over all classes, float32; prob (B, K, ...) -> (B, ...)."""
     prob = prob.float()
     # Eq. (10)  H_hw = -sum_c s_c log s_c  (log(p + 1e-10) as in U2PL)
     return -(prob * torch.log(prob + 1e-10)).sum(1)
 
 
-def quantile(t: torch.Tensor, q: float) -> torch.Tensor:
+def quantile(t, q):
     """np.percentile-style linear quantile via kthvalue (torch.quantile fails above 16M elements)."""
     flat = t.detach().flatten().float()
     pos = q * (flat.numel() - 1)
@@ -530,7 +482,7 @@ def quantile(t: torch.Tensor, q: float) -> torch.Tensor:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
-def loss_unsup(S_u: torch.Tensor, Yhat_u: torch.Tensor, H_u: torch.Tensor, rho: float) -> torch.Tensor:
+def loss_unsup(S_u, Yhat_u, H_u, rho):
     """Eqs. (11)-(12): weak-to-strong consistency on the u-half's reliable pixels.
 
     S_u: student logits on the mixed images (B, C+1, H, W); Yhat_u: teacher labels (B, H, W);
@@ -548,11 +500,11 @@ def loss_unsup(S_u: torch.Tensor, Yhat_u: torch.Tensor, H_u: torch.Tensor, rho: 
 class MemoryBank:
     """Per-class FIFO queues of negative keys (U2PL memobank), on CPU: the oldest keys leave first."""
 
-    def __init__(self, num_classes: int, dim: int, cap: int, cap_bg: int):
+    def __init__(self, num_classes, dim, cap, cap_bg):
         self.caps = [cap_bg] + [cap] * (num_classes - 1)
         self.queues = [torch.zeros(0, dim) for _ in range(num_classes)]
 
-    def push(self, c: int, keys: torch.Tensor) -> None:
+    def push(self, c, keys):
         queue = torch.cat([self.queues[c], keys.detach().float().cpu()])  # newest at the end
         self.queues[c] = queue[-self.caps[c]:]
 
@@ -563,7 +515,7 @@ class MemoryBank:
         self.queues = [q.clone() for q in state["queues"]]
 
 
-def gather_rows(t: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+def gather_rows(t, mask, index=None):
     """Rows t[b, :, y, x] (n, D) at mask pixels (optionally the index-th of them) without permuting t."""
     b, yy, xx = mask.nonzero(as_tuple=True)
     if index is not None:
@@ -571,17 +523,7 @@ def gather_rows(t: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None 
     return t[b, :, yy, xx]
 
 
-def all_gather_cpu(keys: torch.Tensor) -> torch.Tensor:
-    """Keys from every rank (banks stay identical across DDP ranks, as U2PL's gather_together)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return keys
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, keys.detach().cpu())
-    return torch.cat(parts)
-
-
-def negative_rank_mask(rank_c: torch.Tensor, labels4: torch.Tensor, present_c: torch.Tensor, c: int,
-                       n_l: int, rank_low: int, rank_high: int) -> torch.Tensor:
+def negative_rank_mask(rank_c, labels4, present_c, c, n_l, rank_low, rank_high):
     """Sec. 3.2.5 rules (a)/(b) for class c, (2B, h, w) bool.
 
     rank_c: 0-based rank of class c in the unrestricted train-mode teacher probabilities (2B, h, w);
@@ -596,9 +538,7 @@ def negative_rank_mask(rank_c: torch.Tensor, labels4: torch.Tensor, present_c: t
     return torch.cat([neg_l, neg_u])
 
 
-def loss_contrast(rep: torch.Tensor, rep_t: torch.Tensor, prob4: torch.Tensor, labels4: torch.Tensor,
-                  low: torch.Tensor, high: torch.Tensor, present_u: torch.Tensor, n_l: int, bank: MemoryBank,
-                  args: Args) -> torch.Tensor:
+def loss_contrast(rep, rep_t, prob4, labels4, low, high, present_u, n_l, bank, args):
     """Eq. (13): U2PL InfoNCE with class prototypes and hard negatives from the memory banks.
 
     rep: student R (2B, D, h, w); rep_t: train-mode teacher R (2B, D, h, w); low/high: reliable /
@@ -619,7 +559,8 @@ def loss_contrast(rep: torch.Tensor, rep_t: torch.Tensor, prob4: torch.Tensor, l
             rank[:, c], labels4, present_u[:, c], c, n_l, args.rank_low, args.rank_high)
         # Deviation 12: subsample an overfull enqueue instead of keeping its raster tail
         pick = torch.randperm(int(neg.sum()), device=neg.device)[: bank.caps[c]].sort().values
-        keys = all_gather_cpu(gather_rows(rep_t, neg, pick))  # every rank calls, even with no keys
+        # banks stay identical across DDP ranks (U2PL's gather_together); every rank calls, even with no keys
+        keys = all_gather_cat(gather_rows(rep_t, neg, pick))
         if len(keys):
             bank.push(c, keys)
         if n_valid > 0:
@@ -645,10 +586,11 @@ def loss_contrast(rep: torch.Tensor, rep_t: torch.Tensor, prob4: torch.Tensor, l
     return loss / len(valid_classes)
 
 
-# ----------------------------------------------------------------------------------------------
-# Pseudo labels, mixing, schedules (Sec. 3.2.2-3.2.4, Sec. 4)
-# ----------------------------------------------------------------------------------------------
-def normalize_cam(A: torch.Tensor) -> torch.Tensor:
+# ==================================================================================================
+# Pseudo labels
+# ==================================================================================================
+# Sec. 3.2.2-3.2.4 (training pseudo labels, mixing, schedules), Sec. 4 (inference CAMs)
+def normalize_cam(A):
     """Eq. (2): psi(A) = ReLU(A) / max_hw ReLU(A), per image and class; A (B, C, h, w)."""
     A = F.relu(A.float())
     # Eq. (2)  divide by the per-class spatial max (+1e-5 so absent classes stay exactly 0)
@@ -661,8 +603,7 @@ def _crf_pair(job):
             crf.refine_labels(rgb, bg, n_labels, gt_prob=0.7, **params))
 
 
-def cam_pseudo_labels(rgb: np.ndarray, y: torch.Tensor, A_t: torch.Tensor, bg_thr: float, fg_thr: float,
-                      crf_params: dict | None, pool: ThreadPool | None = None) -> torch.Tensor:
+def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None):
     """Eq. (6): teacher CAMs -> psi -> label dCRF -> {class, background, 255} pseudo labels.
 
     rgb: the augmented crops, uint8 (B, H, W, 3); y: image labels (B, C); A_t: teacher CAM logits
@@ -692,7 +633,7 @@ def cam_pseudo_labels(rgb: np.ndarray, y: torch.Tensor, A_t: torch.Tensor, bg_th
     return torch.from_numpy(PL).to(A_t.device)
 
 
-def classmix(x, y, PL, S_t, rgb=None):
+def classmix(x, y, PL, S_t):
     """ClassMix (Olsson et al. 2021, paper-era csrm/data_utils.py; Deviation 10).
 
     For each image a, a partner b != a; half of b's foreground PL classes (at least one) are pasted
@@ -700,7 +641,6 @@ def classmix(x, y, PL, S_t, rgb=None):
     n = x.shape[0]
     partner = (torch.arange(n) + torch.randint(1, n, (n,))) % n if n > 1 else torch.zeros(1, dtype=torch.long)
     x_m, y_m, PL_m, S_m = x.clone(), y.clone(), PL.clone(), S_t.clone()
-    rgb_m = rgb.copy() if rgb is not None else None
     for a in range(n):
         b = int(partner[a])
         if b == a:
@@ -714,13 +654,11 @@ def classmix(x, y, PL, S_t, rgb=None):
         x_m[a] = torch.where(M, x[b], x[a])
         PL_m[a] = torch.where(M, PL[b], PL[a])
         S_m[a] = torch.where(M, S_t[b], S_t[a])
-        if rgb_m is not None:
-            rgb_m[a][M.cpu().numpy()] = rgb[b][M.cpu().numpy()]
         y_m[a, selected - 1] = 1  # labels are only ever added
-    return x_m, y_m, PL_m, S_m, rgb_m
+    return x_m, y_m, PL_m, S_m
 
 
-def restricted_probs(S_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def restricted_probs(S_t, y):
     """Eq. (3) softmax restricted to background + image classes, renormalised; (B, C+1, H, W)."""
     keep = torch.cat([torch.ones_like(y[:, :1]), y], 1)[:, :, None, None] > 0.5  # (B, C+1, 1, 1)
     # Eq. (3)  s = softmax_c(S) * [1 | y] / sum: the same as a softmax over the kept logits only,
@@ -728,7 +666,7 @@ def restricted_probs(S_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.softmax(S_t.float().masked_fill(~keep, float("-inf")), 1)
 
 
-def aux_weights(args: Args, epoch: int) -> tuple[float, float, float]:
+def aux_weights(args, epoch):
     """Eq. (14) lambdas: 0 during warm-up; lambda_s2c ramps 0.1 -> 1 (Sec. 4, official linear_schedule)."""
     if epoch < args.warmup_epochs:
         return 0.0, 0.0, 0.0
@@ -737,429 +675,13 @@ def aux_weights(args: Args, epoch: int) -> tuple[float, float, float]:
     return (args.w_s2c * ramp * args.s2c, args.w_u * args.u, args.w_m * args.m)
 
 
-def unreliable_ratio(args: Args, epoch: int) -> float:
+def unreliable_ratio(args, epoch):
     """Sec. 4: alpha_t = rho_t = 20% at epoch 0, decreasing linearly towards 0."""
     return args.unreliable * (1 - epoch / args.epochs)
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, step: int, args: Args) -> None:
-    """Sec. 3.2.6 mean teacher; step = optimiser steps taken. Copy while epoch <= W, then EMA."""
-    epoch = (step - 1) // args.steps_per_epoch
-    if epoch <= args.warmup_epochs:
-        d = 0.0
-    else:
-        # Impl. (lucasdavid/wsss-csrm, scripts/ss/train_csrm.py): momentum ramp capped at 0.99
-        d = min(1 - 1 / (1 + step - args.warmup_epochs * args.steps_per_epoch), args.ema)
-    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
-        p_t.mul_(d).add_(p_s.detach(), alpha=1 - d)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-def make_transform(args: Args, kind: str, crop: int):
-    """kind: 'strong' (CSRM l-half), 'weak' (u-half: pad + crop), 'cam' / 'seg' (rescale, crop, flip)."""
-    def transform(sample, rng):
-        image = sample["image"]
-        masks = (sample["pseudo"],) if "pseudo" in sample else ()
-        if kind != "weak":
-            image, masks, _ = augment.random_rescale(image, rng, masks=masks, ratio_range=(args.scale_min, args.scale_max))
-        # Impl. (lucasdavid/PNOC, batch_transform): images are reflect-padded to the crop, labels 255
-        image, masks, _, _ = augment.random_crop(image, rng, size=crop, masks=masks, image_fill="reflect")
-        if kind == "strong":
-            # Impl. (lucasdavid/PNOC, tools/ai/augment_utils.py batch_transform): jitter p 0.8, blur p 0.5
-            image = augment.color_jitter(image, rng, brightness=0.25, contrast=0.25, saturation=0.25, hue=0.25, p=0.8)
-            image = augment.gaussian_blur(image, rng, p=0.5, radius=(0.15, 1.15))
-        if kind != "weak":
-            image, masks, _ = augment.random_hflip(image, rng, masks=masks)
-        image = np.array(image)  # writable, contiguous copy
-        out = {"image": torch.as_tensor(augment.to_tensor(image)), "rgb": torch.from_numpy(image),
-               "label": torch.as_tensor(sample["label"])}
-        if masks:
-            out["mask"] = torch.as_tensor(augment.mask_to_tensor(masks[0]))
-        return out
-    return transform
-
-
-def foreground_indices(ds) -> list[int]:
-    """Images without foreground labels are skipped (official: ignore_bg_images)."""
-    return [int(i) for i in np.nonzero(ds.labels().sum(1) > 0)[0]]
-
-
-class BatchStream:
-    """Endless shuffled batches; batch k is a pure function of (seed, k), so a resumed run restarts
-    at the same batch. Each pass over the data is a new DataLoader with set_epoch(pass)."""
-
-    def __init__(self, ds, indices, batch_size, seed, start, ctx, workers):
-        self.ds, self.indices, self.bs, self.seed, self.ctx, self.workers = ds, np.asarray(indices), batch_size, seed, ctx, workers
-        per_rank = len(self.indices) // ctx.world
-        self.nb = per_rank // batch_size
-        if self.nb == 0:
-            raise data.DataError(f"only {len(self.indices)} usable images for batches of {batch_size} x {ctx.world} "
-                                 "process(es); lower the batch size or use more images")
-        self.k = start
-
-    def __iter__(self):
-        while True:
-            p, b = divmod(self.k, self.nb)
-            perm = self.indices[np.random.default_rng((self.seed, p)).permutation(len(self.indices))]
-            mine = perm[self.ctx.rank:: self.ctx.world][: self.nb * self.bs][b * self.bs:]
-            self.ds.set_epoch(p)
-            g = torch.Generator().manual_seed(self.seed * 1000 + p)
-            loader = torch.utils.data.DataLoader(self.ds, batch_size=self.bs, sampler=mine.tolist(), num_workers=self.workers,
-                                                 generator=g, worker_init_fn=seed_worker, drop_last=True)
-            for batch in loader:
-                self.k += 1
-                yield batch
-
-
-def seed_worker(worker_id):
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
-# ----------------------------------------------------------------------------------------------
-# Run context, logging, checkpoints
-# ----------------------------------------------------------------------------------------------
-class Ctx:
-    """Per-process facts: device, DDP rank/world, run folder, logging, stop-after counter."""
-
-    def __init__(self, args: Args, spec, splits, run_dir: Path | None):
-        self.args, self.spec, self.splits, self.run_dir = args, spec, splits, run_dir
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            self.device = torch.device("cuda", local)
-        else:
-            self.device = torch.device("cpu")
-        self.amp = args.amp and self.device.type == "cuda"
-        self.main = self.rank == 0
-        self.iters_done = 0
-        self.results: dict = {}  # metrics so far, carried through checkpoints
-        self.done: list = []  # finished stages
-        self.t0, self.prior_seconds = time.time(), 0.0
-        self.cam_weights: dict | None = None  # stage-0 (or --init-ckpt) {backbone, classifier}
-
-    def seconds(self) -> float:
-        return self.prior_seconds + time.time() - self.t0
-
-    def reseed(self, salt: int, per_rank: bool) -> None:
-        """Same seed on every rank for model construction; per-rank seeds for data-dependent draws."""
-        seed_everything(self.args.seed * 1000 + salt + (self.rank if per_rank else 0), self.args.deterministic)
-
-    def log(self, record: dict, echo: bool = True):
-        if not self.main:
-            return
-        record = {**record, "time": round(self.seconds(), 1)}
-        if echo:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
-        if self.run_dir is not None:
-            with open(self.run_dir / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-class StopRun(Exception):
-    pass
-
-
-class NonFinite(Exception):
-    pass
-
-
-def save_checkpoint(ctx: Ctx, payload: dict) -> None:
-    """checkpoints/last.pt, written atomically (temp file + rename)."""
-    if not ctx.main or ctx.run_dir is None:
-        return
-    path = ctx.run_dir / "checkpoints" / "last.pt"
-    path.parent.mkdir(exist_ok=True)
-    payload = {**payload, "args": dataclasses.asdict(ctx.args), "results": ctx.results, "done": ctx.done,
-               "seconds": ctx.seconds(), "cam_weights": ctx.cam_weights,
-               "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def tick(ctx: Ctx, save_fn) -> None:
-    """Count one training iteration; honour --stop-after (save, then stop as if interrupted)."""
-    ctx.iters_done += 1
-    if ctx.args.stop_after and ctx.iters_done >= ctx.args.stop_after:
-        save_fn()
-        raise StopRun
-
-
-def stage_length(args: Args, nominal: int) -> int:
-    return min(nominal, args.max_iters) if args.max_iters else nominal
-
-
-def poly(total: int):
-    return lambda g: (1 - min(g, total) / total) ** 0.9  # official PolyOptimizer, power 0.9
-
-
-def wrap_ddp(model: nn.Module, ctx: Ctx) -> nn.Module:
-    if ctx.world == 1:
-        return model
-    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-
-
-def check_finite(losses: dict, step: int) -> None:
-    for name, v in losses.items():
-        v = v.detach() if torch.is_tensor(v) else v
-        if not math.isfinite(float(v)):
-            raise NonFinite(f"non-finite loss {name}={float(v)} at iteration {step}; lower the learning rate or disable --amp")
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 0: plain CAM classifier (card 9)
-# ----------------------------------------------------------------------------------------------
-def train_cam(ctx: Ctx, state: dict) -> dict:
-    """Backbone + 1x1 classifier with the multi-label soft-margin loss; BN trains normally here."""
-    args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset,
-                         transform=make_transform(args, "cam", args.crop), seed=args.seed)
-    idx = foreground_indices(ds)
-    bs = args.cam_batch // ctx.world
-    total = stage_length(args, args.cam_epochs * max(len(idx) // args.cam_batch, 1))
-    ctx.reseed(1, per_rank=False)
-    model = CAMNet(args.backbone, ds.num_classes - 1, args.pretrained, args.weights).to(ctx.device)
-    # Impl. (lucasdavid/PNOC, scripts/cam/train_vanilla.py): classifier x10, backbone biases x2, no decay
-    groups = [
-        {"params": [p for n, p in model.backbone.named_parameters() if not n.endswith("bias")], "lr": args.cam_lr, "weight_decay": args.wd},
-        {"params": [p for n, p in model.backbone.named_parameters() if n.endswith("bias")], "lr": 2 * args.cam_lr, "weight_decay": 0.0},
-        {"params": list(model.classifier.parameters()), "lr": 10 * args.cam_lr, "weight_decay": args.wd},
-    ]
-    opt = torch.optim.SGD(groups, lr=args.cam_lr, momentum=0.9, weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly(total))
-    start = 0
-    ctx.reseed(2, per_rank=True)
-    if state:
-        model.load_state_dict(state["cam_model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = state["iter"]
-        restore_rng(state["rng"])
-    net = wrap_ddp(model, ctx)
-    stream = iter(BatchStream(ds, idx, bs, args.seed, start, ctx, args.workers))
-    bar = tqdm(range(start, total), desc="stage 0 (CAM)", disable=not ctx.main, leave=False)
-
-    def save(it):
-        save_checkpoint(ctx, {"stage": "cam", "iter": it, "cam_model": model.state_dict(),
-                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-    for it in bar:
-        batch = next(stream)
-        x, y = batch["image"].to(ctx.device), batch["label"].to(ctx.device)
-        net.train()
-        with torch.autocast("cuda", enabled=ctx.amp):
-            z = net(x)["cls_logits"]
-        # Eq. (5) without smoothing: the plain CAM pretraining loss
-        loss = loss_cls(z, y, 0.0)
-        check_finite({"losses/cam_cls": loss}, it + 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if ctx.main and ((it + 1) % 10 == 0 or it + 1 == total):
-            ctx.log({"stage": "cam", "iter": it + 1, "losses/cls": loss.item(), "lr": sched.get_last_lr()[0]}, echo=False)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (it + 1) % args.ckpt_every == 0:
-            save(it + 1)
-        tick(ctx, lambda: save(it + 1))
-    return {"backbone": model.backbone.state_dict(), "classifier": model.classifier.state_dict()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1: CSRM training (Sec. 3.2, Sec. 4)
-# ----------------------------------------------------------------------------------------------
-def build_csrm(args: Args, num_classes: int, cam_weights: dict | None, device) -> tuple[CSRMNet, CSRMNet]:
-    """Student restored from the CAM weights (backbone + classifier); new heads keep Kaiming init."""
-    student = CSRMNet(args.backbone, num_classes, args.width, args.low_width, args.rep_dim,
-                      args.pretrained and cam_weights is None, args.weights if cam_weights is None else "")
-    if cam_weights is not None:
-        student.backbone.load_state_dict(cam_weights["backbone"], strict=False)
-        student.classifier.load_state_dict(cam_weights["classifier"])
-    student.freeze(args.frozen_stages).to(device)
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return student, teacher
-
-
-def csrm_optimizer(args: Args, student: CSRMNet) -> torch.optim.SGD:
-    """Sec. 4: pretrained parts at lr, new heads at 10x; weight decay on weights only (official)."""
-    pre = {id(p) for p in student.pretrained_parameters()}
-    groups = {(a, b): [] for a in (True, False) for b in (True, False)}
-    for n, p in student.named_parameters():
-        if p.requires_grad:
-            groups[(id(p) in pre, n.endswith("bias"))].append(p)
-    return torch.optim.SGD(
-        [{"params": ps, "lr": args.lr * (1 if is_pre else args.lr_new_mult), "weight_decay": 0.0 if is_bias else args.wd}
-         for (is_pre, is_bias), ps in groups.items() if ps],
-        lr=args.lr, momentum=0.9, nesterov=True)
-
-
-def csrm_step(args: Args, ctx: Ctx, student, teacher: CSRMNet, optimizer, scaler, bank: MemoryBank,
-              batch_l: dict, batch_u: dict, step: int, pool=None) -> dict:
-    """One CSRM iteration (card 2): two teacher passes, ClassMix, Eq. (14), SGD step, EMA.
-
-    step: 0-based iteration. Returns the logged scalars."""
-    dev = ctx.device
-    B = batch_l["image"].shape[0]
-    x = torch.cat([batch_l["image"], batch_u["image"]]).to(dev)  # (2B, 3, H, W)
-    y = torch.cat([batch_l["label"], batch_u["label"]]).to(dev).float()  # (2B, C)
-    rgb = torch.cat([batch_l["rgb"], batch_u["rgb"]]).numpy()  # (2B, H, W, 3) uint8 crops for the dCRF
-    epoch = step // args.steps_per_epoch
-    w_s2c, w_u, w_m = aux_weights(args, epoch)
-    crf_params = {**crf.PRESETS["irn"], "n_iters": args.crf_iters} if args.crf_iters > 0 else None
-
-    # Teacher pass 1 (eval mode, un-mixed input): pseudo labels and the logits that get mixed
-    teacher.eval()
-    with torch.no_grad(), torch.autocast("cuda", enabled=ctx.amp):
-        out_t = teacher(x, seg=True, rep=False)
-    A_t, S_t = out_t["cam"].float(), out_t["seg"].float()
-    PL = cam_pseudo_labels(rgb, y, A_t, args.bg_thr, args.fg_thr, crf_params, pool)  # (2B, H, W)
-    present_u = torch.cat([torch.ones_like(y[B:, :1]), y[B:]], 1) > 0.5  # un-mixed loader labels (B, K)
-    mixed = bool(torch.rand(()) < args.mix_prob)  # one draw per step for the whole batch
-    if mixed:
-        x, y, PL, S_t, _ = classmix(x, y, PL, S_t)
-    P_t = restricted_probs(S_t, y)  # (2B, K, H, W)
-    Yhat_t = P_t.argmax(1)  # (2B, H, W), never an absent class
-
-    use_rep = w_m > 0
-    student.train()
-    with torch.autocast("cuda", enabled=ctx.amp):
-        out = student(x, seg=True, rep=use_rep)
-    S, A = out["seg"], out["cam"]
-
-    losses = {"losses/cls": loss_cls(out["cls_logits"], y, args.label_smoothing),
-              "losses/seg": loss_seg(S[:B], PL[:B], args.label_smoothing)}
-    if w_s2c > 0:
-        losses["losses/s2c"] = loss_s2c(S, A, P_t, args.s2c_sigma, args.label_smoothing)
-    if w_u > 0 or w_m > 0:
-        # Teacher pass 2 (train mode, dropout on, mixed input): entropies, ranks and keys
-        teacher.train()
-        with torch.no_grad(), torch.autocast("cuda", enabled=ctx.amp):
-            out_t2 = teacher(x, seg=True, rep=use_rep)
-        rho = unreliable_ratio(args, epoch)
-        if w_u > 0:
-            # Eq. (10) on the full-resolution u-half
-            H_u = entropy(torch.softmax(out_t2["seg"][B:].float(), 1))  # (B, H, W)
-            losses["losses/u"] = loss_unsup(S[B:], Yhat_t[B:], H_u, rho)
-        if w_m > 0:
-            prob4 = torch.softmax(out_t2["seg4"].float(), 1)  # (2B, K, h4, w4), unrestricted
-            h4 = prob4.shape[-2:]
-            down = lambda t: F.interpolate(t[:, None].float(), size=h4, mode="nearest")[:, 0].long()
-            labels4 = torch.cat([down(PL[:B]), down(Yhat_t[B:])])  # (2B, h4, w4)
-            # Eq. (10) at stride 4; Eq. (11) quantiles over the u-half's pixels
-            H4_u = entropy(prob4[B:])
-            low_u, high_u = H4_u < quantile(H4_u, rho), H4_u >= quantile(H4_u, 1 - rho)
-            sure_l = labels4[:B] != 255
-            low, high = torch.cat([sure_l, low_u]), torch.cat([sure_l, high_u])
-            losses["losses/m"] = loss_contrast(out["rep"], out_t2["rep"], prob4, labels4, low, high, present_u, B, bank, args)
-    # Eq. (14)  L = L_c + L_s + l_s2c L_s2c + l_u L_u + l_m L_m
-    weights = {"losses/cls": 1.0, "losses/seg": 1.0, "losses/s2c": w_s2c, "losses/u": w_u, "losses/m": w_m}
-    total = sum(weights[k] * v for k, v in losses.items())
-    losses["losses/total"] = total
-    check_finite(losses, step + 1)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    ema_update(teacher, student.module if hasattr(student, "module") else student, step + 1, args)
-
-    reliable = (PL[:B] != 255).float().mean().item()
-    return {**{k: float(v.detach()) for k, v in losses.items()}, "pl/reliable": reliable, "mixed": int(mixed),
-            "w/s2c": w_s2c, "w/u": w_u, "w/m": w_m}
-
-
-def train_csrm(ctx: Ctx, state: dict, cam_weights: dict) -> dict:
-    """Sec. 4: E "epochs" of S_e steps, two loaders (augmented l-half, plain u-half), poly SGD."""
-    args = ctx.args
-    root, split = ctx.spec.root, ctx.splits["train"]
-    ds_l = data.SegDataset(root, split, dataset=ctx.spec.dataset, transform=make_transform(args, "strong", args.crop), seed=args.seed)
-    ds_u = data.SegDataset(root, split, dataset=ctx.spec.dataset, transform=make_transform(args, "weak", args.crop), seed=args.seed + 1)
-    idx = foreground_indices(ds_l)
-    C = ds_l.num_classes - 1
-    ctx.reseed(3, per_rank=False)
-    student, teacher = build_csrm(args, C, cam_weights, ctx.device)
-    optimizer = csrm_optimizer(args, student)
-    total = stage_length(args, args.epochs * args.steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, poly(total))
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
-    bank = MemoryBank(C + 1, args.rep_dim, args.bank, args.bank_bg)
-    start = 0
-    ctx.reseed(4, per_rank=True)
-    if state:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        bank.load_state_dict(state["bank"])
-        start = state["iter"]
-        restore_rng(state["rng"])
-    net = wrap_ddp(student, ctx)
-    bs = args.batch_size // ctx.world
-    stream_l = iter(BatchStream(ds_l, idx, bs, args.seed, start, ctx, args.workers))
-    stream_u = iter(BatchStream(ds_u, idx, bs, args.seed + 7919, start, ctx, args.workers))
-    val_ds = data.SegDataset(root, ctx.splits["seed"], dataset=ctx.spec.dataset, seed=args.seed)
-    pool = ThreadPool(args.crf_workers) if args.crf_workers > 0 else None
-
-    def save(it):
-        save_checkpoint(ctx, {"stage": "csrm", "iter": it, "student": student.state_dict(),
-                              "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                              "bank": bank.state_dict()})
-    if start == 0 and ctx.main:
-        ctx.log({"stage": "csrm", "epoch": 0, **validate_teacher(args, ctx, teacher, val_ds)})
-    bar = tqdm(range(start, total), desc="stage 1 (CSRM)", disable=not ctx.main, leave=False)
-    for it in bar:
-        stats = csrm_step(args, ctx, net, teacher, optimizer, scaler, bank, next(stream_l), next(stream_u), it, pool)
-        sched.step()
-        if ctx.main:
-            ctx.log({"stage": "csrm", "iter": it + 1, "lr": sched.get_last_lr()[0], **stats}, echo=False)
-            bar.set_postfix(ls=f"{stats['losses/seg']:.3f}", rel=f"{stats['pl/reliable']:.2f}")
-        if (it + 1) % args.steps_per_epoch == 0 or it + 1 == total:
-            if ctx.main:  # per-epoch validation of the teacher (official: VOC train)
-                ctx.log({"stage": "csrm", "epoch": (it + 1) / args.steps_per_epoch, **validate_teacher(args, ctx, teacher, val_ds)})
-            ctx.barrier()
-        if (it + 1) % args.ckpt_every == 0:
-            save(it + 1)
-        tick(ctx, lambda: save(it + 1))
-    if pool is not None:
-        pool.close()
-    return teacher.state_dict()
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference and evaluation (Sec. 4; card 7)
-# ----------------------------------------------------------------------------------------------
-def image_tensor(image: np.ndarray, device) -> torch.Tensor:
-    return torch.as_tensor(augment.to_tensor(np.ascontiguousarray(image)))[None].to(device)  # (1, 3, H, W)
-
-
-@torch.no_grad()
-def tta_cams(model: CSRMNet, x: torch.Tensor, scales, flip: bool) -> torch.Tensor:
+def tta_cams(model, x, scales, flip):
     """Sum over scales (and flips) of ReLU CAMs at (H, W); x (1, 3, H, W) -> (C, H, W)."""
     H, W = x.shape[-2:]
     Hp, Wp = math.ceil(H / 16) * 16, math.ceil(W / 16) * 16
@@ -1175,7 +697,7 @@ def tta_cams(model: CSRMNet, x: torch.Tensor, scales, flip: bool) -> torch.Tenso
 
 
 @torch.no_grad()
-def tta_seg(model: nn.Module, x: torch.Tensor, scales, flip: bool) -> torch.Tensor:
+def tta_seg(model, x, scales, flip):
     """Seg logits averaged over scales and flips; x (1, 3, H, W) -> (K, H, W)."""
     H, W = x.shape[-2:]
     acc = 0
@@ -1188,16 +710,256 @@ def tta_seg(model: nn.Module, x: torch.Tensor, scales, flip: bool) -> torch.Tens
     return acc / len(scales)
 
 
+# ==================================================================================================
+# Train
+# ==================================================================================================
+def make_transform(args, kind, target=None):
+    """kind: 'strong' (CSRM l-half), 'weak' (u-half: pad + crop), 'cam' / 'seg' (rescale, crop, flip);
+    target: the sample's map that follows the geometry into out["mask"] ("pseudo", or the ground truth "mask")."""
+    def transform(sample, rng):
+        image, masks = sample["image"], ((sample[target],) if target else ())
+        if kind != "weak":
+            image, masks, _ = augment.random_rescale(image, rng, masks=masks, ratio_range=(args.scale_min, args.scale_max))
+        # Impl. (lucasdavid/PNOC, batch_transform): images are reflect-padded to the crop, labels 255
+        image, masks, _, _ = augment.random_crop(image, rng, size=args.crop, masks=masks, image_fill="reflect")
+        if kind == "strong":
+            # Impl. (lucasdavid/PNOC, tools/ai/augment_utils.py batch_transform): jitter p 0.8, blur p 0.5
+            image = augment.color_jitter(image, rng, brightness=0.25, contrast=0.25, saturation=0.25, hue=0.25, p=0.8)
+            image = augment.gaussian_blur(image, rng, p=0.5, radius=(0.15, 1.15))
+        if kind != "weak":
+            image, masks, _ = augment.random_hflip(image, rng, masks=masks)
+        image = np.array(image)  # writable, contiguous copy
+        out = {"image": torch.as_tensor(augment.to_tensor(image)), "rgb": torch.from_numpy(image),
+               "label": torch.as_tensor(sample["label"])}
+        if masks:
+            out["mask"] = torch.as_tensor(augment.mask_to_tensor(masks[0]))
+        return out
+    return transform
+
+
+def augmented_split(ctx, kind, target=None, seed=0, **kw):
+    return data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, seed=ctx.args.seed + seed,
+                           transform=make_transform(ctx.args, kind, target), **kw)
+
+
+def foreground_indices(ds):
+    """Images without foreground labels are skipped (official: ignore_bg_images)."""
+    return [int(i) for i in np.nonzero(ds.labels().sum(1) > 0)[0]]
+
+
+def build_optimizer(model, pretrained_params, lr, wd, new_mult):
+    """Sec. 4: pretrained parts at lr, new layers at new_mult x lr; Nesterov SGD, weight decay on weights only
+    (official)."""
+    pre = {id(p) for p in pretrained_params}
+    groups = {(a, b): [] for a in (True, False) for b in (True, False)}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups[(id(p) in pre, n.endswith("bias"))].append(p)
+    return torch.optim.SGD([{"params": ps, "lr": lr * (1 if is_pre else new_mult), "weight_decay": 0.0 if is_bias else wd}
+                            for (is_pre, is_bias), ps in groups.items() if ps], lr=lr, momentum=0.9, nesterov=True)
+
+
+def stage_iters(args, nominal):
+    return min(nominal, args.max_iters or nominal)
+
+
+# --- Stage 0: plain CAM classifier (card 9) ---
+def train_cam(ctx, cam_net):
+    """Backbone + 1x1 classifier with the multi-label soft-margin loss; BN trains normally here. With
+    --init-ckpt nothing is trained; the start point's CAMs are scored either way (Table 2 row 1)."""
+    args = ctx.args
+    ctx.reseed(1)
+    if not args.init_ckpt:
+        ds = augmented_split(ctx, "cam")
+        idx = foreground_indices(ds)
+        total = stage_iters(args, args.cam_epochs * max(len(idx) // args.cam_batch, 1))
+        # Impl. (lucasdavid/PNOC, scripts/cam/train_vanilla.py): classifier x10, backbone biases x2, no decay
+        named = list(cam_net.backbone.named_parameters())
+        opt = torch.optim.SGD([
+            {"params": [p for n, p in named if not n.endswith("bias")], "lr": args.cam_lr, "weight_decay": args.wd},
+            {"params": [p for n, p in named if n.endswith("bias")], "lr": 2 * args.cam_lr, "weight_decay": 0.0},
+            {"params": list(cam_net.classifier.parameters()), "lr": 10 * args.cam_lr, "weight_decay": args.wd},
+        ], lr=args.cam_lr, momentum=0.9, weight_decay=args.wd)
+        net = ctx.wrap(cam_net).train()
+
+        def step(batch, it):
+            with ctx.autocast():
+                z = net(batch["image"])["cls_logits"]
+            # Eq. (5) without smoothing: the plain CAM pretraining loss
+            loss = loss_cls(z, batch["label"], 0.0)
+            check_finite({"losses/cls": loss.item()}, it + 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"losses/cls": loss.item()}
+        train_loop(ctx, "cam", ds, args.cam_batch, total, step, {"model": cam_net, "optimizer": opt},
+                   lr=lambda it: poly_lr(it, total), salt=1, indices=idx)
+    results = {"cam_init/train": cam_miou(ctx, cam_net, ctx.splits["seed"])} if ctx.main else None
+    # checkpoints/cam.pt, a reusable start point: --init-ckpt <run>/checkpoints/cam.pt
+    ctx.finish_stage("cam", results=results, trained=not args.init_ckpt,
+                     weights={"backbone": cam_net.backbone.state_dict(), "classifier": cam_net.classifier.state_dict()})
+
+
+# --- Stage 1: CSRM training (Sec. 3.2, Sec. 4) ---
+def train_step(args, student, teacher, optimizer, bank, batch_l, batch_u, step, autocast=contextlib.nullcontext,
+               pool=None):
+    """One CSRM iteration (card 2): two teacher passes, ClassMix, Eq. (14), SGD step, EMA.
+
+    step: 0-based iteration. Returns the logged scalars."""
+    B = batch_l["image"].shape[0]
+    x = torch.cat([batch_l["image"], batch_u["image"]])  # (2B, 3, H, W)
+    y = torch.cat([batch_l["label"], batch_u["label"]]).float()  # (2B, C)
+    rgb = torch.cat([batch_l["rgb"], batch_u["rgb"]]).cpu().numpy()  # (2B, H, W, 3) uint8 crops for the dCRF
+    epoch = step // args.steps_per_epoch
+    w_s2c, w_u, w_m = aux_weights(args, epoch)
+    crf_params = {**crf.PRESETS["irn"], "n_iters": args.crf_iters} if args.crf_iters > 0 else None
+
+    # Teacher pass 1 (eval mode, un-mixed input): pseudo labels and the logits that get mixed
+    teacher.eval()
+    with torch.no_grad(), autocast():
+        out_t = teacher(x, seg=True, rep=False)
+    A_t, S_t = out_t["cam"].float(), out_t["seg"].float()
+    PL = cam_pseudo_labels(rgb, y, A_t, args.bg_thr, args.fg_thr, crf_params, pool)  # (2B, H, W)
+    present_u = torch.cat([torch.ones_like(y[B:, :1]), y[B:]], 1) > 0.5  # un-mixed loader labels (B, K)
+    mixed = bool(torch.rand(()) < args.mix_prob)  # one draw per step for the whole batch
+    if mixed:
+        x, y, PL, S_t = classmix(x, y, PL, S_t)
+    P_t = restricted_probs(S_t, y)  # (2B, K, H, W)
+    Yhat_t = P_t.argmax(1)  # (2B, H, W), never an absent class
+
+    use_rep = w_m > 0
+    student.train()
+    with autocast():
+        out = student(x, seg=True, rep=use_rep)
+    S, A = out["seg"], out["cam"]
+
+    losses = {"losses/cls": loss_cls(out["cls_logits"], y, args.label_smoothing),
+              "losses/seg": loss_seg(S[:B], PL[:B], args.label_smoothing)}
+    if w_s2c > 0:
+        losses["losses/s2c"] = loss_s2c(S, A, P_t, args.s2c_sigma, args.label_smoothing)
+    if w_u > 0 or w_m > 0:
+        # Teacher pass 2 (train mode, dropout on, mixed input): entropies, ranks and keys
+        teacher.train()
+        with torch.no_grad(), autocast():
+            out_t2 = teacher(x, seg=True, rep=use_rep)
+        rho = unreliable_ratio(args, epoch)
+        if w_u > 0:
+            # Eq. (10) on the full-resolution u-half
+            H_u = entropy(torch.softmax(out_t2["seg"][B:].float(), 1))  # (B, H, W)
+            losses["losses/u"] = loss_unsup(S[B:], Yhat_t[B:], H_u, rho)
+        if w_m > 0:
+            prob4 = torch.softmax(out_t2["seg4"].float(), 1)  # (2B, K, h4, w4), unrestricted
+            h4 = prob4.shape[-2:]
+            down = lambda t: F.interpolate(t[:, None].float(), size=h4, mode="nearest")[:, 0].long()  # noqa: E731
+            labels4 = torch.cat([down(PL[:B]), down(Yhat_t[B:])])  # (2B, h4, w4)
+            # Eq. (10) at stride 4; Eq. (11) quantiles over the u-half's pixels
+            H4_u = entropy(prob4[B:])
+            low_u, high_u = H4_u < quantile(H4_u, rho), H4_u >= quantile(H4_u, 1 - rho)
+            sure_l = labels4[:B] != 255
+            low, high = torch.cat([sure_l, low_u]), torch.cat([sure_l, high_u])
+            losses["losses/m"] = loss_contrast(out["rep"], out_t2["rep"], prob4, labels4, low, high, present_u, B, bank, args)
+    # Eq. (14)  L = L_c + L_s + l_s2c L_s2c + l_u L_u + l_m L_m
+    weights = {"losses/cls": 1.0, "losses/seg": 1.0, "losses/s2c": w_s2c, "losses/u": w_u, "losses/m": w_m}
+    total = sum(weights[k] * v for k, v in losses.items())
+    losses["losses/total"] = total
+    stats = {k: v.item() for k, v in losses.items()}
+    check_finite(stats, step + 1)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip)
+    optimizer.step()
+    ema_update(teacher, unwrap(student), step + 1, args)
+
+    reliable = (PL[:B] != 255).float().mean().item()
+    return {**stats, "pl/reliable": reliable, "mixed": int(mixed),
+            "w/s2c": w_s2c, "w/u": w_u, "w/m": w_m}
+
+
+def train_csrm(ctx, num_classes):
+    """Sec. 4: E "epochs" of S_e steps, two loaders (augmented l-half, plain u-half), poly SGD; the final
+    teacher goes to checkpoints/csrm.pt."""
+    args = ctx.args
+    ds_l, ds_u = augmented_split(ctx, "strong"), augmented_split(ctx, "weak", seed=1)
+    val_set = data.SegDataset(ctx.spec.root, ctx.splits["seed"], dataset=ctx.spec.dataset, seed=args.seed)
+    ctx.reseed(3)
+    student, teacher = (m.to(ctx.device) for m in build_model(args, num_classes, ctx.stage_weights("cam")))
+    optimizer = build_optimizer(student, student.pretrained_parameters(), args.lr, args.wd, args.lr_new_mult)
+    bank = MemoryBank(num_classes + 1, args.rep_dim, args.bank, args.bank_bg)
+    total = stage_iters(args, args.epochs * args.steps_per_epoch)
+    net = ctx.wrap(student)
+    pool = ThreadPool(args.crf_workers) if args.crf_workers > 0 else None
+
+    def step(batch, it):
+        if it == 0 and ctx.main:  # the start point, then per-epoch validation of the teacher (official: VOC train)
+            ctx.log({"stage": "csrm", "epoch": 0, **validate_teacher(args, teacher, val_set, ctx.device)})
+        stats = train_step(args, net, teacher, optimizer, bank, batch["l"], batch["u"], it, ctx.autocast, pool)
+        if (it + 1) % args.steps_per_epoch == 0 or it + 1 == total:
+            if ctx.main:
+                ctx.log({"stage": "csrm", "epoch": (it + 1) / args.steps_per_epoch,
+                         **validate_teacher(args, teacher, val_set, ctx.device)})
+            barrier()
+        return stats
+    try:
+        train_loop(ctx, "csrm", {"l": ds_l, "u": ds_u}, args.batch_size, total, step,
+                   {"student": student, "teacher": teacher, "optimizer": optimizer, "bank": bank},
+                   lr=lambda it: poly_lr(it, total), salt=3, indices=foreground_indices(ds_l))
+    finally:
+        if pool is not None:
+            pool.close()
+    ctx.finish_stage("csrm", weights={"teacher": teacher.state_dict()})
+
+
+# --- Stage 3: verification (Sec. 4), a segmentation network trained on the pseudo labels ---
+def train_verify(ctx, seg_net, pl_dir, keep):
+    """DeepLabV3+ on the train pseudo labels (PNOC scripts/segmentation/train.py settings); --supervision full:
+    on the ground-truth masks. The last stage: its weights (and `keep`) are what --eval-only reads."""
+    args = ctx.args
+    full = args.supervision == "full"
+    ds = augmented_split(ctx, "seg", "mask" if full else "pseudo", extra_dirs=None if full else {"pseudo": pl_dir})
+    ctx.reseed(5)
+    if args.seg_init == "cam":
+        # Deviation 15 (toy): no ImageNet weights exist there, so the stage-0 backbone stands in for them
+        load_weights(seg_net.backbone, ctx.stage_weights("cam")["backbone"], "the stage-0 backbone")
+    opt = build_optimizer(seg_net, seg_net.backbone.parameters(), args.seg_lr, args.seg_wd, args.lr_new_mult)
+    total = stage_iters(args, args.seg_epochs * max(len(ds) // args.seg_batch, 1))
+    net = ctx.wrap(seg_net).train()
+
+    def step(batch, it):
+        with ctx.autocast():
+            logits = net(batch["image"])
+        # PNOC scripts/segmentation/train.py: cross-entropy, ignore 255, label smoothing
+        loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=255, label_smoothing=args.label_smoothing)
+        check_finite({"losses/seg": loss.item()}, it + 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"losses/seg": loss.item()}
+    train_loop(ctx, "verify", ds, args.seg_batch, total, step, {"model": seg_net, "optimizer": opt},
+               lr=lambda it: poly_lr(it, total), salt=5)
+    ctx.finish_stage("verify", weights={**keep, "seg": seg_net.state_dict()}, final=True)
+
+
+# ==================================================================================================
+# Evaluate
+# ==================================================================================================
+# Sec. 4, card 7
+def image_tensor(image, device):
+    return torch.as_tensor(augment.to_tensor(np.ascontiguousarray(image)))[None].to(device)  # (1, 3, H, W)
+
+
+def sweep_0_80(num_classes):
+    return miou.ThresholdSweep(num_classes, thresholds=np.round(np.arange(0.05, 0.801, 0.05), 2))
+
+
 @torch.no_grad()
-def validate_teacher(args: Args, ctx: Ctx, teacher: CSRMNet, ds) -> dict:
+def validate_teacher(args, teacher, ds, device):
     """Per-epoch validation (official): CAM mIoU at the best threshold of 0.10-0.45, seg-branch mIoU."""
     teacher.eval()
-    K = ds.num_classes
-    sweep = miou.ThresholdSweep(K, thresholds=np.round(np.arange(0.10, 0.451, 0.05), 2))
-    cm = miou.ConfusionMatrix(K)
+    sweep = miou.ThresholdSweep(ds.num_classes, thresholds=np.round(np.arange(0.10, 0.451, 0.05), 2))
+    cm = miou.ConfusionMatrix(ds.num_classes)
     for i in range(min(args.val_images, len(ds))):
         sample = ds[i]
-        x = image_tensor(sample["image"], ctx.device)
+        x = image_tensor(sample["image"], device)
         out = teacher(x, seg=True, rep=False)
         keys = np.nonzero(sample["label"] > 0.5)[0]
         cams = normalize_cam(out["cam"])[0, keys]
@@ -1205,37 +967,45 @@ def validate_teacher(args: Args, ctx: Ctx, teacher: CSRMNet, ds) -> dict:
         sweep.update(cams.cpu().numpy(), keys + 1, sample["mask"])
         cm.update(out["seg"][0].argmax(0).cpu().numpy(), sample["mask"])
     res = sweep.compute()
-    return {"val/cam_miou": 100 * res["best"]["miou"], "val/cam_thr": res["best_threshold"],
-            "val/seg_miou": 100 * cm.compute()["miou"]}
-
-
-def percent(result: dict, class_names, **extra) -> dict:
-    iou = {n: (None if np.isnan(v) else round(100 * float(v), 2)) for n, v in zip(class_names, result["iou"])}
-    return {"miou": round(100 * float(result["miou"]), 2), "iou": iou, **extra}
+    return {"val/cam_miou": 100 * float(res["best"]["miou"]), "val/cam_thr": res["best_threshold"],
+            "val/seg_miou": 100 * float(cm.compute()["miou"])}
 
 
 @torch.no_grad()
-def make_pseudo_labels(ctx: Ctx, teacher: CSRMNet, out_dir: Path) -> dict:
-    """Sec. 4 inference: TTA CAMs of the teacher -> present classes / max -> threshold -> dCRF -> PNG.
+def cam_miou(ctx, model, split):
+    """Threshold-swept CAM mIoU of a stage-0 CAMNet (Table 2 row 1: the start point)."""
+    ds = data.SegDataset(ctx.spec.root, split, dataset=ctx.spec.dataset, seed=ctx.args.seed)
+    sweep = sweep_0_80(ds.num_classes)
+    model.eval()
+    for sample in each_sample(ctx, ds, "stage-0 CAMs"):
+        keys = np.nonzero(sample["label"] > 0.5)[0]
+        cams = tta_cams(model, image_tensor(sample["image"], ctx.device), ctx.args.tta_scales, ctx.args.tta_flip)[keys]
+        cams = cams / (cams.amax((1, 2), keepdim=True) + 1e-5)
+        sweep.update(cams.cpu().numpy(), keys + 1, sample["mask"])
+    sw = sweep.compute()
+    return miou_entry(sw["best"], ds.class_names, threshold=sw["best_threshold"])
+
+
+# --- Stage 2: pseudo labels of the final teacher (Sec. 4 inference) and their scores ---
+@torch.no_grad()
+def make_pseudo_labels(ctx, teacher, out_dir):
+    """TTA CAMs of the teacher -> present classes / max -> threshold -> dCRF -> PNG.
 
     Writes pseudo_labels/{pseudo,pseudo_crf}/<split>/<id>.png; returns cam/, pseudo/, pseudo_crf/
     metrics on the seed split and val (GT never used for anything but scoring)."""
     args = ctx.args
     teacher.eval()
-    scales = tta_scales(args)
     crf_params = {**crf.PRESETS["irn"], "n_iters": args.crf_iters} if args.pl_crf and args.crf_iters > 0 else None
     seed_ids = set(data.split_ids(ctx.spec.root, ctx.splits["seed"], dataset=ctx.spec.dataset))
     results = {}
     for split, key in ((ctx.splits["train"], "train"), (ctx.splits["val"], "val")):
         ds = data.SegDataset(ctx.spec.root, split, dataset=ctx.spec.dataset, seed=args.seed)
         K, names = ds.num_classes, ds.class_names
-        sweep = miou.ThresholdSweep(K, thresholds=np.round(np.arange(0.05, 0.801, 0.05), 2))
-        cm, cm_crf = miou.ConfusionMatrix(K), miou.ConfusionMatrix(K)
-        for i in tqdm(range(len(ds)), desc=f"pseudo labels {split}", disable=not ctx.main, leave=False):
-            sample = ds[i]
+        sweep, cm, cm_crf = sweep_0_80(K), miou.ConfusionMatrix(K), miou.ConfusionMatrix(K)
+        for sample in each_sample(ctx, ds, f"pseudo labels {split}"):
             name, image = sample["name"], sample["image"]
             keys = np.nonzero(sample["label"] > 0.5)[0]
-            cams = tta_cams(teacher, image_tensor(image, ctx.device), scales, args.tta_flip)[keys]  # (m, H, W)
+            cams = tta_cams(teacher, image_tensor(image, ctx.device), args.tta_scales, args.tta_flip)[keys]  # (m, H, W)
             cams = (cams / (cams.amax((1, 2), keepdim=True) + 1e-5)).cpu().numpy()
             # background score pl_thr, argmax over [bg, present classes]; index -> class id
             idx = np.concatenate([np.full((1,) + image.shape[:2], args.pl_thr, np.float32), cams]).argmax(0)
@@ -1243,290 +1013,705 @@ def make_pseudo_labels(ctx: Ctx, teacher: CSRMNet, out_dir: Path) -> dict:
             label = ids[idx]
             data.save_mask(out_dir / "pseudo" / split / f"{name}.png", label)
             if crf_params is not None:
-                # np.array copy: pydensecrf rejects read-only buffers (read_image; see /tmp/common_bugs.txt)
+                # np.array copy: pydensecrf rejects read-only buffers
                 label_crf = ids[crf.refine_labels(np.array(image), idx, len(ids), gt_prob=0.7, **crf_params)]
                 data.save_mask(out_dir / "pseudo_crf" / split / f"{name}.png", label_crf)
-            scored = "mask" in sample and (key == "val" or name in seed_ids)
-            if scored:
+            if "mask" in sample and (key == "val" or name in seed_ids):
                 sweep.update(cams, keys + 1, sample["mask"])
                 cm.update(label, sample["mask"])
                 if crf_params is not None:
                     cm_crf.update(label_crf, sample["mask"])
         if key == "train" or split != ctx.splits["train"]:
             sw = sweep.compute()
-            results[f"cam/{key}"] = percent(sw["best"], names, threshold=sw["best_threshold"],
-                                            curve=[[t, round(100 * m, 2)] for t, m in sw["curve"]])
-            results[f"pseudo/{key}"] = percent(cm.compute(), names, threshold=args.pl_thr)
+            results[f"cam/{key}"] = miou_entry(sw["best"], names, threshold=sw["best_threshold"],
+                                               curve=[[float(t), round(100 * float(m), 2)] for t, m in sw["curve"]])
+            results[f"pseudo/{key}"] = miou_entry(cm.compute(), names, threshold=args.pl_thr)
             if crf_params is not None:
-                results[f"pseudo_crf/{key}"] = percent(cm_crf.compute(), names, threshold=args.pl_thr)
+                results[f"pseudo_crf/{key}"] = miou_entry(cm_crf.compute(), names, threshold=args.pl_thr)
     return results
 
 
 @torch.no_grad()
-def cam_miou(ctx: Ctx, model: nn.Module, split: str) -> dict:
-    """Threshold-swept CAM mIoU of a stage-0 CAMNet (Table 2 row 1: the start point)."""
-    ds = data.SegDataset(ctx.spec.root, split, dataset=ctx.spec.dataset, seed=ctx.args.seed)
-    sweep = miou.ThresholdSweep(ds.num_classes, thresholds=np.round(np.arange(0.05, 0.801, 0.05), 2))
-    model.eval()
-    for i in tqdm(range(len(ds)), desc="stage-0 CAMs", disable=not ctx.main, leave=False):
-        sample = ds[i]
-        keys = np.nonzero(sample["label"] > 0.5)[0]
-        x = image_tensor(sample["image"], ctx.device)
-        cams = tta_cams(model, x, tta_scales(ctx.args), ctx.args.tta_flip)[keys]
-        cams = cams / (cams.amax((1, 2), keepdim=True) + 1e-5)
-        sweep.update(cams.cpu().numpy(), keys + 1, sample["mask"])
-    sw = sweep.compute()
-    return percent(sw["best"], ds.class_names, threshold=sw["best_threshold"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Verification (Sec. 4): a segmentation network trained on the pseudo labels
-# ----------------------------------------------------------------------------------------------
-def train_verify(ctx: Ctx, state: dict, pl_dir: Path, teacher_state: dict) -> SegNet:
-    """DeepLabV3+ on the train pseudo labels (PNOC scripts/segmentation/train.py settings)."""
+def evaluate(ctx, seg_net, teacher, ds, pl_dir):
+    """seg/val (single scale) and seg_ms/val (TTA scales + flip) of the verification network, and vis/val.png:
+    image | teacher CAM | pseudo label | prediction | ground truth (no CAM / pseudo label without a teacher)."""
     args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, extra_dirs={"pseudo": pl_dir},
-                         transform=make_transform(args, "seg", args.crop), seed=args.seed)
-    ctx.reseed(5, per_rank=False)
-    imagenet = args.seg_init == "imagenet"
-    model = SegNet(args.seg_backbone, ds.num_classes, args.width, args.low_width, args.pretrained and imagenet,
-                   args.seg_weights if imagenet else "")
-    if not imagenet:
-        # Deviation 15 (toy): no ImageNet weights exist there, so the stage-0 backbone stands in for them
-        model.backbone.load_state_dict(ctx.cam_weights["backbone"])
-    model.to(ctx.device)
-    pre = {id(p) for p in model.backbone.parameters()}
-    groups = {(a, b): [] for a in (True, False) for b in (True, False)}
-    for n, p in model.named_parameters():
-        groups[(id(p) in pre, n.endswith("bias"))].append(p)
-    opt = torch.optim.SGD([{"params": ps, "lr": args.seg_lr * (1 if a else args.lr_new_mult), "weight_decay": 0.0 if b else args.seg_wd}
-                           for (a, b), ps in groups.items() if ps], lr=args.seg_lr, momentum=0.9, nesterov=True)
-    total = stage_length(args, args.seg_epochs * max(len(ds) // args.seg_batch, 1))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, poly(total))
-    start = 0
-    ctx.reseed(6, per_rank=True)
-    if state:
-        model.load_state_dict(state["seg_model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = state["iter"]
-        restore_rng(state["rng"])
-    net = wrap_ddp(model, ctx)
-    stream = iter(BatchStream(ds, range(len(ds)), args.seg_batch // ctx.world, args.seed + 31, start, ctx, args.workers))
-    bar = tqdm(range(start, total), desc="verification (DeepLabV3+)", disable=not ctx.main, leave=False)
-
-    def save(it):
-        save_checkpoint(ctx, {"stage": "verify", "iter": it, "seg_model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "teacher": teacher_state})
-    for it in bar:
-        batch = next(stream)
-        net.train()
-        with torch.autocast("cuda", enabled=ctx.amp):
-            logits = net(batch["image"].to(ctx.device))
-        # PNOC scripts/segmentation/train.py: cross-entropy, ignore 255, label smoothing
-        loss = F.cross_entropy(logits.float(), batch["mask"].to(ctx.device), ignore_index=255, label_smoothing=args.label_smoothing)
-        check_finite({"losses/verify_seg": loss}, it + 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if ctx.main and ((it + 1) % 10 == 0 or it + 1 == total):
-            ctx.log({"stage": "verify", "iter": it + 1, "losses/seg": loss.item(), "lr": sched.get_last_lr()[0]}, echo=False)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (it + 1) % args.ckpt_every == 0:
-            save(it + 1)
-        tick(ctx, lambda: save(it + 1))
-    return model
-
-
-@torch.no_grad()
-def evaluate_seg(ctx: Ctx, model: nn.Module) -> tuple[dict, list]:
-    """seg/val (single scale) and seg_ms/val (TTA scales + flip) of the verification network."""
-    args = ctx.args
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["val"], dataset=ctx.spec.dataset, seed=args.seed)
-    model.eval()
+    seg_net.eval()
     cm, cm_ms = miou.ConfusionMatrix(ds.num_classes), miou.ConfusionMatrix(ds.num_classes)
-    preds = []
-    for i in tqdm(range(len(ds)), desc="seg/val", disable=not ctx.main, leave=False):
-        sample = ds[i]
-        x = image_tensor(sample["image"], ctx.device)
-        pred = tta_seg(model, x, [1.0], False).argmax(0).cpu().numpy()
-        cm.update(pred, sample["mask"])
-        cm_ms.update(tta_seg(model, x, tta_scales(args), args.tta_flip).argmax(0).cpu().numpy(), sample["mask"])
-        if i < args.vis:
-            preds.append(pred)
-    return {"seg/val": percent(cm.compute(), ds.class_names), "seg_ms/val": percent(cm_ms.compute(), ds.class_names)}, preds
-
-
-def write_vis(ctx: Ctx, teacher: CSRMNet, preds: list, pl_dir: Path) -> None:
-    """vis/val.png: image | CAM heat-map | pseudo label | prediction | ground truth, one row per image."""
-    ds = data.SegDataset(ctx.spec.root, ctx.splits["val"], dataset=ctx.spec.dataset)
-    palette = data.voc_palette()
     rows = []
-    for i, pred in enumerate(preds):
-        sample = ds[i]
-        image = sample["image"]
-        keys = np.nonzero(sample["label"] > 0.5)[0]
-        cams = tta_cams(teacher, image_tensor(image, ctx.device), [1.0], False)[keys]
-        heat = (cams / (cams.amax((1, 2), keepdim=True) + 1e-5)).amax(0).cpu().numpy() if len(keys) else np.zeros(image.shape[:2])
-        heat = np.stack([255 * heat, 64 * np.ones_like(heat), 255 * (1 - heat)], -1).astype(np.uint8)
-        pl = np.asarray(Image.open(pl_dir / f"{sample['name']}.png"))
-        rows.append(np.concatenate([image, heat, palette[pl], palette[pred], palette[sample["mask"]]], 1))
+    for sample in each_sample(ctx, ds, "seg/val"):
+        x = image_tensor(sample["image"], ctx.device)
+        pred = tta_seg(seg_net, x, [1.0], False).argmax(0).cpu().numpy()
+        cm.update(pred, sample["mask"])
+        cm_ms.update(tta_seg(seg_net, x, args.tta_scales, args.tta_flip).argmax(0).cpu().numpy(), sample["mask"])
+        if len(rows) < args.vis:
+            row = [sample["image"]]
+            if teacher is not None:
+                keys = np.nonzero(sample["label"] > 0.5)[0]
+                cams = tta_cams(teacher, x, [1.0], False)[keys]
+                heat = (cams / (cams.amax((1, 2), keepdim=True) + 1e-5)).amax(0).cpu().numpy() if len(keys) \
+                    else np.zeros(pred.shape, np.float32)
+                row += [colour_cam(heat), colour_labels(data.read_mask(pl_dir / f"{sample['name']}.png"))]
+            rows.append(row + [colour_labels(pred), colour_labels(sample["mask"])])
     if rows:
-        width = max(r.shape[1] for r in rows)
-        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-        (ctx.run_dir / "vis").mkdir(exist_ok=True)
-        Image.fromarray(np.concatenate(rows, 0)).save(ctx.run_dir / "vis" / "val.png")
+        captions = (["image", "teacher CAM", "pseudo label"] if teacher is not None else ["image"])
+        save_grid(ctx.run_dir / "vis" / "val.png", rows, captions + ["prediction", "ground truth"])
+    return {"seg/val": miou_entry(cm.compute(), ds.class_names), "seg_ms/val": miou_entry(cm_ms.compute(), ds.class_names)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int, deterministic: bool) -> None:
+# === Infrastructure: identical in all five scripts (edit one, copy to all) ===
+# Plumbing, not the paper: command line, errors, device and DDP, seeding, run folder and log, checkpoints
+# (loaded with weights_only=True), Ctrl-C / SIGTERM, the training loop, LR factors, metrics.json, pictures.
+# tests/test_skeleton.py fails when the copies differ; `python tests/test_skeleton.py --sync cosa.py` copies one.
+COMMON_CHOICES = {"preset": ("auto", "paper", "toy"), "device": ("auto", "cpu", "cuda"), "supervision": ("image", "full")}
+COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_after": ">=0", "log_every": ">=1",
+                 "ckpt_every": ">=1"}
+RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
+CKPT_FORMAT = "wsss-reference/1"
+
+
+def fail(msg, code=2):
+    """Bad input: one line on stderr, exit code 2, no traceback (DESIGN.md, Errors)."""
+    print(f"{METHOD}.py: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def check(ok, msg):
+    if not ok:
+        fail(msg)
+
+
+class StopRun(Exception):
+    """Stopped with a resumable checkpoint: --stop-after (exit code 0), SIGINT (130), SIGTERM (143)."""
+
+    def __init__(self, msg, code=0):
+        super().__init__(msg)
+        self.code = code
+
+
+class NonFinite(Exception):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
+
+
+def build_parser():
+    """One flag per Args field, help = its comment; defaults are None so that the preset fills the rest."""
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Args), flags=re.M))
+    parser = ArgumentParser(prog=f"{METHOD}.py", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Args):
+        paper, toy = (PRESETS[p].get(f.name, f.default) for p in ("paper_voc", "toy"))
+        kw = dict(default=None, help=f"{comments.get(f.name, '')} [paper: {paper}; toy: {toy}]".replace("%", "%%"))
+        if isinstance(f.default, bool):
+            kw.update(action=argparse.BooleanOptionalAction)
+        else:
+            kw.update(type=type(f.default[0] if isinstance(f.default, tuple) else f.default),
+                      choices={**COMMON_CHOICES, **CHOICES}.get(f.name), nargs="+" if isinstance(f.default, tuple) else None)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return parser
+
+
+def args_from(values):
+    """Args from a dict (args.json, a checkpoint): unknown keys dropped, lists made tuples."""
+    names = {f.name for f in dataclasses.fields(Args)}
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def parse_args(argv=None):
+    """Command line > preset > Args default -> (args, spec). --resume continues with the run's own args.json
+    (only RUNTIME_FLAGS may change); --eval-only starts from the configuration stored in --ckpt."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(build_parser().parse_args(argv)).items()
+             if v is not None}
+    if given.get("resume"):
+        run_dir = Path(given["resume"])
+        check((run_dir / "args.json").is_file() and (run_dir / "checkpoints" / "last.pt").is_file(),
+              f"--resume {run_dir}: no args.json and checkpoints/last.pt there; give the folder of an earlier run")
+        values = dataclasses.asdict(args_from(json.loads((run_dir / "args.json").read_text())))
+        for k, v in given.items():
+            check(k in RUNTIME_FLAGS or values[k] == v, f"--resume keeps the run's configuration; drop --{k.replace('_', '-')}")
+        values.update(given, stop_after=given.get("stop_after", 0))  # a stop is for one process, not the run
+    else:
+        spec = data.resolve_data(given.get("data", Args.data))
+        auto_toy = given.get("preset", "auto") == "auto" and spec.name == "toy"
+        preset = "toy" if given.get("preset") == "toy" or auto_toy else f"paper_{spec.dataset}"
+        values = {**dataclasses.asdict(Args()), **PRESETS[preset]}
+        if given.get("eval_only") and given.get("ckpt"):  # the trained networks' configuration
+            values.update(load_run_checkpoint(given["ckpt"], "--ckpt")["args"], out="", resume="", stop_after=0)
+            preset = values["preset"]
+        values.update(given, preset=preset)
+    args = args_from(values)
+    validate_common(args)
+    return args, data.resolve_data(args.data)
+
+
+def in_range(x, spec):
+    """spec: '>0', '>=1', '[0,1]', '(0,1]', '[0,1)', '(0,1)'; any other spec is a bug in LIMITS."""
+    if spec[0] in "[(" and spec[-1] in "])":
+        lo, hi = (float(v) for v in spec[1:-1].split(","))
+        return (x >= lo if spec[0] == "[" else x > lo) and (x <= hi if spec[-1] == "]" else x < hi)
+    if spec.startswith(">="):
+        return x >= float(spec[2:])
+    if spec.startswith(">"):
+        return x > float(spec[1:])
+    raise ValueError(f"LIMITS spec {spec!r}: use '>a', '>=a' or an interval")
+
+
+def validate_common(args):
+    """The checks that every script needs, before anything is written: LIMITS (one per script), files, modes."""
+    for name, spec in {**COMMON_LIMITS, **LIMITS}.items():
+        value = getattr(args, name)
+        check(all(math.isfinite(v) and in_range(v, spec) for v in (value if isinstance(value, tuple) else (value,))),
+              f"--{name.replace('_', '-')} must be {spec}, got {value}")
+    check(args.device != "cuda" or torch.cuda.is_available(), "--device cuda but no CUDA device is visible; use --device cpu")
+    check(not (args.eval_only and args.resume), "--eval-only and --resume cannot be combined")
+    check(args.ckpt or not args.eval_only, "--eval-only needs --ckpt FILE (checkpoints/last.pt of a finished run)")
+    for flag in ("ckpt", "weights"):
+        check(not getattr(args, flag) or Path(getattr(args, flag)).is_file(), f"--{flag} {getattr(args, flag)}: no such file")
+
+
+def env_world():
+    return int(os.environ.get("WORLD_SIZE", "1"))  # processes (torchrun), also before the process group exists
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's (picklable) object on every rank."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_cat(t):
+    """Concatenate (n_rank, ...) tensors over the ranks (n_rank may differ); identity without DDP."""
+    if not dist.is_initialized():
+        return t
+    sizes = [None] * dist.get_world_size()
+    dist.all_gather_object(sizes, t.shape[0])
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def seed_everything(seed, deterministic=False):
+    """Python, numpy and torch RNGs; cuDNN autotuning for the fixed-size crops unless --deterministic."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
 
 
-def prepare(args: Args):
-    """Validate flags and data, resolve the run folder; nothing is written yet."""
-    check_args(args)
-    spec = data.resolve_data(args.data)
-    splits = data.default_splits(spec)
-    for s in set(splits.values()):
-        if not data.split_ids(spec.root, s, dataset=spec.dataset):
-            raise data.DataError(f"split {s!r} of {spec.root} is empty; check ImageSets/Segmentation/{s}.txt")
-    if args.resume:
-        run_dir = Path(args.resume)
-    elif args.out:
-        run_dir = Path(args.out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            fail(f"--out {run_dir} exists and is not empty; pick a new folder or --resume {run_dir}")
-    else:
-        run_dir = Path("runs") / METHOD / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    return spec, splits, run_dir
+def seed_worker(worker_id):
+    random.seed(torch.initial_seed() % 2**32)  # DataLoader's per-worker seed
+    np.random.seed(torch.initial_seed() % 2**32)
 
 
-def run(args: Args) -> None:
-    state = {}
-    if args.resume:  # a resumed run continues with the configuration (and data) it was started with
-        last = Path(args.resume) / "checkpoints" / "last.pt"
-        if not last.is_file():
-            fail(f"--resume {args.resume}: no checkpoints/last.pt there; pass the folder of an earlier run")
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        args = Args(**{**state["args"], "resume": args.resume, "stop_after": args.stop_after, "workers": args.workers})
-    spec, splits, run_dir = prepare(args)
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False) if args.eval_only else None
-    if ckpt is not None and "teacher" not in ckpt:
-        fail(f"--ckpt {args.ckpt} holds no CSRM teacher; pass checkpoints/last.pt of a csrm run past stage 1")
-    cam_weights = torch.load(args.init_ckpt, map_location="cpu", weights_only=False) if args.init_ckpt else None
-    if cam_weights is not None and not (isinstance(cam_weights, dict) and {"backbone", "classifier"} <= set(cam_weights)):
-        fail(f"--init-ckpt {args.init_ckpt} must be a dict with 'backbone' and 'classifier' state dicts")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    for k in ("batch_size", "cam_batch", "seg_batch"):
-        if getattr(args, k) % world:
-            fail(f"--{k.replace('_', '-')} {getattr(args, k)} is not divisible by {world} processes")
-    ctx = Ctx(args, spec, splits, run_dir)
-    if world > 1:
-        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
-    ctx.reseed(0, per_rank=False)
-    ctx.results, ctx.done = dict(state.get("results", {})), list(state.get("done", []))
-    ctx.prior_seconds = float(state.get("seconds", 0.0))
-    ctx.cam_weights = state.get("cam_weights", cam_weights)
-    # the state of a stage interrupted mid-way (iter > 0) resumes that stage
-    mid = state if state.get("iter", 0) > 0 else {}
-    if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-        if args.amp and not ctx.amp:
-            print("note: --amp is ignored on CPU (float32 throughout)", flush=True)
+def rng_state():
+    """Every global RNG as tensors, strings and numbers, so that checkpoints load with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, torch.tensor(mt), gauss], "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1].tolist()), state["python"][2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file, then rename: a crash or SIGKILL mid-write leaves the previous file."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what):
+    """torch.load(weights_only=True): tensors, numbers, strings, lists and dicts, never code; errors in one line."""
+    check(Path(path).is_file(), f"{what} {path}: no such file")
     try:
-        C = data.SegDataset(spec.root, splits["val"], dataset=spec.dataset).num_classes - 1
-        pl_root = run_dir / "pseudo_labels"
-        # -- stage 0 (CAM classifier) and stage 1 (CSRM), unless a teacher already exists
-        if ckpt is not None:
-            teacher_state = ckpt["teacher"]
-        elif "csrm" in ctx.done:
-            teacher_state = state["teacher"]
-        else:
-            if "cam" in ctx.done:
-                cam_weights = state["cam_weights"]
-            else:
-                if cam_weights is None:
-                    cam_weights = train_cam(ctx, mid if mid.get("stage") == "cam" else {})
-                    if ctx.main:  # reusable start point: --init-ckpt <run>/checkpoints/cam.pt
-                        tmp = run_dir / "checkpoints" / "cam.pt.tmp"
-                        tmp.parent.mkdir(exist_ok=True)
-                        torch.save(cam_weights, tmp)
-                        os.replace(tmp, run_dir / "checkpoints" / "cam.pt")
-                if ctx.main:  # Table 2 row 1: the start point's CAMs
-                    cam_net = CAMNet(args.backbone, C).to(ctx.device)
-                    cam_net.backbone.load_state_dict(cam_weights["backbone"])
-                    cam_net.classifier.load_state_dict(cam_weights["classifier"])
-                    ctx.results["cam_init/train"] = cam_miou(ctx, cam_net, splits["seed"])
-                    ctx.log({"stage": "cam", "cam_init/train": ctx.results["cam_init/train"]["miou"]})
-            ctx.done, ctx.cam_weights = ["cam"], cam_weights
-            save_checkpoint(ctx, {"stage": "csrm", "iter": 0})
-            teacher_state = train_csrm(ctx, mid if mid.get("stage") == "csrm" else {}, cam_weights)
-            ctx.done = ["cam", "csrm"]
-            save_checkpoint(ctx, {"stage": "infer", "iter": 0, "teacher": teacher_state})
-        teacher = CSRMNet(args.backbone, C, args.width, args.low_width, args.rep_dim).freeze(args.frozen_stages)
-        teacher.load_state_dict(teacher_state)
-        teacher.to(ctx.device).eval()
-        # -- pseudo labels (Sec. 4 inference) and their evaluation
-        if "infer" not in ctx.done:
-            if ctx.main:
-                ctx.results.update(make_pseudo_labels(ctx, teacher, pl_root))
-                for k in ("cam/train", "pseudo/train", "pseudo_crf/train", "pseudo/val", "pseudo_crf/val"):
-                    if k in ctx.results:
-                        ctx.log({"stage": "infer", k: ctx.results[k]["miou"]})
-            ctx.barrier()
-            ctx.done = ctx.done + ["infer"]
-            save_checkpoint(ctx, {"stage": "verify", "iter": 0, "teacher": teacher_state})
-        # -- verification: a segmentation network trained on the train pseudo labels
-        pl_dir = pl_root / ("pseudo_crf" if args.pl_crf and args.crf_iters > 0 else "pseudo") / splits["train"]
-        seg_state = ckpt.get("seg_model") if ckpt is not None else state.get("seg_model") if "verify" in ctx.done else None
-        if ckpt is None and "verify" not in ctx.done:
-            seg_state = train_verify(ctx, mid if mid.get("stage") == "verify" else {}, pl_dir, teacher_state).state_dict()
-            ctx.done = ctx.done + ["verify"]
-            save_checkpoint(ctx, {"stage": "done", "iter": 0, "teacher": teacher_state, "seg_model": seg_state})
-        if ctx.main:
-            if seg_state is not None:
-                seg_model = SegNet(args.seg_backbone, C + 1, args.width, args.low_width)
-                seg_model.load_state_dict(seg_state)
-                seg_results, preds = evaluate_seg(ctx, seg_model.to(ctx.device))
-                ctx.results.update(seg_results)
-                write_vis(ctx, teacher, preds, pl_dir.parent / splits["val"])
-            seconds = round(ctx.seconds(), 1)
-            metrics = {"method": METHOD, "dataset": spec.name, "preset": args.preset, "device": ctx.device.type,
-                       "seconds": seconds, "primary": "seg/val", "results": ctx.results}
-            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            for k, v in ctx.results.items():
-                print(f"{k}: mIoU={v['miou']:.2f}", flush=True)
-            print(f"seconds: {seconds}", flush=True)
-            primary = ctx.results.get("seg/val", {}).get("miou", float("nan"))
-            print(f"RESULT {METHOD} seg/val mIoU={primary:.2f}", flush=True)
-    except StopRun:
-        if ctx.main:
-            print(f"stopped after {ctx.iters_done} iterations (--stop-after); continue with --resume {run_dir}", flush=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # refused objects, truncated or foreign files
+        if "GLOBAL" in str(e):
+            fail(f"{what} {path} refused: it holds Python objects that could run code when loaded; give a plain state dict")
+        fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+
+
+def load_run_checkpoint(path, what):
+    """checkpoints/last.pt of a run of this script."""
+    ckpt = load_checkpoint(path, what)
+    check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
+          f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
+    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    return ckpt
+
+
+def state_dict_of(obj, what):
+    """The tensors of a weights file: a state dict, maybe under 'state_dict' / 'model', without DDP's 'module.'."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict", obj.get("model")), dict):
+        obj = obj.get("state_dict", obj.get("model"))
+    check(isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()), f"{what} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(module, state, what, ignore=()):
+    """load_state_dict, failing in one line when keys or shapes do not fit (another method, backbone or number
+    of classes); keys starting with one of `ignore` (an ImageNet classifier) are dropped first."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))} if ignore else state
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    check(not missing and not unexpected, f"{what} does not fit {type(module).__name__}: {len(missing)} missing keys "
+          f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}; saved for another method or backbone?")
+    for k in own:
+        check(own[k].shape == state[k].shape,
+              f"{what} does not fit: {k} is {tuple(state[k].shape)}, needs {tuple(own[k].shape)} (another number of classes?)")
+    module.load_state_dict(state)
+
+
+def timm_model(name, pretrained, **kwargs):
+    """timm.create_model; without internet or cache --pretrained fails in one line that names the alternatives."""
+    check(timm.is_model(name), f"unknown timm model '{name}'; pick one from timm.list_models()")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    import huggingface_hub
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter before our one line
+    try:  # an unreachable hub: read the cache at once instead of after a minute of retries
+        socket.create_connection((urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname, 443), 3).close()
+    except OSError:
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        fail(f"no ImageNet weights for '{name}' ({type(e).__name__}): the hub is unreachable and they are not in the "
+             f"cache {huggingface_hub.constants.HF_HUB_CACHE}; pass --weights FILE --no-pretrained, or connect once")
+
+
+@contextlib.contextmanager
+def run_guard():
+    """How every run ends: bad data -> one line, exit 2; a stop -> the --resume command, exit 0 / 130 / 143;
+    a non-finite loss -> exit 1; signal handlers and the process group restored in every case."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except data.DataError as e:
+        fail(str(e))
+    except NonFinite as e:
+        fail(str(e), code=1)
+    except StopRun as e:
+        if is_main():
+            print(e, flush=True)
+        if e.code:
+            raise SystemExit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C: no new checkpoint, the last complete one still resumes
+        fail("interrupted at once; checkpoints/last.pt (if any) still resumes the run with --resume RUN_DIR", 130)
     finally:
-        if world > 1 and dist.is_initialized():
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except data.DataError as exc:
-        fail(str(exc))
-    except WeightsError as exc:
-        fail(str(exc))
-    except NonFinite as exc:
-        fail(str(exc), code=1)
+class Context:
+    """One process of a run: args, data, device, DDP rank, run folder, log, stages, checkpoints and clock.
+    state (saved in checkpoints/last.pt): the stage in progress and its iteration, the finished stages with
+    their facts, all results so far, the seconds spent over resumes."""
+
+    def __init__(self, args, spec):
+        self.args, self.spec, self.splits = args, spec, data.default_splits(spec)
+        self.world, self.rank = env_world(), int(os.environ.get("RANK", "0"))
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():  # rank-0-only stages may keep the others waiting for hours
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+        self.main, self.amp = self.rank == 0, args.amp and cuda
+        if args.amp and not cuda and self.main:
+            print("note: --amp is ignored on CPU (bf16 autocast is CUDA-only)")
+        seed_everything(args.seed, args.deterministic)
+        self.state = {"stage": "", "iteration": 0, "done": {}, "results": {}, "seconds": 0.0, "stage_start": 0.0,
+                      "stage_seconds": {}}
+        self.payload, self.weights, self.rng, self.signal, self.iters_this_process = {}, {}, None, 0, 0
+        self.run_dir, self.t0 = None, time.time()
+
+    def start(self):
+        """The run folder (never an existing non-empty one) or, with --resume, the state of the stopped run; from
+        here on SIGINT / SIGTERM stop at the next step with a checkpoint. Call it once the inputs are validated."""
+        args = self.args
+        if args.resume:
+            self.run_dir = Path(args.resume)
+            ckpt = load_run_checkpoint(self.run_dir / "checkpoints" / "last.pt", "--resume")
+            self.state, self.payload, self.weights, self.rng = ckpt["state"], ckpt["payload"], ckpt["weights"], ckpt["rng"]
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = Path(args.out) if args.out else data.REPO_ROOT / "runs" / METHOD / f"{self.spec.name}-{stamp}"
+            check(not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())),
+                  f"--out {run_dir} exists and is not empty; choose a new folder or --resume it")
+            self.run_dir = Path(broadcast(str(run_dir)))  # rank 0's clock names the folder
+            barrier()  # every rank has checked the folder before rank 0 creates it
+            if self.main:
+                for sub in ("checkpoints", "vis", "pseudo_labels"):
+                    (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        self.t0 = time.time()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.on_signal)
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.signal:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.main:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again: at once)",
+                  file=sys.stderr, flush=True)
+
+    def reseed(self, salt):
+        """Each stage starts from its own seed: a run resumed at a stage boundary matches an uninterrupted one."""
+        seed_everything(self.args.seed * 1000 + salt, self.args.deterministic)
+
+    def seconds(self):
+        return self.state["seconds"] + time.time() - self.t0
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun (unused parameters allowed: switches turn heads off)."""
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return model if self.world == 1 else nn.parallel.DistributedDataParallel(model, ids, find_unused_parameters=True)
+
+    @property
+    def results(self):
+        return self.state["results"]
+
+    def log(self, record, echo=False):
+        if self.main:
+            record = {**record, "time": round(self.seconds(), 1)}
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+            if echo:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def save(self, stage="", iteration=0, payload=None):
+        """checkpoints/last.pt (rank 0): run state, the modules of the stage in progress, RNGs, final weights."""
+        self.state.update(stage=stage, iteration=iteration, seconds=self.seconds())
+        self.t0 = time.time()
+        if self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / "last.pt", {
+                "format": CKPT_FORMAT, "method": METHOD, "args": dataclasses.asdict(self.args), "state": self.state,
+                "payload": payload or {}, "rng": rng_state(), "weights": self.weights})
+
+    def done(self, stage):
+        return stage in self.state["done"]
+
+    def finish_stage(self, stage, results=None, weights=None, final=False, **facts):
+        """A finished stage: rank 0's results (broadcast) join metrics.json, its weights go to checkpoints/<stage>.pt
+        (final=True: into last.pt, which --eval-only reads), and a resumed run skips the stage."""
+        results, facts = broadcast((results or {}, facts))
+        self.state["results"].update(results)
+        self.state["done"][stage] = facts
+        self.state["stage_seconds"][stage] = round(self.seconds() - self.state["stage_start"], 1)
+        self.state["stage_start"] = self.seconds()
+        if weights is not None and final:
+            self.weights = weights
+        elif weights is not None and self.main:
+            save_checkpoint(self.run_dir / "checkpoints" / f"{stage}.pt", weights)
+        self.save()
+        barrier()
+        self.check_signal(f"after stage {stage}")
+
+    def stage_weights(self, stage):
+        """The weights a finished stage left (for a resumed run, a later stage or --eval-only)."""
+        path = self.run_dir / "checkpoints" / f"{stage}.pt"
+        return load_checkpoint(path, f"stage '{stage}' weights") if path.is_file() else self.weights
+
+    def final_weights(self):
+        """The trained networks: from --ckpt under --eval-only, else from this run's final stage."""
+        weights = load_run_checkpoint(self.args.ckpt, "--ckpt")["weights"] if self.args.eval_only else self.weights
+        check(weights, f"--ckpt {self.args.ckpt} holds no trained networks: that run had not finished")
+        return weights
+
+    def check_signal(self, where):
+        """Outside a training loop a Ctrl-C stops here; the last checkpoint (the stage's start) resumes."""
+        if self.signal:
+            raise StopRun(self.stop_message(f"{signal.Signals(self.signal).name} {where}"), 128 + self.signal)
+
+    def stop_message(self, why):
+        return f"stopped ({why}); continue with: python {METHOD}.py --resume {self.run_dir}"
+
+    def stop_code(self):
+        """0 = go on, 1 = --stop-after reached, 130 / 143 = SIGINT / SIGTERM; the same on every rank."""
+        code = 128 + self.signal if self.signal else int(0 < self.args.stop_after <= self.iters_this_process)
+        if self.world > 1:
+            t = torch.tensor([code], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return code
+
+
+class EpochData(torch.utils.data.Dataset):
+    """Index k = epoch * len + i -> dataset[i] at that epoch (then fn(sample) if given): augmentations depend on
+    (seed, epoch, i) only (common.data.SegDataset), in persistent DataLoader workers too."""
+
+    def __init__(self, dataset, fn=None):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self.dataset))
+        getattr(self.dataset, "set_epoch", int)(epoch)
+        return self.dataset[i] if self.fn is None else self.fn(self.dataset[i])
+
+    @staticmethod
+    def keep(sample):  # no collation: samples stay numpy arrays
+        return sample
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's per-epoch shuffle (drop_last), seeded by (seed, epoch) only, able to start at batch
+    `skip`: a resumed run reads exactly the batches the uninterrupted run would have read."""
+
+    def __init__(self, n, indices, per_rank, rank, world, seed):
+        self.n, self.indices, self.per_rank, self.rank, self.world, self.seed = n, indices, per_rank, rank, world, seed
+        self.per_epoch, self.epoch, self.skip = len(indices) // (per_rank * world), 0, 0
+
+    def __len__(self):
+        return (self.per_epoch - self.skip) * self.per_rank
+
+    def __iter__(self):
+        order = np.random.default_rng((*self.seed, self.epoch)).permutation(len(self.indices))
+        mine = order[:self.per_epoch * self.per_rank * self.world][self.rank::self.world][self.skip * self.per_rank:]
+        return iter([self.epoch * self.n + int(self.indices[j]) for j in mine])
+
+
+def to_device(batch, device):
+    """Tensors (in dicts) to the device; from pinned memory the copy is asynchronous."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if torch.is_tensor(batch) else batch
+
+
+def train_loop(ctx, stage, datasets, batch_size, total_iters, step, modules, lr=None, salt=0, indices=None):
+    """The loop of every training stage. datasets: one dataset, or {name: dataset} read in lockstep (batch =
+    {name: batch}); batch_size is global; step(batch, it) is the paper's update and returns {name: float} for the
+    log; modules {name: object with state_dict()} go into checkpoints/last.pt every --ckpt-every and come back
+    on --resume; lr(it) scales each optimizer group's initial lr. --stop-after, SIGINT and SIGTERM end the
+    current step, write the checkpoint and raise StopRun."""
+    args, named = ctx.args, datasets if isinstance(datasets, dict) else {"": datasets}
+    per_rank = batch_size // ctx.world
+    samplers = [EpochSampler(len(ds), range(len(ds)) if indices is None else indices, per_rank, ctx.rank, ctx.world,
+                             (args.seed, salt, j)) for j, ds in enumerate(named.values())]
+    per_epoch = min(s.per_epoch for s in samplers)
+    check(per_epoch > 0, f"{stage}: fewer training images than one batch of {batch_size}; lower the batch size")
+    loaders = [torch.utils.data.DataLoader(EpochData(ds), per_rank, sampler=s, num_workers=args.workers, drop_last=True,
+                                           pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0,
+                                           worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(args.seed))
+               for s, ds in zip(samplers, named.values())]  # own generator: iter() draws no global random number
+    optimizers = [m for m in modules.values() if isinstance(m, torch.optim.Optimizer)]
+    for g in (g for opt in optimizers for g in opt.param_groups):
+        g.setdefault("initial_lr", g["lr"])
+    it = 0
+    if ctx.state["stage"] == stage and ctx.payload:  # --resume inside this stage
+        for name, module in modules.items():
+            module.load_state_dict(ctx.payload[name])
+        it, ctx.payload = ctx.state["iteration"], {}
+        set_rng_state(ctx.rng)
+    groups = [g for opt in optimizers for g in opt.param_groups]  # after load_state_dict, which replaces them
+    running = collections.defaultdict(list)
+    bar = tqdm(total=total_iters, initial=it, desc=stage, disable=not ctx.main, mininterval=5, leave=False)
+    while it < total_iters:
+        epoch, skip = divmod(it, per_epoch)
+        for s in samplers:
+            s.epoch, s.skip = epoch, skip
+        streams = [iter(loader) for loader in loaders]
+        for _ in range(min(per_epoch - skip, total_iters - it)):
+            t0 = time.perf_counter()
+            batch = [to_device(next(s), ctx.device) for s in streams]
+            batch, t1 = dict(zip(named, batch)) if isinstance(datasets, dict) else batch[0], time.perf_counter()
+            for g in groups:
+                g["lr"] = g["initial_lr"] * (lr(it) if lr else 1.0)
+            for key, value in step(batch, it).items():
+                running[key].append(value)
+            running["time/data"].append(t1 - t0)
+            running["time/step"].append(time.perf_counter() - t1)
+            it, ctx.iters_this_process = it + 1, ctx.iters_this_process + 1
+            bar.update(1)
+            if it % args.log_every == 0 or it == total_iters:
+                ctx.log({"stage": stage, "iteration": it, "epoch": epoch, "lr": groups[0]["lr"] if groups else 0.0,
+                         **{k: float(np.mean(v)) for k, v in running.items()}}, echo=True)
+                running.clear()
+            code = ctx.stop_code()
+            if it % args.ckpt_every == 0 or code:
+                ctx.save(stage, it, {name: module.state_dict() for name, module in modules.items()})
+            if code:
+                bar.close()
+                why = "--stop-after" if code == 1 else signal.Signals(code - 128).name
+                raise StopRun(ctx.stop_message(f"{why} at iteration {it} of stage {stage}"), 0 if code == 1 else code)
+    bar.close()
+
+
+def check_finite(losses, it):
+    """A non-finite loss stops training with its name and iteration (exit code 1)."""
+    for key, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFinite(f"{key} is not finite ({float(value)}) at iteration {it}; lower --lr or check the data")
+
+
+def each_sample(ctx, dataset, desc, fn=None, shard=False, limit=0):
+    """Every sample of `dataset` (the first `limit`), read by --workers DataLoader workers; fn(sample) runs in
+    the workers (CPU work such as CRFs; no CUDA there) and its result is yielded. shard: this rank's share only."""
+    order = list(range(min(limit or len(dataset), len(dataset))))
+    order = order[ctx.rank::ctx.world] if shard else order
+    loader = torch.utils.data.DataLoader(EpochData(dataset, fn), batch_size=None, sampler=order,
+                                         num_workers=ctx.args.workers, collate_fn=EpochData.keep, worker_init_fn=seed_worker,
+                                         generator=torch.Generator().manual_seed(ctx.args.seed))
+    for out in tqdm(loader, total=len(order), desc=desc, disable=not ctx.main, mininterval=5, leave=False):
+        ctx.check_signal(f"during {desc}")
+        yield out
+
+
+def poly_lr(it, total, power=0.9):
+    return max(0.0, 1.0 - it / total) ** power  # polynomial decay factor
+
+
+def warmup_lr(it, warmup, start=0.0):
+    return 1.0 if it >= warmup else start + (1.0 - start) * it / warmup  # linear warm-up factor, start -> 1
+
+
+def cosine_lr(it, total, final=0.0):
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))  # 1 -> final
+
+
+def miou_entry(result, class_names, **extra):
+    """common.miou fractions -> metrics.json percentages; NaN (class absent from GT and prediction) -> null."""
+    iou = {n: None if not np.isfinite(v) else round(100 * float(v), 2) for n, v in zip(class_names, result["iou"])}
+    return {"miou": round(100 * float(result["miou"]), 2), "iou": iou, **extra}
+
+
+def write_metrics(ctx, **extra):
+    """metrics.json (written atomically) and the summary; the last line printed is the RESULT line."""
+    if not ctx.main:
+        return
+    metrics = {"method": METHOD, "dataset": ctx.spec.name, "preset": ctx.args.preset, "supervision": ctx.args.supervision,
+               "device": ctx.device.type, "seconds": round(ctx.seconds(), 1), "stage_seconds": ctx.state["stage_seconds"],
+               "primary": "seg/val", **extra, "results": ctx.results}
+    (ctx.run_dir / "metrics.json.tmp").write_text(json.dumps(metrics, indent=1, default=float))
+    os.replace(ctx.run_dir / "metrics.json.tmp", ctx.run_dir / "metrics.json")
+    for key, value in ctx.results.items():
+        print(f"{key}: mIoU={value['miou']:.2f}" + (f" (threshold {value['threshold']})" if "threshold" in value else ""))
+    print(f"run folder: {ctx.run_dir}  ({metrics['seconds']:.1f} s)")
+    seg = ctx.results.get("seg/val")
+    print(f"RESULT {METHOD} seg/val mIoU=" + (f"{seg['miou']:.2f}" if seg else "n/a (this run has no segmentation stage)"))
+
+
+def colour_labels(mask):
+    return data.voc_palette()[mask]  # (H, W) labels -> (H, W, 3) VOC colours, 255 = ignore in its own colour
+
+
+def colour_cam(cam):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 blue-to-red heat map."""
+    c = np.clip(np.nan_to_num(cam), 0, 1)[..., None]
+    return (255 * np.clip(1.5 - np.abs(4 * c - np.array([3, 2, 1])), 0, 1)).astype(np.uint8)
+
+
+def save_grid(path, rows, captions, cell=128):
+    """A picture that explains itself: one row per image, one captioned column per panel (image | CAM | ...);
+    each (H, W, 3) uint8 tile is scaled to fit a cell x cell square."""
+    grid = Image.new("RGB", (cell * len(captions), 16 + cell * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, caption in enumerate(captions):
+        draw.text((c * cell + 3, 2), caption, fill=(0, 0, 0), font=ImageFont.load_default())
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            im = Image.fromarray(np.ascontiguousarray(tile))
+            scale = cell / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            grid.paste(im.resize(size, Image.NEAREST if scale >= 1 else Image.BOX), (c * cell, 16 + r * cell))
+    grid.save(path)
+# === End of infrastructure ===
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+def main(argv=None):
+    """Stage 0 (CAM classifier) -> stage 1 (CSRM) -> stage 2 (pseudo labels) -> stage 3 (verification
+    DeepLabV3+) -> seg/val. --supervision full: stage 3 on ground-truth masks only (stage 0 for --seg-init cam)."""
+    with run_guard():
+        args, spec = parse_args(argv)
+        validate(args)
+        ctx = Context(args, spec)
+        # data, networks and weight files are checked before anything is written
+        val_set = data.SegDataset(spec.root, ctx.splits["val"], dataset=spec.dataset, seed=args.seed)
+        num_classes, full = val_set.num_classes - 1, args.supervision == "full"
+        cam_net = None
+        if not args.eval_only and (not full or args.seg_init == "cam"):
+            cam_net = CAMNet(args.backbone, num_classes, args.pretrained and not args.init_ckpt,
+                             "" if args.init_ckpt else args.weights).to(ctx.device)
+        if cam_net is not None and args.init_ckpt:  # Deviation 1: external CAM weights {backbone, classifier}
+            init, what = load_checkpoint(args.init_ckpt, "--init-ckpt"), f"--init-ckpt {args.init_ckpt}"
+            check(isinstance(init, dict) and {"backbone", "classifier"} <= set(init),
+                  f"{what} holds no 'backbone' and 'classifier' state dicts (e.g. checkpoints/cam.pt of a csrm run)")
+            for part in ("backbone", "classifier"):
+                load_weights(getattr(cam_net, part), state_dict_of(init[part], what), f"{what} ({part})")
+        teacher = None if full else build_model(args, num_classes)[1].to(ctx.device)
+        imagenet = args.seg_init == "imagenet" and not args.eval_only
+        seg_net = SegNet(args.seg_backbone, num_classes + 1, args.width, args.low_width, args.pretrained and imagenet,
+                         args.seg_weights if imagenet else "").to(ctx.device)
+
+        def load_final():  # the trained networks: --ckpt under --eval-only, else this run's last stage
+            weights = ctx.final_weights()
+            load_weights(seg_net, weights["seg"], "the verification network")
+            if teacher is not None:
+                load_weights(teacher, weights["teacher"], "the CSRM teacher")
+        if args.eval_only:
+            load_final()
+        ctx.start()
+        pl_root = ctx.run_dir / "pseudo_labels"
+        pl_dir = pl_root / ("pseudo_crf" if args.pl_crf and args.crf_iters > 0 else "pseudo")
+        if cam_net is not None and not ctx.done("cam"):
+            train_cam(ctx, cam_net)
+        if teacher is not None and not args.eval_only:
+            if not ctx.done("csrm"):
+                train_csrm(ctx, num_classes)
+            load_weights(teacher, ctx.stage_weights("csrm")["teacher"], "the CSRM teacher")
+        if teacher is not None and not ctx.done("infer"):
+            ctx.reseed(4)
+            ctx.finish_stage("infer", results=make_pseudo_labels(ctx, teacher, pl_root) if ctx.main else None)
+        if not args.eval_only:
+            if not ctx.done("verify"):
+                train_verify(ctx, seg_net, pl_dir / ctx.splits["train"],
+                             {} if teacher is None else {"teacher": teacher.state_dict()})
+            load_final()
+        if ctx.main:
+            ctx.results.update(evaluate(ctx, seg_net, teacher, val_set, pl_dir / ctx.splits["val"]))
+        write_metrics(ctx)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def run_cli(args, timeout=300):
 
 def toy_model(variant="mt_ct", num_classes=7):
     torch.manual_seed(0)
-    tasks, affinity = aux.variant_tasks(variant)
+    tasks, affinity = aux.VARIANT_TASKS[variant]
     return aux.AuxSegNet("resnet18", num_classes, tasks, affinity, head_dim=16, dilations=(1, 2, 3))
 
 
@@ -313,12 +313,12 @@ def test_stage_losses_terms_per_variant():
 # ----------------------------------------------------------------------------------------------------------
 def test_poly_lr_and_groups():
     total = 50
-    lrs = [aux.poly_lr(7e-4, it, total, 0.9) for it in range(total + 1)]
+    lrs = [7e-4 * aux.poly_lr(it, total, 0.9) for it in range(total + 1)]  # train_loop: initial_lr x factor
     assert lrs[0] == 7e-4
     assert all(b < a for a, b in zip(lrs, lrs[1:]))
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
     model = toy_model("mt_ct")
-    opt = aux.make_optimizer(model, 7e-4, 10.0, 0.0, 0.0)
+    opt = aux.build_optimizer(model, 7e-4, 10.0, 0.0, 0.0)
     base, heads = opt.param_groups
     assert heads["lr"] == pytest.approx(10 * base["lr"])
     ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
@@ -338,10 +338,9 @@ def test_freeze_bn_keeps_bn_in_eval():
 # Invariants 13-14: stage bookkeeping, saliency input
 # ----------------------------------------------------------------------------------------------------------
 def test_stage_bookkeeping(tmp_path, toy_root):
-    a = aux.Args(crop_size=32)
-    ctx = SimpleNamespace(a=a, spec=SimpleNamespace(root=toy_root, dataset="voc"),
-                          splits={"train": "train_aug"})
     run = tmp_path / "run"
+    ctx = SimpleNamespace(args=aux.Args(crop_size=32), run_dir=run, spec=SimpleNamespace(root=toy_root, dataset="voc"),
+                          splits={"train": "train_aug"})
     ids = data.split_ids(toy_root, "train_aug")
     for s in (0, 1):
         for name in ids:
@@ -351,8 +350,8 @@ def test_stage_bookkeeping(tmp_path, toy_root):
         for name in ids:
             shutil.copy(toy_root / "saliency" / f"{name}.png", run / "pseudo_labels" / str(s) / "train_saliency")
     sal0 = toy_root / "saliency"
-    ds0 = aux.make_stage_dataset(ctx, 0, sal0, run / "pseudo_labels" / "0")
-    ds1 = aux.make_stage_dataset(ctx, 1, sal0, run / "pseudo_labels" / "1")
+    ds0 = aux.make_stage_dataset(ctx, 0, sal0)
+    ds1 = aux.make_stage_dataset(ctx, 1, sal0)
     assert ds0.saliency_dir == sal0  # stage 0: SAL_PGT^0 = SAL_0
     assert ds1.saliency_dir == run / "pseudo_labels" / "1" / "train_saliency"
     assert ds0.extra_dirs["seg"] == run / "pseudo_labels" / "0" / "train"
@@ -362,6 +361,19 @@ def test_stage_bookkeeping(tmp_path, toy_root):
     sample = ds1[0]
     assert sample["image"].shape == (3, 32, 32) and sample["seg"].dtype == torch.int64
     assert set(torch.unique(sample["sal_valid"]).tolist()) <= {0.0, 1.0}
+    # --supervision full: the segmentation branch reads the ground truth, with the same geometry as the image
+    ctx.args = aux.Args(crop_size=32, supervision="full")
+    full = aux.make_stage_dataset(ctx, 1, sal0)
+    assert "seg" not in full.extra_dirs and full.saliency_dir == ds1.saliency_dir
+    raw = full.load(0)
+    seg = full[0]["seg"]  # epoch 0, index 0
+    tf = aux.make_train_transform(ctx.args, 32, sal0, "mask")
+    assert torch.equal(seg, tf(raw, np.random.default_rng((full.seed, 0, 0)))["seg"])
+    assert set(seg.unique().tolist()) <= set(np.unique(raw["mask"]).tolist()) | {255}
+    # the ground truth takes exactly the geometry the pseudo labels would take
+    as_pseudo = aux.make_train_transform(ctx.args, 32, sal0, "seg")({**raw, "seg": raw["mask"]}, np.random.default_rng(0))
+    as_gt = tf(raw, np.random.default_rng(0))
+    assert all(torch.equal(as_gt[k], as_pseudo[k]) for k in ("image", "seg", "sal", "sal_valid"))
 
 
 def test_png_round_trip(tmp_path):
@@ -391,28 +403,27 @@ def test_equation_map_is_cited_in_code():
 # ----------------------------------------------------------------------------------------------------------
 # Paper preset: the paper network at 321 for one training iteration on CPU (batch 1, random weights)
 # ----------------------------------------------------------------------------------------------------------
-def test_paper_preset_one_iteration():
-    ns = aux.build_parser().parse_args(["--data", "VOC2012", "--no-pretrained"])
-    spec = SimpleNamespace(name="VOC2012", dataset="voc", root=Path("/nonexistent/VOC2012"))
-    a = aux.resolve_args(ns, spec)
+def test_paper_preset_one_iteration(toy_root):
+    a, _ = aux.parse_args(["--data", str(toy_root), "--preset", "paper", "--no-pretrained"])
+    aux.validate(a)
     assert (a.preset, a.backbone, a.crop_size, a.batch_size, a.lr, a.head_lr_mult, a.num_stages) == (
-        "paper", "wide_resnet50_2", 321, 4, 7e-4, 10.0, 4)
-    assert (a.dilations, a.head_dim, a.momentum, a.weight_decay, a.freeze_bn) == ([6, 12, 18], 128, 0.0, 0.0, True)
+        "paper_voc", "wide_resnet50_2", 321, 4, 7e-4, 10.0, 4)
+    assert (a.dilations, a.head_dim, a.momentum, a.weight_decay, a.freeze_bn) == ((6, 12, 18), 128, 0.0, 0.0, True)
+    assert (a.epochs_per_stage, a.epochs_cls, a.cls_lr, a.cls_batch_size, a.cls_crop_size) == (10, 15, 0.01, 8, 448)
     torch.manual_seed(0)
     model = aux.build_model(a, 21, "stage").train()
-    opt = aux.make_optimizer(model, a.lr, a.head_lr_mult, a.momentum, a.weight_decay)
+    opt = aux.build_optimizer(model, a.lr, a.head_lr_mult, a.momentum, a.weight_decay)
     batch = {"image": torch.randn(1, 3, 321, 321), "label": torch.tensor([[1.0] + [0.0] * 19]),
              "seg": torch.randint(0, 2, (1, 321, 321)), "sal": torch.rand(1, 321, 321),
              "sal_valid": torch.ones(1, 321, 321)}
     out = model(batch["image"])
     assert out["seg_ref"].shape == (1, 21, 41, 41) and out["A_ct"].shape == (1, 1681, 1681)
     parts = aux.stage_losses(out, batch, a)
-    loss = aux.total_loss(parts, a)
-    assert set(parts) == {"cls", "sal1", "sal2", "seg1", "seg2"} and torch.isfinite(loss)
+    assert set(parts) == {"cls", "sal1", "sal2", "seg1", "seg2"} and torch.isfinite(aux.total_loss(parts, a))
     before = model.seg.conv4.weight.detach().clone()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    log = aux.train_step(model, batch, 0, a, opt, lambda: torch.autocast("cpu", enabled=False))
+    assert {"losses/cls", "losses/sal1", "losses/sal2", "losses/seg1", "losses/seg2", "losses/total"} == set(log)
+    assert log["losses/total"] == pytest.approx(sum(v for k, v in log.items() if k != "losses/total"), rel=1e-5)
     assert not torch.equal(before, model.seg.conv4.weight)
 
 
@@ -439,25 +450,33 @@ def test_smoke_run(smoke, toy_root):
     m = json.loads((out / "metrics.json").read_text())
     assert m["primary"] == "seg/val" and m["method"] == "auxsegnet" and m["preset"] == "toy"
     assert 0 <= m["results"]["seg/val"]["miou"] <= 100
-    assert {"pseudo/train", "pseudo_s0/train", "pseudo_s1/train", "cam/train"} <= set(m["results"])
+    assert {"pseudo/train", "pseudo_s0/train", "pseudo_s1/train", "cam/train", "seg_s0/val", "seg_s1/val"} <= set(
+        m["results"])
+    assert m["results"]["pseudo/train"] == m["results"]["pseudo_s1/train"]  # the labels of the last stage
+    assert m["results"]["seg_s1/val"] == m["results"]["seg/val"] and m["supervision"] == "image"
     for s in (0, 1):
         assert len(list((out / "pseudo_labels" / str(s) / "train").glob("*.png"))) == 24
+        assert (out / "vis" / f"train_s{s}.png").is_file()
     assert len(list((out / "pseudo_labels" / "1" / "train_saliency").glob("*.png"))) == 24
-    assert (out / "checkpoints" / "last.pt").is_file() and (out / "vis" / "seed.png").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "vis" / "val.png").is_file()
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"last.pt", "cls.pt", "stage0.pt"}
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert any("pseudo/train/miou" in rec and rec["stage"] == 1 for rec in logs)
-    assert any("losses/seg2" in rec for rec in logs)
+    assert any("pseudo/train/miou" in rec and rec["stage"] == "labels1" for rec in logs)
+    assert any("losses/seg2" in rec for rec in logs) and any("losses/cls" in rec and rec["stage"] == "cls" for rec in logs)
     args = json.loads((out / "args.json").read_text())
     assert args["variant"] == "full" and args["num_stages"] == 2
 
 
-def test_resume_matches_uninterrupted(smoke, toy_root, tmp_path):
+@pytest.mark.parametrize("stop", [4, 7])
+def test_resume_matches_uninterrupted(smoke, toy_root, tmp_path, stop):
     out = tmp_path / "resumed"
-    # 3 iterations of pre-training + 1 of stage 0, then an "interruption"
-    r = run_cli(["--data", str(toy_root), "--out", str(out), *TINY, "--stop-after", "4"])
+    # 3 iterations of pre-training + 1 of stage 0 (after the stage-0 labels), or 3 + 3 + 1 of stage 1 (after the
+    # label update), then an "interruption"
+    r = run_cli(["--data", str(toy_root), "--out", str(out), *TINY, "--stop-after", str(stop)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "checkpoints" / "last.pt").is_file() and not (out / "metrics.json").exists()
-    r = run_cli(["--resume", str(out)])
+    # args.json keeps --stop-after N, so the resumed process would stop again after N iterations: lift it
+    r = run_cli(["--resume", str(out), "--stop-after", "0"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert results_of(out) == results_of(smoke[0])
 
@@ -466,6 +485,17 @@ def test_determinism(smoke, toy_root, tmp_path):
     r = run_cli(["--data", str(toy_root), "--out", str(tmp_path / "again"), *TINY])
     assert r.returncode == 0, r.stderr[-2000:]
     assert results_of(tmp_path / "again") == results_of(smoke[0])
+
+
+def test_supervision_full(toy_root, tmp_path):
+    """The upper bound: ground truth for the segmentation branch, no stage-0 fusion labels, saliency updates kept."""
+    out = tmp_path / "full"
+    r = run_cli(["--data", str(toy_root), "--out", str(out), *TINY, "--supervision", "full"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["supervision"] == "full" and "seg/val" in m["results"] and "cam/train" not in m["results"]
+    assert not (out / "pseudo_labels" / "0").exists()
+    assert len(list((out / "pseudo_labels" / "1" / "train_saliency").glob("*.png"))) == 24
 
 
 def test_eval_only(smoke, toy_root, tmp_path):
@@ -496,7 +526,10 @@ def test_bad_inputs_subprocess(smoke, toy_root, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--backbone", "no_such_net"], "unknown timm backbone"),
+    (["--backbone", "no_such_net"], "unknown timm model"),
+    (["--backbone", "vit_tiny_patch16_224"], "stride-8 feature extractor"),
+    (["--dilations", "1", "2"], "--dilations"),
+    (["--scale-range", "1.3", "0.7"], "--scale-range"),
     (["--lr", "-1"], "--lr"),
     (["--variant", "mt", "--num-stages", "3"], "--variant full"),
     (["--cam-thresh", "1.5"], "--cam-thresh"),
@@ -512,6 +545,58 @@ def test_bad_inputs_in_process(argv, needle, toy_root, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+class Evil:  # a pickled object: loading it could run code
+    pass
+
+
+@pytest.fixture(scope="module")
+def bad_files(smoke, toy_root, tmp_path_factory):
+    """A file of each kind that --weights / --ckpt / --resume must refuse in one line."""
+    d, last = tmp_path_factory.mktemp("bad"), smoke[0] / "checkpoints" / "last.pt"
+    (d / "text.pt").write_text("not a checkpoint")
+    (d / "truncated.pt").write_bytes(last.read_bytes()[:4096])
+    torch.save({"model": Evil()}, d / "code.pt")
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({**ckpt, "method": "cosa"}, d / "cosa.pt")
+    model = ckpt["weights"]["model"]
+    torch.save({**ckpt, "weights": {"model": {**model, "seg.conv4.weight": model["seg.conv4.weight"][:5]}}}, d / "classes.pt")
+    torch.save(aux.timm_model("resnet18", False).state_dict(), d / "resnet18.pt")
+    for name in ("truncated", "cosa"):  # run folders whose last.pt is broken / foreign
+        shutil.copytree(smoke[0], d / f"run_{name}")
+        shutil.copy(d / f"{name}.pt", d / f"run_{name}" / "checkpoints" / "last.pt")
+    return d
+
+
+@pytest.mark.parametrize("flag, name, needle", [
+    ("--weights", "missing.pt", "no such file"), ("--weights", "text.pt", "not a readable torch checkpoint"),
+    ("--weights", "truncated.pt", "not a readable torch checkpoint"), ("--weights", "code.pt", "refused"),
+    ("--weights", "cosa.pt", "holds no state dict"), ("--weights", "resnet18.pt", "does not fit"),
+    ("--ckpt", "missing.pt", "no such file"), ("--ckpt", "text.pt", "not a readable torch checkpoint"),
+    ("--ckpt", "truncated.pt", "not a readable torch checkpoint"), ("--ckpt", "code.pt", "refused"),
+    ("--ckpt", "cosa.pt", "written by cosa.py"), ("--ckpt", "resnet18.pt", "not a run checkpoint"),
+    ("--ckpt", "classes.pt", "another number of classes"), ("--ckpt+backbone", "../smoke", "does not fit"),
+    ("--resume", "run_truncated", "not a readable torch checkpoint"), ("--resume", "run_cosa", "written by cosa.py"),
+    ("--resume", "missing", "no args.json"),
+])
+def test_bad_files_exit_2_one_line(flag, name, needle, bad_files, smoke, toy_root, tmp_path, capsys):
+    path = bad_files / name
+    if flag == "--ckpt+backbone":  # a good checkpoint, evaluated with another backbone
+        argv = ["--eval-only", "--ckpt", str(smoke[0] / "checkpoints" / "last.pt"), "--backbone", "resnet18"]
+    elif flag == "--ckpt":
+        argv = ["--eval-only", "--ckpt", str(path)]
+    elif flag == "--resume":
+        argv = ["--resume", str(path)]
+    else:
+        argv = ["--weights", str(path), "--no-pretrained", "--epochs-cls", "0"]
+    argv = argv if flag == "--resume" else ["--data", str(toy_root), *argv, "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        aux.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("auxsegnet.py: error:") and needle in err[0], err
     assert not (tmp_path / "o").exists()
 
 
@@ -531,9 +616,9 @@ def free_port() -> int:
 def test_torchrun_two_processes(toy_root, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(SCRIPT),
-           "--data", str(toy_root), "--out", str(out), *TINY, "--device", "cpu"]
+           str(SCRIPT), "--data", str(toy_root), "--out", str(out), *TINY, "--device", "cpu"]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "RESULT auxsegnet seg/val mIoU=" in r.stdout
-    assert (out / "metrics.json").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stages"] == 2 and "pseudo_s1/train" in m["results"]

@@ -318,7 +318,7 @@ def test_result_entry_perfect_prediction():
     gt = np.array([[0, 1], [255, 2]], np.uint8)
     cm = miou.ConfusionMatrix(4)
     cm.update(np.array([[0, 1], [3, 2]], np.uint8), gt)
-    e = cobra.result_entry(cm.compute(), ["bg", "a", "b", "c"])
+    e = cobra.miou_entry(cm.compute(), ["bg", "a", "b", "c"])
     assert e["miou"] == 100.0 and e["iou"]["c"] is None
 
 
@@ -331,8 +331,9 @@ def test_equation_map_cited_twice():
 # ---------------------------------------------------------------------------------------------
 # Paper preset: ResNet-152 + DeiT-S, random weights, one iteration at 224 on CPU
 # ---------------------------------------------------------------------------------------------
-def test_paper_preset_one_iteration():
-    args, _ = cobra.parse_args(["--data", "VOC2012", "--no-pretrained"])
+def test_paper_preset_one_iteration(toy_root):
+    args, _ = cobra.parse_args(["--data", str(toy_root), "--preset", "paper", "--no-pretrained"])
+    assert args.preset == "paper_voc"
     assert (args.cnn, args.vit, args.crop, args.proj_dim, args.batch_size, args.epochs) == \
         ("resnet152", "deit_small_patch16_224", 224, 256, 32, 20)
     assert (args.k_sap_pos, args.k_sap_neg, args.k_cap_pos, args.k_cap_neg) == (20, 5, 5, 20)
@@ -429,9 +430,9 @@ def test_bad_input_subprocess(toy_root, tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--crop", "70"], "multiple of 16"),
-    (["--cnn", "resnet_does_not_exist"], "not a timm model"),
+    (["--cnn", "resnet_does_not_exist"], "unknown timm model"),
     (["--k-sap-pos", "999"], "must be in 1.."),
-    (["--lr", "-1"], "must be > 0"),
+    (["--lr", "-1"], "must be >0"),
     (["--losses", "cam,foo"], "comma list"),
     (["--branches", "cnnn"], "invalid choice"),
     (["--resume", "/nonexistent/run"], "no args.json"),

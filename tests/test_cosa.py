@@ -257,18 +257,52 @@ def test_contrastive_regions_drop_cells_outside_box():
 
 
 # --------------------------------------------------------------------------------- dynamic threshold
-def test_dynamic_threshold_crossing_point():
-    rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(0.2, 0.05, 4000), rng.normal(0.8, 0.05, 4000)])
-    xi = cosa.gmm_threshold(values)
-    assert xi == pytest.approx(0.50, abs=0.02)
-    assert cosa.gmm_threshold(rng.permutation(values)) == xi
+def sklearn_gmm(values):
+    """The reference Eq. (6) fit: scikit-learn's GaussianMixture on every value, run to convergence."""
     from sklearn.mixture import GaussianMixture
-    gmm = GaussianMixture(2, means_init=[[values.min()], [values.max()]], weights_init=[0.5, 0.5]).fit(values[:, None])
-    fg = int(np.argmax(gmm.means_.ravel()))
-    assign_fg = gmm.predict(values[:, None]) == fg
-    assert values[~assign_fg].max() <= xi <= values[assign_fg].min()
-    assert 0.2 < xi < 0.8
+    x = values.reshape(-1, 1).astype(np.float64)
+    g = GaussianMixture(2, means_init=[[x.min()], [x.max()]], weights_init=[0.5, 0.5], tol=1e-10, max_iter=5000,
+                        random_state=0).fit(x)
+    return g.means_.ravel(), g.covariances_.ravel(), g.weights_
+
+
+def mixtures():
+    rng = np.random.default_rng(0)
+    yield "80/20, sd 0.15", np.concatenate([rng.normal(0.3, 0.15, 24000), rng.normal(0.75, 0.15, 6000)])
+    yield "beta CAM-like", np.concatenate([rng.beta(2, 8, 20000), rng.beta(8, 2, 10000)])
+    yield "wide foreground", np.concatenate([rng.beta(1.5, 10, 25000), rng.uniform(0.3, 1, 5000)])
+    yield "70/30 unequal sd", np.concatenate([rng.normal(0.35, 0.12, 21000), rng.normal(0.6, 0.08, 9000)])
+
+
+def test_gmm_threshold_is_the_crossing_point_not_the_midpoint():
+    # 80 % background N(0.3, 0.15), 20 % foreground N(0.75, 0.15): the weighted densities cross at
+    # 0.525 + 0.15^2 ln(4) / 0.45 = 0.594, while the midpoint of the means is 0.525
+    mu, var, pi = np.array([0.3, 0.75]), np.array([0.15 ** 2] * 2), np.array([0.8, 0.2])
+    xi = cosa.gmm_threshold(mu, var, pi)
+    assert xi == pytest.approx(0.525 + 0.15 ** 2 * np.log(4) / 0.45, abs=0.0015)
+    assert abs(xi - 0.525) > 0.05
+    assert cosa.gmm_threshold(mu[::-1], var, pi[::-1]) == pytest.approx(xi, abs=1e-9)  # component order
+    # equal weights and spreads: the crossing is the midpoint
+    assert cosa.gmm_threshold(np.array([0.2, 0.8]), np.array([0.01, 0.01]), np.array([0.5, 0.5])) == pytest.approx(0.5, abs=0.0015)
+
+
+@pytest.mark.parametrize("name, values", list(mixtures()))
+def test_histogram_em_matches_sklearn(name, values):
+    """Eq. (6) on 1000-bin histograms (Deviation 2) gives scikit-learn's converged threshold within 0.005,
+    cold-started and warm-started from another mixture's fit, and the threshold is not the midpoint."""
+    values = np.clip(values, 0, 1)
+    values = values[values > 0.05]
+    ref = cosa.gmm_threshold(*sklearn_gmm(values))
+    counts = np.histogram(values, bins=1000, range=(0, 1))[0].astype(np.float64)
+    centres = (np.arange(1000) + 0.5) / 1000
+    fit = cosa.fit_gmm(counts, centres)
+    assert cosa.gmm_threshold(*fit) == pytest.approx(ref, abs=0.005), name
+    other = cosa.fit_gmm(np.histogram(np.random.default_rng(1).normal(0.5, 0.2, 5000).clip(0.06, 1), bins=1000,
+                                      range=(0, 1))[0].astype(np.float64), centres)
+    assert cosa.gmm_threshold(*cosa.fit_gmm(counts, centres, init=other)) == pytest.approx(ref, abs=0.005), name
+    mu = fit[0]
+    if name.startswith("80/20"):
+        assert abs(ref - mu.mean()) > 0.02  # the case tells crossing from midpoint
 
 
 def test_dynamic_threshold_queue():
@@ -282,10 +316,25 @@ def test_dynamic_threshold_queue():
     assert len(dt.queue) == 20  # capped at Q batches
     xi = dt.update()
     assert 0.45 < xi < 0.8 and xi != 0.45
-    state = dt.state_dict()
+    # the queue is the last 20 batches: its histogram equals the histogram of their values
+    assert dt.total.sum() == 20 * 100 and len(dt.total) == dt.bins
+    state = torch.load(save_and_reload(dt.state_dict()), weights_only=True)
     dt2 = cosa.DynamicThreshold(queue_len=20)
     dt2.load_state_dict(state)
-    assert dt2.update() == xi
+    assert np.array_equal(dt2.total, dt.total)
+    assert dt2.update() == pytest.approx(xi, abs=1e-9)  # warm start restored too
+    # values <= gmm_min are dropped before fitting (official gmmfilter_thre)
+    dt3 = cosa.DynamicThreshold(queue_len=1, min_value=0.05)
+    dt3.push(torch.tensor([[0.0, 0.01, 0.05, 0.5, 0.9]]))
+    assert dt3.total.sum() == 2
+
+
+def save_and_reload(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
 
 
 # ------------------------------------------------------------------------------ schedule, augment

@@ -1,6 +1,7 @@
 """Tests for csd.py: the card's invariants (methods/csd.md Sec. 10) on hand-made inputs with
 hand-computed values, the paper-preset network for one CSD iteration, and CLI runs (smoke,
-resume, determinism, bad inputs, 2-process torchrun) on a tiny toy set."""
+resume, determinism, bad inputs and bad files, --supervision full, 2-process torchrun) on a tiny toy set."""
+import argparse
 import importlib
 import json
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -256,22 +258,22 @@ def fake_batch(B, K, crop, seed=0):
 def test_eq6_lambda_zero_is_baseline_and_gradient_reach():
     args = tiny_args(lambda_fg=0.0, lambda_bg=0.0)
     torch.manual_seed(0)
-    model = csd.MCTformerV2(args, 6).eval()  # eval: no drop-path randomness
+    model = csd.build_model(args, 6, init_weights=False).eval()  # eval: no drop-path randomness
     batch = fake_batch(2, 6, 32)
     with torch.no_grad():
         base = csd.loss_cls(model(batch["image"]), batch["label"])
-        full = csd.csd_step(model, batch, args, 6, csd_active=True)
+        full = csd.csd_losses(model, batch, args, 6, csd_active=True)
     assert torch.allclose(full["total"], base, atol=1e-5) and full["fg"] > 0 and full["bg"] > 0
     # lambda1 = lambda2 = 1: Eq. (6) is the plain sum.
     args1 = tiny_args(lambda_fg=1.0, lambda_bg=1.0)
     with torch.no_grad():
-        l1 = csd.csd_step(model, batch, args1, 6, csd_active=True)
+        l1 = csd.csd_losses(model, batch, args1, 6, csd_active=True)
     assert torch.allclose(l1["total"], l1["cls"] + l1["fg"] + l1["bg"], atol=1e-5)
     # Gradient reach of the CSD terms: patchcam reaches the head and the blocks; fused_par not the head.
     for csd_map, head_grad in (("patchcam", True), ("fused_par", False)):
         model.zero_grad()
         a = tiny_args(csd_map=csd_map)
-        out = csd.csd_step(model, batch, a, 6, csd_active=True)
+        out = csd.csd_losses(model, batch, a, 6, csd_active=True)
         (out["fg"] + out["bg"]).backward()
         hg = model.head.weight.grad
         assert (hg is not None and hg.abs().sum() > 0) == head_grad
@@ -283,7 +285,7 @@ def test_eq6_lambda_zero_is_baseline_and_gradient_reach():
 # ------------------------------------------------------------------------------------------------
 def test_model_shapes_attention_rows_non_square():
     args = tiny_args()
-    model = csd.MCTformerV2(args, 5).eval()
+    model = csd.build_model(args, 5, init_weights=False).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 40, 56))  # non-square, not the training size
     assert out["cls_logits"].shape == (2, 5) and out["patch_logits"].shape == (2, 5)
@@ -307,7 +309,7 @@ def test_seed_sweep_perfect_maps(toy_root):
         keys = np.flatnonzero(s["label"] > 0)
         onehot = torch.from_numpy(np.stack([(s["mask"] == k + 1) for k in keys]).astype(np.float32))  # (Kp, H, W)
         cache[s["name"]] = [torch.stack([onehot, onehot.flip(-1)]).half()]
-    res = csd.evaluate_seeds(cache, ds, tiny_args(sweep_max=0.5))
+    res = csd.evaluate_seeds(cache, map(ds.load, range(len(ds))), ds.num_classes, 0.5)
     assert res["all"]["best"]["miou"] == pytest.approx(1.0)
     curve = res["all"]["curve"]
     assert res["all"]["best_threshold"] == curve[int(np.nanargmax([m for _, m in curve]))][0]
@@ -326,7 +328,7 @@ def test_histogram_sweep_equals_per_image_sweep(toy_root):
         cache[s["name"]] = [low]
         cam = csd.seed_from_lowres([low], s["label"], s["mask"].shape)
         ref.update(cam[keys], keys + 1, s["mask"])
-    got = csd.evaluate_seeds(cache, ds, tiny_args(sweep_max=0.3))["all"]
+    got = csd.evaluate_seeds(cache, map(ds.load, range(len(ds))), ds.num_classes, 0.3)["all"]
     want = ref.compute()
     assert got["curve"] == want["curve"] and got["best_threshold"] == want["best_threshold"]
 
@@ -338,12 +340,12 @@ def test_paper_preset_one_csd_iteration_at_224():
         setattr(args, k, v)
     args.pretrained = False
     torch.manual_seed(0)
-    model = csd.MCTformerV2(args, 20)
+    model = csd.build_model(args, 20, init_weights=False)
     assert sum(p.numel() for p in model.blocks.parameters()) > 21e6  # DeiT-S blocks
     batch = fake_batch(1, 20, 224)
     opt = torch.optim.AdamW(csd.param_groups(model, args.weight_decay), lr=args.lr)
     model.train()
-    losses = csd.csd_step(model, batch, args, 20, csd_active=True)
+    losses = csd.csd_losses(model, batch, args, 20, csd_active=True)
     losses["total"].backward()
     opt.step()
     assert torch.isfinite(losses["total"]) and losses["tokens_fg"] == 49  # 7x7 whole 16-px patches
@@ -378,20 +380,23 @@ def test_smoke_outputs(smoke_run, toy_root):
     n_train = len(data.split_ids(toy_root, "train_aug"))
     assert len(list((out / "pseudo_labels" / "mask" / "train_aug").glob("*.png"))) == n_train
     assert len(list((out / "pseudo_labels" / "prior" / "train_aug").glob("*.png"))) == n_train
-    assert (out / "checkpoints" / "last.pt").is_file() and (out / "vis" / "seed_split.png").is_file()
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "vis" / "train.png").is_file()
     assert json.loads((out / "args.json").read_text())["csd"] == "on"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("losses/fg" in rec for rec in log)
 
 
 def test_resume_equals_uninterrupted(smoke_run, toy_root, tmp_path):
+    """Stopped inside each training stage in turn (2 iterations each), then resumed: the same results."""
     out = tmp_path / "run"
     r = run_cli("--data", toy_root, "--out", out, *TINY, "--stop-after", "1")  # stops inside stage 1
     assert r.returncode == 0 and not (out / "metrics.json").exists(), r.stderr[-2000:]
-    r = run_cli("--resume", out, "--stop-after", "2")  # finishes stage 1, stops inside the CSD stage
-    assert r.returncode == 0 and not (out / "metrics.json").exists(), r.stderr[-2000:]
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["stage"] == "classifier"
-    r = run_cli("--resume", out)
+    for stage in ("classifier", "seg"):  # the last iteration of one stage, the first of the next
+        r = run_cli("--resume", out, "--stop-after", "2")
+        assert r.returncode == 0 and not (out / "metrics.json").exists(), r.stderr[-2000:]
+        assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["state"]["stage"] == stage
+    # explicit --stop-after 0: a resumed run would otherwise keep the --stop-after 1 of its args.json
+    r = run_cli("--resume", out, "--stop-after", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert results_of(out) == results_of(smoke_run[0])
 
@@ -419,7 +424,7 @@ def test_determinism(smoke_run, toy_root, tmp_path):
     (["--sampling", "sometimes"], "invalid choice"),
     (["--crop-size", "30"], "multiple of"),
     (["--prior", "dir:/nonexistent"], "does not exist"),
-    (["--resume", "/nonexistent/run"], "not a run folder"),
+    (["--resume", "/nonexistent/run"], "no args.json"),
     (["--eval-only"], "--ckpt"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA")]))
 def test_bad_inputs_in_process(argv, needle, toy_root, tmp_path, capsys):
@@ -443,6 +448,65 @@ def test_bad_input_subprocess_keeps_earlier_outputs(smoke_run, toy_root):
     r = run_cli("--data", broken, "--out", out.parent / "never", *TINY)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (out.parent / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_files(smoke_run, tmp_path_factory):
+    """Files that every loading flag must refuse in one line: not a checkpoint, truncated, a pickle holding
+    code, another method's run, another backbone's keys, another number of classes."""
+    d = tmp_path_factory.mktemp("bad")
+    last = smoke_run[0] / "checkpoints" / "last.pt"
+    good = torch.load(last, weights_only=True)
+    (d / "text.pt").write_text("not a checkpoint")
+    (d / "truncated.pt").write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    torch.save({"args": argparse.Namespace(lr=1.0)}, d / "code.pt")
+    torch.save({**good, "method": "cosa"}, d / "cosa.pt")
+    torch.save(timm.create_model("resnet18").state_dict(), d / "resnet.pt")
+    seg = good["weights"]["seg"]
+    torch.save({**good, "weights": {**good["weights"], "seg": {"x." + k: v for k, v in seg.items()}}}, d / "keys.pt")
+    fewer = {k: v[:3] if k.startswith("aspp") else v for k, v in seg.items()}  # 3 classes, not 7
+    torch.save({**good, "weights": {**good["weights"], "seg": fewer}}, d / "classes.pt")
+    for name in ("truncated", "cosa"):  # run folders whose checkpoints/last.pt is bad
+        (d / f"run_{name}" / "checkpoints").mkdir(parents=True)
+        shutil.copy(smoke_run[0] / "args.json", d / f"run_{name}" / "args.json")
+        shutil.copy(d / f"{name}.pt", d / f"run_{name}" / "checkpoints" / "last.pt")
+    return d
+
+
+@pytest.mark.parametrize("flag, name, needle", [
+    ("--weights", "missing.pt", "no such file"), ("--weights", "text.pt", "not a readable torch checkpoint"),
+    ("--weights", "truncated.pt", "not a readable torch checkpoint"), ("--weights", "code.pt", "refused"),
+    ("--weights", "cosa.pt", "holds no state dict"), ("--weights", "resnet.pt", "does not fit"),
+    ("--ckpt", "missing.pt", "no such file"), ("--ckpt", "text.pt", "not a readable torch checkpoint"),
+    ("--ckpt", "truncated.pt", "not a readable torch checkpoint"), ("--ckpt", "code.pt", "refused"),
+    ("--ckpt", "cosa.pt", "written by cosa.py"), ("--ckpt", "resnet.pt", "not a run checkpoint"),
+    ("--ckpt", "keys.pt", "missing keys"), ("--ckpt", "classes.pt", "another number of classes"),
+    ("--resume", "run_truncated", "not a readable torch checkpoint"), ("--resume", "run_cosa", "written by cosa.py"),
+])
+def test_bad_files_one_line(flag, name, needle, bad_files, toy_root, tmp_path, capsys):
+    path = bad_files / name
+    before = {p: p.read_bytes() for p in bad_files.rglob("*") if p.is_file()}
+    argv = {"--weights": ["--data", toy_root, "--out", tmp_path / "r", *TINY, "--weights", path],
+            "--ckpt": ["--data", toy_root, "--out", tmp_path / "r", *TINY, "--eval-only", "--ckpt", path],
+            "--resume": ["--resume", path]}[flag]
+    with pytest.raises(SystemExit) as e:
+        csd.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0] and err[0].startswith("csd.py: error:"), err
+    assert not (tmp_path / "r").exists() and before == {p: p.read_bytes() for p in bad_files.rglob("*") if p.is_file()}
+
+
+def test_supervision_full_trains_seg_on_ground_truth(toy_root, tmp_path):
+    """The upper bound: only the segmentation stage runs, on the ground-truth masks."""
+    out = tmp_path / "full"
+    r = run_cli("--data", toy_root, "--out", out, *TINY, "--supervision", "full")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["supervision"] == "full" and set(m["results"]) == {"seg/val"} and set(m["stage_seconds"]) == {"seg"}
+    assert not any((out / "pseudo_labels").iterdir()) and (out / "vis" / "train.png").is_file()
+    sample = data.SegDataset(toy_root, "train_aug").load(0)
+    target = csd.SegTransform(32, "mask")(sample, np.random.default_rng(0))["target"]
+    assert set(target.unique().tolist()) <= set(np.unique(sample["mask"]).tolist()) | {255}
 
 
 def test_torchrun_two_processes(toy_root, tmp_path):

@@ -25,7 +25,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # A tiny run: 3 CAM iterations, 2 CSRM epochs x 2 steps (epoch 1 has every loss on), 3 verification iterations.
 TINY = ["--preset", "toy", "--crop", "64", "--cam-epochs", "1", "--cam-batch", "8", "--epochs", "2",
         "--steps-per-epoch", "2", "--batch-size", "2", "--seg-epochs", "1", "--seg-batch", "8", "--val-images", "2",
-        "--vis", "2", "--mix-prob", "1", "--queries", "8", "--negatives", "4", "--crf-iters", "2", "--workers", "0"]
+        "--vis", "2", "--mix-prob", "1", "--queries", "8", "--negatives", "4", "--crf-iters", "2", "--workers", "0",
+        "--log-every", "1"]
 
 
 def run_cli(*argv, torchrun=False, timeout=300):
@@ -109,7 +110,7 @@ def test_classmix_one_mask_from_unmixed_partner():
     PL[0, :2, :2], PL[0, 2:, 2:] = 1, 2  # image 0: classes 1 and 2
     PL[1, 1:3, 1:3], PL[1, 0, :] = 3, 255  # image 1: class 3 (overlapping image 0's class 1) and a 255 row
     y = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    x_m, y_m, PL_m, S_m, _ = csrm.classmix(x, y, PL, S_t)
+    x_m, y_m, PL_m, S_m = csrm.classmix(x, y, PL, S_t)
     # image 0 gets image 1's only class (3): exactly PL_1 == 3, same mask for image, PL and logits
     M0 = PL[1] == 3
     assert torch.equal(x_m[0][:, M0], x[1][:, M0]) and torch.equal(x_m[0][:, ~M0], x[0][:, ~M0])
@@ -303,7 +304,7 @@ def test_ema_copy_then_momentum():
 def toy_net():
     torch.manual_seed(0)
     args = toy_args()
-    student, teacher = csrm.build_csrm(args, 6, None, torch.device("cpu"))
+    student, teacher = csrm.build_model(args, 6)
     return args, student, teacher
 
 
@@ -314,7 +315,7 @@ def test_shapes_classifier_and_optimizer(toy_net):
     assert out["seg"].shape == (2, 7, 128, 128) and out["rep"].shape == (2, args.rep_dim, 32, 32)
     assert torch.allclose(out["cls_logits"], out["cam"].mean((2, 3)))  # Eq. (1): bias-free 1x1 conv
     assert not any(p.requires_grad for p in teacher.parameters())
-    opt = csrm.csrm_optimizer(args, student)
+    opt = csrm.build_optimizer(student, student.pretrained_parameters(), args.lr, args.wd, args.lr_new_mult)
     pre = {id(p) for p in student.pretrained_parameters()}
     for g in opt.param_groups:
         is_pre = id(g["params"][0]) in pre
@@ -353,11 +354,9 @@ def test_paper_preset_one_iteration_at_512():
     torch.manual_seed(0)
     args = dataclasses.replace(csrm.Args(**csrm.PRESETS["paper_voc"]), crf_iters=1, pretrained=False)
     assert (args.backbone, args.crop, args.batch_size, args.steps_per_epoch) == ("resnest101e", 512, 32, 46)
-    student, teacher = csrm.build_csrm(args, 20, None, torch.device("cpu"))
-    opt = csrm.csrm_optimizer(args, student)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    student, teacher = csrm.build_model(args, 20)
+    opt = csrm.build_optimizer(student, student.pretrained_parameters(), args.lr, args.wd, args.lr_new_mult)
     bank = csrm.MemoryBank(21, args.rep_dim, args.bank, args.bank_bg)
-    ctx = SimpleNamespace(device=torch.device("cpu"), amp=False)
     rng = np.random.default_rng(0)
 
     def batch(cls):
@@ -368,7 +367,7 @@ def test_paper_preset_one_iteration_at_512():
                 "label": label}
     before = student.head.decoder[-1].weight.clone()
     step = args.warmup_epochs * args.steps_per_epoch + 1  # epoch 1 (after warm-up): every loss is on
-    stats = csrm.csrm_step(args, ctx, student, teacher, opt, scaler, bank, batch(3), batch(7), step)
+    stats = csrm.train_step(args, student, teacher, opt, bank, batch(3), batch(7), step)
     for k in ("losses/cls", "losses/seg", "losses/s2c", "losses/u", "losses/m", "losses/total"):
         assert math.isfinite(stats[k]), k
     assert not torch.equal(before, student.head.decoder[-1].weight)
@@ -393,10 +392,10 @@ def test_smoke_run_outputs(smoke):
         assert 0 <= metrics["results"][k]["miou"] <= 100, k
     assert len(metrics["results"]["cam/train"]["curve"]) == 16  # the Fig. 2 threshold sweep 0.05..0.80
     assert (out / "args.json").is_file() and (out / "checkpoints" / "last.pt").is_file() and (out / "vis" / "val.png").is_file()
-    assert set(torch.load(out / "checkpoints" / "cam.pt", weights_only=False)) == {"backbone", "classifier"}  # --init-ckpt
+    assert set(torch.load(out / "checkpoints" / "cam.pt", weights_only=True)) == {"backbone", "classifier"}  # --init-ckpt
     assert len(list((out / "pseudo_labels" / "pseudo_crf" / "train_aug").glob("*.png"))) == 24
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in logs if r.get("stage") == "csrm" and "iter" in r]
+    steps = [r for r in logs if r.get("stage") == "csrm" and "iteration" in r]
     assert len(steps) == 4 and "losses/m" in steps[-1] and "losses/s2c" not in steps[0]
     assert all(math.isfinite(v) for r in steps for k, v in r.items() if k.startswith("losses/"))
 
@@ -405,12 +404,14 @@ def test_resume_equals_uninterrupted(smoke, toy_root, tmp_path):
     out, _ = smoke
     run = tmp_path / "resumed"
     p1 = run_cli("--data", toy_root, "--out", run, *TINY, "--stop-after", "2")  # stops inside stage 0
-    assert p1.returncode == 0 and "stopped after 2" in p1.stdout, p1.stderr[-2000:]
-    p2 = run_cli("--resume", run, "--stop-after", "3")  # 1 more CAM step, then stops inside CSRM
-    assert p2.returncode == 0 and "stopped after 3" in p2.stdout, p2.stderr[-2000:]
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["stage"] == "csrm"
-    p3 = run_cli("--resume", run)
-    assert p3.returncode == 0, p3.stderr[-2000:]
+    assert p1.returncode == 0 and "iteration 2 of stage cam" in p1.stdout, p1.stderr[-2000:]
+    p2 = run_cli("--resume", run, "--stop-after", "3")  # 1 more CAM step, then 2 CSRM steps
+    assert p2.returncode == 0 and "iteration 2 of stage csrm" in p2.stdout, p2.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["stage"] == "csrm"
+    p3 = run_cli("--resume", run, "--stop-after", "3")  # 2 more CSRM steps, the pseudo labels, 1 verification step
+    assert p3.returncode == 0 and "iteration 1 of stage verify" in p3.stdout, p3.stderr[-2000:]
+    p4 = run_cli("--resume", run)
+    assert p4.returncode == 0, p4.stderr[-2000:]
     want = json.loads((out / "metrics.json").read_text())["results"]
     assert json.loads((run / "metrics.json").read_text())["results"] == want
 
@@ -466,6 +467,71 @@ def test_bad_inputs_exit_2_and_keep_outputs(smoke, toy_root, tmp_path, capsys):
         csrm.main(["--data", str(broken), "--out", str(tmp_path / "z"), *TINY])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1].startswith("csrm.py: error:") and "must match" in err[-1], err
+
+
+def _bad_files(tmp_path, smoke_out):
+    """{case: file} that a loading flag must refuse with one line and exit code 2."""
+    cam = torch.load(smoke_out / "checkpoints" / "cam.pt", weights_only=True)
+    last = torch.load(smoke_out / "checkpoints" / "last.pt", weights_only=True)
+    files = {"missing": tmp_path / "missing.pt", "text": tmp_path / "text.pt", "truncated": tmp_path / "truncated.pt"}
+    files["text"].write_text("not a checkpoint\n")
+    raw = (smoke_out / "checkpoints" / "cam.pt").read_bytes()
+    files["truncated"].write_bytes(raw[: len(raw) // 2])
+    other_backbone = csrm.create_backbone("resnet34").state_dict()
+    head = {k: v for k, v in last["weights"]["seg"].items() if k.startswith("head.decoder.4.")}  # the 1x1 classifier
+    assert len(head) == 2
+    objects = {"code": {"weight": SimpleNamespace(a=1)},  # a pickled Python object: refused by weights_only=True
+               "other_method": {**last, "method": "cosa"},
+               "other_backbone": {"backbone": other_backbone, "classifier": cam["classifier"]},
+               "backbone_other_backbone": other_backbone,
+               "other_classes": {**cam, "classifier": {"weight": torch.zeros(3, *cam["classifier"]["weight"].shape[1:])}},
+               "ckpt_other_classes": {**last, "weights": {**last["weights"], "seg": {
+                   **last["weights"]["seg"], **{k: v[:4] for k, v in head.items()}}}},
+               "state_dict": cam["backbone"]}
+    for name, obj in objects.items():
+        files[name] = tmp_path / f"{name}.pt"
+        torch.save(obj, files[name])
+    return files
+
+
+def test_loading_flags_fail_in_one_line(smoke, toy_root, tmp_path, capsys):
+    """Every loading flag: a missing, non-checkpoint, truncated or code-holding file, another method's checkpoint,
+    another backbone's keys, another number of classes -> one line on stderr, exit code 2, nothing written."""
+    out, _ = smoke
+    f = _bad_files(tmp_path, out)
+    common = ["missing", "text", "truncated", "code"]
+    cases = [(["--init-ckpt", f[k]], k) for k in common + ["other_method", "other_backbone", "other_classes"]]
+    cases += [([flag, f[k]] + extra, k) for flag, extra in (("--weights", []), ("--seg-weights", ["--seg-init", "imagenet"]))
+              for k in common + ["other_method", "backbone_other_backbone"]]
+    cases += [(["--eval-only", "--ckpt", f[k]], k) for k in common + ["other_method", "state_dict", "ckpt_other_classes"]]
+    cases += [(["--eval-only", "--ckpt", out / "checkpoints" / "last.pt", "--backbone", "resnet34", "--seg-backbone",
+                "resnet34"], "ckpt_other_backbone")]
+    for argv, case in cases:
+        with pytest.raises(SystemExit) as exc:
+            csrm.main(["--data", str(toy_root), "--out", str(tmp_path / "y"), *TINY, *map(str, argv)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("csrm.py: error:"), (argv, case, err)
+    for case in ("text", "truncated", "code", "other_method"):  # --resume RUN_DIR with a broken checkpoints/last.pt
+        run = tmp_path / f"resume_{case}"
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copy(out / "args.json", run / "args.json")
+        shutil.copy(f[case], run / "checkpoints" / "last.pt")
+        with pytest.raises(SystemExit) as exc:
+            csrm.main(["--resume", str(run)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("csrm.py: error:"), (case, err)
+        assert sorted(p.name for p in run.rglob("*")) == ["args.json", "checkpoints", "last.pt"]
+    assert not (tmp_path / "y").exists()
+
+
+def test_full_supervision_trains_only_the_verification_network(toy_root, tmp_path, one_thread, capsys):
+    """--supervision full: stage 0 (for --seg-init cam) and the DeepLabV3+ on ground-truth masks; no CSRM."""
+    csrm.main(["--data", str(toy_root), "--out", str(tmp_path / "full"), *TINY, "--supervision", "full"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT csrm seg/val mIoU=")
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert metrics["supervision"] == "full" and set(metrics["results"]) == {"cam_init/train", "seg/val", "seg_ms/val"}
+    assert set(metrics["stage_seconds"]) == {"cam", "verify"} and (tmp_path / "full" / "vis" / "val.png").is_file()
+    assert not list((tmp_path / "full" / "pseudo_labels").iterdir())
 
 
 def test_torchrun_two_processes(toy_root, tmp_path):

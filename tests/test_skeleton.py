@@ -142,3 +142,17 @@ if __name__ == "__main__":
     else:
         print(__doc__)
         sys.exit(2)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_limit_spec_is_understood(name):
+    """A typo in LIMITS ('=>0', '<1') must fail here, not silently accept or reject every value."""
+    import importlib
+    mod = importlib.import_module(name[:-3])
+    for field, spec in {**mod.COMMON_LIMITS, **mod.LIMITS}.items():
+        mod.in_range(0.5, spec)  # raises ValueError on an unknown spec
+    for spec in ("=>0", "<1", "0..1"):
+        with pytest.raises(ValueError):
+            mod.in_range(0.5, spec)
+    assert mod.in_range(1.0, ">=1") and not mod.in_range(1.0, ">1") and mod.in_range(1.0, "(0,1]") \
+        and not mod.in_range(1.0, "[0,1)")

@@ -165,21 +165,32 @@ def test_block_loaders_name_the_problem(tmp_path):
     assert torch.equal(net[0].weight, torch.ones(3, 4))
 
 
-def test_killed_checkpoint_write_keeps_last(tmp_path, monkeypatch):
-    """A process killed inside torch.save (here: torch.save raising half-way) leaves the previous last.pt whole."""
+KILLED_WRITER = """
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+import cosa
+last = sys.argv[2]
+cosa.save_checkpoint(last, {"format": "wsss-reference/1", "method": "cosa", "it": torch.tensor(1)})
+real_save = torch.save
+def save_then_die(obj, f):  # half of the new file is on disk when the process is killed
+    real_save(obj, f)
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+cosa.save_checkpoint(last, {"format": "wsss-reference/1", "method": "cosa", "it": torch.tensor(2)})
+"""
+
+
+def test_sigkill_during_checkpoint_write_keeps_last(tmp_path):
+    """SIGKILL in the middle of writing checkpoints/last.pt: the previous complete file is still there and loads."""
     import cosa
     last = tmp_path / "last.pt"
-    cosa.save_checkpoint(last, {"format": "wsss-reference/1", "method": "cosa", "it": torch.tensor(1)})
-
-    def dies_half_way(obj, f):
-        Path(f).write_bytes(b"PK\x03\x04 half a zip")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cosa.torch, "save", dies_half_way)
-    with pytest.raises(KeyboardInterrupt):
-        cosa.save_checkpoint(last, {"format": "wsss-reference/1", "method": "cosa", "it": torch.tensor(2)})
-    monkeypatch.undo()
+    p = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(ROOT), str(last)], env=ENV, timeout=120)
+    assert p.returncode == -signal.SIGKILL
     assert int(cosa.load_run_checkpoint(last, "--resume")["it"]) == 1
+    with pytest.raises(SystemExit):  # the half-written file would not have loaded
+        cosa.load_checkpoint(tmp_path / "last.pt.tmp", "--resume")
 
 
 # --------------------------------------------------------------------------------------------- signals
@@ -207,6 +218,11 @@ def test_signal_stops_with_checkpoint_and_resume_matches(method, toy_root, tmp_p
     sig, args = SIGNAL_RUNS[method], ["--data", toy_root, *TINY[method], *LONGER[method], "--log-every", "1"]
     ref = cli(method, *args, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
+    # issue 18: every logged training step says where the time went, metrics.json the seconds per stage
+    steps = [r for r in map(json.loads, (tmp_path / "ref" / "log.jsonl").read_text().splitlines()) if "iteration" in r]
+    assert steps and all(r["time/data"] >= 0 and r["time/step"] > 0 for r in steps)
+    seconds = json.loads((tmp_path / "ref" / "metrics.json").read_text())["stage_seconds"]
+    assert seconds and all(v >= 0 for v in seconds.values())
     run = tmp_path / "stopped"
     p = cli(method, *args, "--out", run, wait=False)
     log, t0 = run / "log.jsonl", time.time()

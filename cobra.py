@@ -29,7 +29,14 @@ Equation map
     Eq. (2) L_sap, InfoNCE on SAP, positives/negatives from the CNN CAM            -> loss_sap()
     Eq. (3) L_total = L_cls + lambda1 L_cam + lambda2 (L_sap + L_cap)              -> loss_total()
     Eq. (4) (supplement) the same total loss, with lambda ablation (Table 12)      -> loss_total()
-    Unnumbered: L_cls, L_cam (Sec. 3.3.1); M_fuse = max((M_cnn + M_tran)/2, M_tran) (Sec. 3.4).
+    Unnumbered: L_cls (Sec. 3.3.1)                                                  -> loss_cls()
+                L_cam = L_cons (+ L_cons+) (Sec. 3.3.1)                              -> loss_cam()
+                pseudo label y_i = argmax over {0} u Y (Sec. 3.3.3)                  -> cnn_pseudo_label()
+                warm-up gate 1[epoch >= E_w] (Deviation 2)                           -> aux_losses_on()
+                M_tran = M_tran (x) A_obj, multi-scale + flip (Sec. 3.4, supp. 10)   -> infer_cams()
+                M_fuse = max((M_cnn + M_tran)/2, M_tran) (Sec. 3.4)                  -> fuse_cams()
+                seed bg / IR thresholds from A (supp. 9.1)                           -> attention_bg(), ir_thresholds()
+                mask thr_c = alpha max(r_c) + min(r_c) (official)                    -> final_mask()
 
 Notation: M_cnn / M_tran (B, C, N, N) CAMs (C = 21 on VOC, channel 0 = background), v (B, N^2, D)
 L2-normalised projections, A_bar (B, 1+N^2, 1+N^2) head-averaged layer-summed attention,
@@ -55,8 +62,11 @@ Deviations (each repeated at the code as `# Deviation:`)
        destination falls outside the crop are ignored instead of cropping the source region.
     9. Final masks use RGB for the CRF (the official code feeds BGR by mistake).
    10. Segmentation network: DeepLabV3 (ASPP head from torchvision on a dilated timm ResNet-101,
-       output stride 16), single-scale, no CRF at test - a substitute for the paper's DeepLabV3+ /
-       SegFormer (multi-scale + CRF); its DeepLab VOC defaults are not from the paper.
+       output stride 16) - a substitute for the paper's DeepLabV3+ / SegFormer MiT-B2 (not implemented:
+       timm has no MiT-B2 with ImageNet weights);
+       its DeepLab VOC defaults are not from the paper. seg/val is single scale without CRF; the paper's
+       test protocol (multi-scale + flip, then the dense CRF) is seg_ms/val and seg_crf/val, with the
+       DeepLab scales 0.5-1.5 and CRF preset (the paper gives neither).
    11. Toy preset only: resnet18 CNN with BN in train mode and zero_init_last=False, a 4-block ViT,
        fixed (not attention-derived) thresholds, one inference scale - random-init attention is flat -
        and SGD momentum 0.9 with the ViT lr x3: from random init, 248 momentum-free steps leave both
@@ -64,6 +74,23 @@ Deviations (each repeated at the code as `# Deviation:`)
        on toy train seeds: 15.0 at x1 vs 18.2 at x3).
    12. --max-iters N caps every training stage (CoBra, IRN, seg) at N iterations; the warm-up gate is
        not rescaled.
+   13. The random walk starts from the strided M_tran (official step/make_cam.py key `cam`, read by
+       step/make_sem_seg_labels_npy.py), not the paper's M_fuse (Sec. 3.4); --rw-source same gives the paper.
+   14. Seed theta search (official step/eval_cam.py): theta = 70, 75, ..., stops at the first value that does
+       not improve (a tie stops it; official: a tie continues, only a drop stops), keeps the best theta
+       (official prints one step past it) and is capped at 95 (official: unbounded).
+   15. Inference resampling (official step/make_cam.py, voc12/dataloader.py): the multi-scale inputs are
+       resized with torch bilinear on the normalised tensor (official: PIL bicubic on uint8, which
+       antialiases when downscaling) and timm resamples the ViT position embedding (bicubic, antialias,
+       to the target grid; official: bicubic with scale factor (w0 + 0.1)/14, no antialias). The CAMs
+       are stretched to H x W and the strided maps to ceil(H/4) x ceil(W/4) as in the official code.
+   16. Positives of L_sap (Sec. 4.2 "positive pseudo-label patches") are the top-k+ patches of the anchor
+       class's CNN score over ALL patches (official cll_v1), not only patches whose pseudo label is that
+       class; the two readings differ when fewer than k+ patches carry the class.
+   17. Training list: the standard 10,582-image train_aug list (paper, common/), not the official
+       voc12/train_aug.txt (9,761 ids, 5 VOC-train ids missing).
+   18. The mask threshold is the official fixed alpha = 0.31 (step/gen_seg_label.py); the alpha sweep on
+       train GT (card Sec. 7) is not run.
 
 Run
     python cobra.py                                   (toy data, CPU, minutes)
@@ -74,6 +101,10 @@ Run
     python cobra.py --supervision full     (upper bound: the segmentation network on ground-truth masks;
                                             CoBra, CAMs, seeds, IR labels, IRN and masks are skipped)
     --weights FILE: a torch file holding a dict with any of cnn / vit / irn / seg -> backbone state dict.
+    Keys: seed/train, mask/train, mask_nocrf/train (Table 9), seg/val (single scale), seg_ms/val (multi-scale
+    + flip), seg_crf/val (then CRF: the paper's test protocol). ImageNet weights: timm resnet152.tv_in1k
+    (torchvision v1, as IRN / CoBra load) for the CNN and the IRN, deit_small_patch16_224.fb_in1k, and
+    resnet101.tv_in1k for the segmentation network.
 """
 import argparse
 import collections
@@ -138,8 +169,8 @@ class Args:
     until: str = "seg"  # last stage: seed | mask | seg (ablation rows; without seg there is no seg/val)
     cobra_ckpt: str = ""  # checkpoints/last.pt of a finished run with the same model flags: reuse its trained CoBra networks and skip CoBra training (Table 5 rows share one model)
     # --- CoBra model (Sec. 3.2, card Sec. 3) ---
-    cnn: str = "resnet152"  # Sec. 4 "ResNet152 following IRN"
-    vit: str = "deit_small_patch16_224"  # Sec. 4 DeiT-S/16
+    cnn: str = "resnet152.tv_in1k"  # Sec. 4 "ResNet152 following IRN": torchvision v1 weights, as IRN/CoBra load (timm's untagged resnet152 is a1h_in1k)
+    vit: str = "deit_small_patch16_224.fb_in1k"  # Sec. 4 DeiT-S/16 (the official FB DeiT weights)
     vit_dim: int = 0  # >0 overrides the ViT width (toy)
     vit_depth: int = 0  # >0 overrides the ViT depth (toy)
     vit_heads: int = 0  # >0 overrides the ViT heads (toy)
@@ -179,7 +210,7 @@ class Args:
     # --- masks (supp. Sec. 10; official IRNet steps) ---
     mask_method: str = "irn"  # irn | crf (CRF-refined seed, no IRN: not comparable with the paper's Mask column)
     rw_source: str = "tran"  # tran: random walk from the strided ViT CAM (official) | same: from the --mask-source map (paper)
-    irn_backbone: str = "resnet152"  # official: IRN on ResNet-152
+    irn_backbone: str = "resnet152.tv_in1k"  # official: IRN on ResNet-152, torchvision v1 weights (resnet152-b121ed2d.pth)
     irn_crop: int = 512  # supp. Sec. 10
     irn_batch: int = 32  # supp. Sec. 10
     irn_epochs: int = 4  # supp. Sec. 10
@@ -188,15 +219,17 @@ class Args:
     rw_radius: int = 5  # IRNet: radius of the random-walk affinity
     rw_beta: float = 10.0  # IRNet beta
     rw_exp_times: int = 8  # IRNet: T squared 8 times = 256 steps
-    mask_alpha: float = 0.31  # official: step/gen_seg_label.py
+    mask_alpha: float = 0.31  # official: step/gen_seg_label.py (Deviation 18: no alpha sweep)
     mask_crf: bool = True  # final CRF (Table 9: with / without)
     # --- segmentation network (Sec. 4; Deviation 10) ---
-    seg_backbone: str = "resnet101"  # DeepLabV3 R101 substitute for DeepLabV3+
+    seg_backbone: str = "resnet101.tv_in1k"  # DeepLabV3 R101 substitute for DeepLabV3+ (Sec. 4 R101; torchvision ImageNet weights)
     seg_crop: int = 321  # DeepLab VOC default (not in the paper)
     seg_batch: int = 10  # DeepLab VOC default
     seg_iters: int = 20000  # DeepLab VOC default
     seg_lr: float = 2.5e-4  # DeepLab VOC default; head 10x
     seg_scale_range: tuple = (0.5, 1.5)  # DeepLab VOC default
+    seg_test_scales: tuple = (0.5, 0.75, 1.0, 1.25, 1.5)  # Sec. 4 "multi-scale" test (seg_ms/val, + flip); scales not given, DeepLab practice
+    seg_crf: bool = True  # Sec. 4: dense CRF after the multi-scale test (seg_crf/val; DeepLab CRF preset)
     num_vis: int = 4  # images drawn into vis/
 
 
@@ -213,14 +246,14 @@ PRESETS = {
                 lr=0.05, momentum=0.9, vit_lr_scale=3.0, scales=(1.0,), seed_bg="fixed", ir_thresh="fixed",
                 irn_backbone="resnet18", irn_crop=128, irn_batch=16, irn_epochs=2, irn_radius=5, rw_exp_times=5,
                 seg_backbone="resnet18", seg_crop=96, seg_batch=16, seg_iters=200, seg_lr=0.01,
-                seg_scale_range=(0.75, 1.25)),
+                seg_scale_range=(0.75, 1.25), seg_test_scales=(0.75, 1.0, 1.25)),
 }
 CHOICES = {"branches": ("cnn", "vit", "both"), "mask_source": ("cnn", "tran", "avg", "max", "fuse"),
            "mask_method": ("irn", "crf"), "rw_source": ("tran", "same"), "until": ("seed", "mask", "seg"),
            "seed_bg": ("attn-pct", "fixed"), "ir_thresh": ("attn", "fixed")}
 LIMITS = {**{k: ">0" for k in ("batch_size", "epochs", "lr", "tau", "proj_dim", "irn_batch", "irn_epochs", "irn_lr",
                                "irn_crop", "seg_batch", "seg_iters", "seg_lr", "seg_crop", "rw_beta", "scales",
-                               "resize_long", "seg_scale_range")},
+                               "resize_long", "seg_scale_range", "seg_test_scales")},
           **{k: ">=0" for k in ("lambda_cam", "lambda_sap", "lambda_cap", "momentum", "weight_decay", "warmup_epochs",
                                 "vit_lr_scale", "vit_dim", "vit_depth", "vit_heads", "rw_exp_times", "num_vis")},
           "mask_alpha": "[0,1]", "ir_percentile": "(0,100)", "irn_radius": ">=2", "rw_radius": ">=2"}
@@ -333,6 +366,9 @@ class SAKBranch(nn.Module):
         self.backbone = timm_model(name, pretrained, num_classes=0, dynamic_img_size=True, img_size=img_size,
                                    drop_rate=0.0, drop_path_rate=0.0, **over)
         self.patch = self.backbone.patch_embed.patch_size[0]
+        # A_bar[:, 0, 1:] / A_bar[:, 1:, 1:] assume exactly one prefix (class) token
+        check(self.backbone.num_prefix_tokens == 1, f"--vit {name}: CoBra needs a ViT with exactly one class token "
+              f"(this one has {self.backbone.num_prefix_tokens} prefix tokens: distillation / register tokens)")
         width = self.backbone.embed_dim
         self.cam_head = nn.Conv2d(width, num_classes, 3, padding=1, bias=True)  # Impl. (net/deit_cam.py)
         self.proj_head = nn.Conv2d(width, proj_dim, 1, bias=False)  # f_proj -> SAP
@@ -505,8 +541,10 @@ def select_sap_patches(cam_cnn, pseudo, k_pos, k_neg):
 
     cam_cnn (B, C, N, N), pseudo (B, N^2) -> pos (B, N^2, k_pos), neg (B, N^2, k_neg) patch indices.
     The sets depend only on the anchor's class, so they are computed once per class and gathered.
+    Deviation 16: the top-k+ run over all patches (official cll_v1), not only the patches labelled y_i.
     """
     scores = cam_cnn.flatten(2)  # (B, C, N^2)
+    # Deviation 16: top-k over all patches of the class row (official), labelled y_i or not
     top = scores.topk(k_pos, dim=2).indices  # (B, C, k_pos)
     bottom = scores.topk(k_neg, dim=2, largest=False).indices  # (B, C, k_neg)
     pos = top.gather(1, pseudo[:, :, None].expand(-1, -1, k_pos))  # (B, N^2, k_pos)
@@ -649,7 +687,8 @@ def loss_irn_affinity(edge_logits, label, radius):
 # ==================================================================================================
 @torch.no_grad()
 def infer_cams(model: CoBra, image: np.ndarray, label: np.ndarray, scales, device) -> dict:
-    """Multi-scale + flip CAMs of one full-resolution image (official step/make_cam.py).
+    """Multi-scale + flip CAMs of one full-resolution image. Impl. (MICV-yonsei/Cobra, step/make_cam.py): every
+    map is stretched to H x W (high_res_*) or ceil(H/4) x ceil(W/4) (strided `cam`); Deviation 15 for the input resize.
 
     Returns keys (K,) class ids of the GT classes, and for the branches present: cnn, tran (K, H, W)
     max-normalised; cnn_s4, tran_s4 (K, ceil(H/4), ceil(W/4)) for the random walk; attn A (H, W),
@@ -659,31 +698,29 @@ def infer_cams(model: CoBra, image: np.ndarray, label: np.ndarray, scales, devic
     keys = np.nonzero(label)[0] + 1
     x0 = augment.to_tensor(image).to(device)[None]  # (1, 3, H, W)
     size_s4 = ((H - 1) // 4 + 1, (W - 1) // 4 + 1)
-    up16 = (math.ceil(H / 16) * 16, math.ceil(W / 16) * 16)
     acc = {}
 
-    def add(name, m, size, crop=None):
-        m = F.interpolate(m[None], size=size, mode="bilinear", align_corners=False)[0]
-        if crop is not None:
-            m = m[:, : crop[0], : crop[1]]
-        acc[name] = acc.get(name, 0) + m
+    def add(name, m, size):
+        acc[name] = acc.get(name, 0) + F.interpolate(m[None], size=size, mode="bilinear", align_corners=False)[0]
 
     for s in scales:
+        # Deviation 15: torch bilinear on the normalised image (official: PIL bicubic on uint8)
         x = F.interpolate(x0, size=(max(round(H * s), 16), max(round(W * s), 16)), mode="bilinear", align_corners=False)
         x = torch.cat([x, x.flip(-1)])  # (2, 3, h, w): the image and its mirror
         out = {k: v.float() for k, v in model(x).items()}
         if "cnn_cam" in out:
             cam = F.relu(out["cnn_cam"])  # (2, C, h16, w16)
             cam = cam[0] + cam[1].flip(-1)
-            # Impl. (IRNet step/make_cam.py): upsample to the stride-16 cover of the image, then crop.
-            add("cnn", cam, up16, crop=(H, W))
+            # Impl. (MICV-yonsei/Cobra, step/make_cam.py high_res_cnn): stretched to H x W like the ViT map
+            # (IRNet's make_cam upsamples to the stride-16 cover and crops instead).
+            add("cnn", cam, (H, W))
             add("cnn_s4", cam, size_s4)
         if "vit_cam" in out:
             h, w = out["vit_cam"].shape[2:]
             a_obj = out["vit_attn"][:, 0, 1:].reshape(-1, 1, h, w)  # (2, 1, h, w) semantic-agnostic attention
             cam = F.relu(out["vit_cam"] * a_obj)  # Sec. 3.4: M_tran = M_tran (x) A_obj at inference
             cam = cam[0] + cam[1].flip(-1)
-            add("tran", cam, (H, W))  # the floored grid is stretched to H x W (card Sec. 12)
+            add("tran", cam, (H, W))  # Impl. (make_cam.py high_res_seed): the floored grid is stretched to H x W
             add("tran_s4", cam, size_s4)
             add("attn", a_obj[0] + a_obj[1].flip(-1), (H, W))
     result = {"keys": keys}
@@ -806,7 +843,9 @@ def final_mask(rw, keys, H, W, alpha):
     """
     if len(keys) == 0:
         return np.zeros((H, W), np.uint8)
-    up = F.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :H, :W]  # (K, H, W)
+    # Impl. (MICV-yonsei/Cobra, step/make_sem_seg_labels_npy.py): the walk is resized straight to (H, W)
+    # (IRNet's make_sem_seg_labels upsamples x4 and crops instead).
+    up = F.interpolate(rw[None], size=(H, W), mode="bilinear", align_corners=False)[0]  # (K, H, W)
     thr = alpha * up.flatten(1).amax(1) + up.flatten(1).amin(1)
     up = torch.where(up < thr[:, None, None], torch.zeros_like(up), up)
     label = torch.as_tensor(keys, dtype=torch.long)[up.argmax(0)]
@@ -873,6 +912,12 @@ def cobra_transform(args):
     return transform
 
 
+def aux_losses_on(it, n_batches, warmup_epochs):
+    """The Eq. (3) gate 1[epoch >= E_w] at iteration `it` (0-based), n_batches iterations per epoch.
+    Deviation 2: E_w = warmup_epochs (official: 5 of 20), where the paper starts L_cam after one epoch."""
+    return it // max(n_batches, 1) >= warmup_epochs  # Deviation 2: official epoch >= 5, paper: after one epoch
+
+
 def train_step(net, batch, it, args, optimizer, autocast, aux_on):
     """One CoBra iteration: both branches on the same crops, L_total of Eq. (3), one SGD step."""
     with autocast():
@@ -884,12 +929,11 @@ def train_step(net, batch, it, args, optimizer, autocast, aux_on):
 def train_cobra(ctx, model):
     """CoBra training (Sec. 3.3, supp. Sec. 10), losses by Eq. (3)."""
     args = ctx.args
+    # Deviation 17: the standard train_aug list of common/ (10,582 on VOC; official list: 9,761 ids)
     ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset,
                          transform=cobra_transform(args), seed=args.seed)
     n_batches = len(ds) // args.batch_size
     total = args.max_iters or args.epochs * max(n_batches, 1)  # Deviation 12: --max-iters caps the schedule
-    # Deviation 2: auxiliary losses from epoch warmup_epochs (official: 5 of 20); the paper says after one epoch.
-    warmup_iters = args.warmup_epochs * n_batches
     # Deviation 7: one SGD with the four groups of the official two optimizers (identical update);
     # momentum = 1e-4 is the official effective value (weight decay passed into the momentum slot).
     optimizer = torch.optim.SGD(param_groups(model, args), lr=args.lr, momentum=args.momentum,
@@ -897,7 +941,8 @@ def train_cobra(ctx, model):
     net = ctx.wrap(model).train()
 
     def step(batch, it):
-        return train_step(net, batch, it, args, optimizer, ctx.autocast, aux_on=it >= warmup_iters)
+        return train_step(net, batch, it, args, optimizer, ctx.autocast,
+                          aux_on=aux_losses_on(it, n_batches, args.warmup_epochs))
 
     train_loop(ctx, "cobra", ds, args.batch_size, total, step, {"model": model, "optimizer": optimizer},
                lr=lambda it: poly_lr(it, total), salt=1)
@@ -953,7 +998,9 @@ def stage_ir_labels(ctx, ds):
 # --- Stage 5: IRN boundary branch on the IR labels ---
 def irn_transform(args):
     def transform(sample, rng):
-        image, masks, _ = augment.random_rescale(sample["image"], rng, masks=(sample["ir"],), ratio_range=(0.5, 1.5))
+        # Impl. (IRNet misc/imutils.py random_scale): bicubic (order 3) image, nearest label
+        image, masks, _ = augment.random_rescale(sample["image"], rng, masks=(sample["ir"],), ratio_range=(0.5, 1.5),
+                                                 interp="bicubic")
         image, masks, _ = augment.random_hflip(image, rng, masks=masks)
         image, masks, _, _ = augment.random_crop(image, rng, args.irn_crop, masks=masks)
         # Impl. (IRNet): label reduced x0.25 with nearest neighbour (PIL picks the centre pixel 4i+2).
@@ -990,6 +1037,7 @@ def stage_masks(ctx, irn, ds):
     args = ctx.args
     out_crf, out_raw = mask_dirs(ctx)
     use_crf = crf.available()
+    # Deviation 13: the walk starts from the strided M_tran (official), --rw-source same from the seed map (paper)
     rw_src = "tran" if args.rw_source == "tran" and args.branches != "cnn" else args.mask_source
     for s in each_sample(ctx, ds, "masks", shard=True):
         cams = load_cams(ctx, s["name"])
@@ -1077,7 +1125,7 @@ def evaluate_seeds(ctx, ds):
         curve = [cm.compute() for cm in attn_cms]
         best = 0
         while best + 1 < len(thetas) and curve[best + 1]["miou"] > curve[best]["miou"]:
-            best += 1  # stop at the first drop (official); we keep the best, not one step past it (card Sec. 8 row 13)
+            best += 1  # Deviation 14: stop at the first non-improvement, keep the best (card Sec. 8 row 13), cap 95
         ctx.log({"stage": "seeds", "seed_attn/curve": [[t, round(100 * c["miou"], 2)] for t, c in zip(thetas, curve)]})
     if args.seed_bg == "attn-pct":
         param, res = thetas[best], curve[best]
@@ -1121,21 +1169,55 @@ def predict_seg(seg, image, ctx):
         return seg(x)[0].float().argmax(0).cpu().numpy().astype(np.uint8)
 
 
+@torch.no_grad()
+def predict_seg_ms(seg, image, ctx, scales):
+    """Sec. 4 multi-scale test: softmax averaged over the scales and the flip, at full size -> (C, H, W)."""
+    H, W = image.shape[:2]
+    x0 = augment.to_tensor(image).to(ctx.device)[None]
+    prob = 0
+    for s in scales:
+        x = F.interpolate(x0, size=(max(round(H * s), 16), max(round(W * s), 16)), mode="bilinear", align_corners=False)
+        with ctx.autocast():
+            p = seg(torch.cat([x, x.flip(-1)])).float().softmax(1)  # (2, C, h, w): the image and its mirror
+        p = p[0] + p[1].flip(-1)
+        prob = prob + F.interpolate(p[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    return (prob / (2 * len(scales))).cpu().numpy()
+
+
 def evaluate(seg, dataset, ctx, vis_path=None):
-    """seg/val: single scale, no CRF (Deviation 10); vis_path: a grid of the first --num-vis images."""
+    """seg/val: single scale, no CRF; seg_ms/val: multi-scale + flip; seg_crf/val: then the dense CRF (Sec. 4
+    protocol; Deviation 10). vis_path: a grid of the first --num-vis images. Returns {key: entry}."""
+    args = ctx.args
     seg.eval()
-    cm, rows = miou.ConfusionMatrix(dataset.num_classes), []
+    use_crf = args.seg_crf and crf.available()
+    keys = ["seg/val", "seg_ms/val"] + ["seg_crf/val"] * use_crf
+    cms, rows = {k: miou.ConfusionMatrix(dataset.num_classes) for k in keys}, []
     for s in each_sample(ctx, dataset, "seg eval"):
         pred = predict_seg(seg, s["image"], ctx)
-        cm.update(pred, s["mask"])
-        if len(rows) < ctx.args.num_vis:
+        cms["seg/val"].update(pred, s["mask"])
+        prob = predict_seg_ms(seg, s["image"], ctx, args.seg_test_scales)  # (C, H, W)
+        cms["seg_ms/val"].update(prob.argmax(0).astype(np.uint8), s["mask"])
+        if use_crf:
+            post = crf.refine_probs(np.array(s["image"]), prob, **crf.PRESETS["deeplab_v2"])
+            cms["seg_crf/val"].update(post.argmax(0).astype(np.uint8), s["mask"])
+        if len(rows) < args.num_vis:
             rows.append([s["image"], colour_labels(pred), colour_labels(s["mask"])])
     if vis_path is not None and rows:
         save_grid(vis_path, rows, ["image", "prediction", "ground truth"])
-    res = cm.compute()
-    print(miou.format_table(res, dataset.class_names))
-    return miou_entry(res, dataset.class_names, network=f"DeepLabV3 ({ctx.args.seg_backbone}) substitute for "
-                      "DeepLabV3+, single scale, no CRF")
+    if args.seg_crf and not use_crf and ctx.main:
+        print("warning: pydensecrf is not installed; seg_crf/val is not reported")
+    net = f"DeepLabV3 ({args.seg_backbone}) substitute for DeepLabV3+"
+    notes = {"seg/val": "single scale, no CRF", "seg_ms/val": f"scales {list(args.seg_test_scales)} + flip, no CRF",
+             "seg_crf/val": f"scales {list(args.seg_test_scales)} + flip, dense CRF (deeplab_v2 preset)"}
+    out = {}
+    for k, cm in cms.items():
+        res = cm.compute()
+        if k == "seg/val":
+            print(miou.format_table(res, dataset.class_names))
+        else:
+            print(f"{k} ({notes[k]}): mIoU={100 * res['miou']:.2f}")
+        out[k] = miou_entry(res, dataset.class_names, network=f"{net}, {notes[k]}")
+    return out
 
 
 def visualise(ctx, ds, seg):
@@ -1823,7 +1905,7 @@ def main(argv=None):
             load_weights(seg, ctx.final_weights()["seg"], "the segmentation network")
         if ctx.main:
             if args.until == "seg":
-                ctx.results["seg/val"] = evaluate(seg, sets["val"], ctx, ctx.run_dir / "vis" / "val.png")
+                ctx.results.update(evaluate(seg, sets["val"], ctx, ctx.run_dir / "vis" / "val.png"))
             if not (full or args.eval_only):
                 visualise(ctx, sets["seed"], seg if args.until == "seg" else None)
         write_metrics(ctx)

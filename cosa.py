@@ -13,6 +13,8 @@ the confident regions of the AN's earlier-layer CAM M†'). Single stage, no CAM
 
 Reading guide:
     Sec. 3.1  guiding CAMs, classification loss        -> CoSANet, loss_cls()
+    Fig. 1, Tab. 4a  GT / noise guidance, detach       -> guidance_target(), train_step() (--gc-source, --gc-detach)
+    Tab. 2 "•", Fig. 8  M'+M†' ensemble, ON vs AN      -> evaluate() (cam_ens/*), periodic_eval() (--eval-every)
     Sec. 3.2  ON + AN, swapped assignments, EMA        -> assign(), ema_update(), train_step()
     Sec. 3.3  CPL, perplexity, RAW, dynamic threshold  -> cam_pseudo_label(), perplexity(), loss_c2s(),
                                                           DynamicThreshold
@@ -20,6 +22,7 @@ Reading guide:
                                                           contrastive_regions(), loss_csc()
     Alg. 1    one training iteration                   -> train_step()
     Supp. B   schedule, augmentations (Tab. 12-14)     -> PRESETS, TrainTransform, lr_factor()
+    (silent)  input normalisation                      -> input_mean_std(), to_input()
     Card §7   evaluation (multi-scale + flip of AN)     -> evaluate()
 
 Equation map:
@@ -29,6 +32,7 @@ Equation map:
     Eq. (4)  perplexity P from the normalised distance of nu to xi          -> perplexity()
     Eq. (5)  RAW-weighted CAM2Seg cross-entropy                             -> loss_c2s()
     Eq. (6)  dynamic threshold xi* from a 2-component GMM on a queue        -> DynamicThreshold, gmm_threshold()
+             (Alg. 1 l.13 with M'; M†' reuses xi*, Deviation 11)             -> train_step()
     Eq. (7)  SPL = softmax(S'/tau) with absent classes masked               -> segmentation_pseudo_label()
     Eq. (8)  L_s2c, BCE between sigmoid(M) and the SPL                      -> loss_s2c()
     Eq. (9)  positive / negative regions from low-perplexity M†' cells      -> contrastive_regions()
@@ -44,25 +48,50 @@ Deviations (paper -> this file; the card's open choices are flags with the defau
        reliability 1/P normalised to mean 1 over the valid pixels R, i.e. sum(P^-1 CE) / sum(P^-1).
     2. Eq. (6) is solved as the crossing point of the two weighted GMM densities between the means
        (grid search on [0.01, 0.99]); the official code takes the largest bg-cluster sample instead.
-       Values <= 0.05 are dropped before fitting and xi = 0.45 is used until the queue holds Q/10
-       batches (official code, utils/seg_helper.py).
+       Values <= 0.05 are dropped before fitting (official code, utils/seg_helper.py gmmfilter_thre);
+       xi = 0.45 is used until the queue holds Q/10 batches (the card's choice: the official code starts
+       from a queue of uniform noise and EMA-smooths xi with decay 0.99). The official code refits scikit-learn's
+       GaussianMixture on all queued values (~300K at the paper's Q) twice per iteration (0.4-2.4 s on
+       a CPU, longer than a GPU step); we keep the queue as 1000-bin histograms and run EM on the bins
+       to convergence, warm-started from the last fit (0.3-30 ms). Against scikit-learn run to
+       convergence on the same values the threshold agrees within 0.005 (tests/test_cosa.py); the
+       official fit stops at tol 1e-3 after 5-13 EM steps and can differ from the converged one by ~0.03.
     3. Eq. (10) leaves l_d, tau and the pair scope open: cosine similarity (--csc-sim), tau_c = 0.1
-       (--tau-csc; the paper's only "tau" is the SPL's 0.01) and pairs within each image (--csc-scope).
-       It is computed on the token grid (the full-resolution version is O((HW)^2)).
+       (--tau-csc) and pairs within each image (--csc-scope). Eq. (10) reuses the symbol tau, whose only
+       value in the paper is the SPL's 0.01 (Sec. 4.1); read literally, tau_c = 0.01 turns cosine
+       similarities in [-1, 1] into logits in [-100, 100], so every anchor's loss is decided by its single
+       hardest negative (the card's default 0.1 is the common InfoNCE range). The official code has no CSC
+       to settle it; --tau-csc 0.01 gives the literal reading. It is computed on the token grid (the
+       full-resolution version is O((HW)^2)).
     4. The M† ensemble max-merges the scales like M' (Alg. 1); the official code keeps only the last
        scale for M†, by accident (card §8.8). --ms-cam-merge sum gives the code's scale merge for CAMs.
-    5. Head LR x10, the 1.5K-iteration LR warm-up and ImageNet mean/std come from the official code;
-       the paper only says "AdamW, 6e-5, polynomial decay".
+    5. Head LR x10 and the 1.5K-iteration LR warm-up come from the official code; the paper only says
+       "AdamW, 6e-5, polynomial decay". Inputs are normalised with the backbone's own pretrained config
+       (timm pretrained_cfg: mean = std = 0.5 for vit_base_patch16_224.orig_in21k_ft_in1k; the paper is
+       silent). The official code uses ImageNet mean/std with these 0.5/0.5 weights: --input-norm imagenet,
+       which the toy preset keeps (its runs were trained with it; Args, and so checkpoints, record it).
     6. Evaluation uses the AN at the end of training, without checkpoint selection on val. The primary
        seg/val is NOT filtered by ground-truth image labels; seg_gtcls/val is (the protocol of the
        paper's 76.2 / 51.0, evaluation_engine.py "Seg_vd").
-    7. seg/val is the multi-scale + flip prediction (the paper's protocol), although DESIGN.md reserves
-       plain "seg" for single-scale predictions; the issue asks for it under this key.
+    7. seg/val is the multi-scale + flip prediction (the official code's protocol, evaluation_engine.py;
+       the paper does not state its test-time scales), although DESIGN.md reserves plain "seg" for
+       single-scale predictions; the issue asks for it under this key.
     8. The official code's recipe (band CPL, fg/bg-balanced CE, ReLU in Seg2CAM, CRF-energy loss,
        card §8) is not implemented; only the paper's equations are.
     9. Pseudo-label queues are shared across DDP ranks (all_gather), so every rank uses one xi.
    10. The toy preset departs from card §10 to fit 2 CPU cores: 64 px crops (8 x 8 tokens), AN scales
        {1.0, 0.5}, 1,200 iterations (300 of loss warm-up), CPL quality on the first 200 train ids.
+   11. M†' uses the xi* solved from M' (Alg. 1: l.13 solves Eq. (6) "with M'", l.17 repeats l.14-17, after
+       the solve, "with M†'") for CPL†, P† and the Eq. (9) regions: --xi-aux shared. The official code keeps
+       a second queue for M†' (camaux_queue) and its own threshold xi†: --xi-aux separate.
+   12. cam/*.miou is the best background threshold of a sweep scored on the same split's ground truth
+       (val included), so it is optimistic; metrics.json says so next to it ("threshold_selection") and
+       keeps miou_fixed_threshold (the fixed --cam-threshold 0.5, official bkg_thre) beside it, which is
+       the figure to compare with Table 2.
+   13. --no-sa is read as m = 0 (the AN is the current ON, run without gradient on the weak view at all
+       scales); the paper does not define "w/o SA". Every Table 3 row keeps L_cls† and L_c2s† (card §9).
+   14. CoSA* (--crf): the unary is the softmax of the mean of the 10 views' logits; the official code
+       sums them (about 10x sharper).
 
 Run:
     python cosa.py                                    (toy data, CPU, minutes)
@@ -70,6 +99,9 @@ Run:
     python cosa.py --data COCO2014                    (CUDA, paper settings: batch 8, 40K it)
     python cosa.py --ablation base                    (Table 3a rows: base, gc, gc_sa, ..., full)
     python cosa.py --supervision full                 (upper bound: ground-truth masks replace the CPL of Eq. (5))
+    python cosa.py --gc-source gt                     (Fig. 1 / Tab. 4a oracle: ground-truth masks guide the CAMs)
+    python cosa.py --gc-detach feat                   (Tab. 4a: F detached in Seg2CAM; "cls" detaches W)
+    python cosa.py --eval-every 100                   (Fig. 8: mIoU of ON and AN on val, in log.jsonl)
     torchrun --nproc_per_node=2 cosa.py --data VOC2012
 """
 import argparse
@@ -168,6 +200,9 @@ class Args:
     dt_init: float = 0.45  # Eq. (6) threshold before the queue is warm (card §5)
     fixed_thr: float = 0.45  # threshold with --no-dt (Fig. 12 best fixed value)
     gmm_min: float = 0.05  # queue values <= this are dropped before fitting (official gmmfilter_thre)
+    xi_aux: str = "shared"  # threshold of M†' (CPL†, P†, Eq. (9)): shared = xi* of M' (Alg. 1) | separate = own DT queue (official)
+    gc_source: str = "spl"  # Seg2CAM target (Fig. 1, Tab. 4a): spl (the method) | gt (oracle: GT masks) | noise (random masks)
+    gc_detach: str = "none"  # Tab. 4a stop-gradient inside Seg2CAM only: none | feat (F detached: W learns) | cls (W detached)
     # --- component switches (Table 3) ---
     ablation: str = "full"  # Table 3a row: base | gc | gc_sa | gc_sa_raw | gc_sa_csc | gc_sa_raw_csc | full
     no_gc: bool = False  # no guided CAMs: lambda_s2c = 0
@@ -182,7 +217,10 @@ class Args:
     cam_threshold: float = 0.5  # fixed bg threshold for CPL quality (official bkg_thre)
     seed_eval_limit: int = 0  # evaluate CPL on the first N ids of the seed split (0 = all)
     crf: bool = False  # CoSA*: dense CRF on the AN's softmax (preset "cosa", 1 iteration)
+    input_norm: str = "backbone"  # input mean/std: backbone = the timm pretrained config's (0.5/0.5 for ViT-B/16) | imagenet
     num_vis: int = 8  # val images drawn into vis/
+    eval_every: int = 0  # > 0: every N iterations, ON and AN mIoU on val into log.jsonl (Fig. 8 ON vs AN); 0 = off
+    eval_limit: int = 0  # val images for --eval-every (0 = all)
 
 
 PRESETS = {
@@ -196,7 +234,7 @@ PRESETS = {
                 crop=64, batch_size=8, iters=1200, warmup_iters=100, loss_warmup=300, lr=3e-4,
                 ema_m=0.99, queue_len=20, pseudo_scales=(1.0, 0.5), decoder_dim=128, decoder_dilation=2,
                 eval_size=96, eval_scales=(1.0, 0.5, 1.5), workers=0, seed_eval_limit=200, ckpt_every=300,
-                log_every=100, eval_batch=32),
+                log_every=100, eval_batch=32, input_norm="imagenet"),
 }
 # Table 3a rows: which components are OFF
 ABLATIONS = {
@@ -209,12 +247,15 @@ ABLATIONS = {
     "full": (),
 }
 CHOICES = {"ms_cam_merge": ("max", "sum"), "strong_magnitudes": ("paper", "code"), "csc_sim": ("cosine", "dot"),
-           "csc_scope": ("image", "batch"), "ablation": tuple(ABLATIONS)}
+           "csc_scope": ("image", "batch"), "ablation": tuple(ABLATIONS), "xi_aux": ("shared", "separate"),
+           "gc_source": ("spl", "gt", "noise"), "gc_detach": ("none", "feat", "cls"),
+           "input_norm": ("backbone", "imagenet")}
 LIMITS = {"crop": ">=16", "batch_size": ">=1", "iters": ">=1", "warmup_iters": ">=0", "loss_warmup": ">=0", "lr": ">0",
           "head_lr_mult": ">0", "ema_m": "[0,1]", "pseudo_scales": ">0", "eval_scales": ">0", "tau_spl": ">0",
           "tau_csc": ">0", "ppl_alpha": "(0,1)", "ppl_beta": ">0", "ppl_eps": ">0", "queue_len": ">=1", "dt_init": "(0,1)",
           "fixed_thr": "(0,1)", "cam_threshold": "(0,1)", "lambda_c2s": ">=0", "lambda_s2c": ">=0", "lambda_csc": ">=0",
-          "eval_size": ">=16", "eval_batch": ">=1", "seed_eval_limit": ">=0", "decoder_dim": ">=1", "decoder_dilation": ">=1"}
+          "eval_size": ">=16", "eval_batch": ">=1", "seed_eval_limit": ">=0", "decoder_dim": ">=1", "decoder_dilation": ">=1",
+          "eval_every": ">=0", "eval_limit": ">=0"}
 
 
 def validate(args):
@@ -312,7 +353,8 @@ class CoSANet(nn.Module):
         cls_logits_aux = self.classifier_aux(feat_aux.amax(dim=(2, 3), keepdim=True)).flatten(1)
         return {"cls_logits": cls_logits, "cls_logits_aux": cls_logits_aux,
                 "cam": self.classifier(feat), "cam_aux": self.classifier_aux(feat_aux),  # (B, C, h, w)
-                "seg": self.decoder(feat)}  # (B, C+1, h, w); F is not detached
+                "seg": self.decoder(feat),  # (B, C+1, h, w); F is not detached
+                "feat": feat}  # F (B, D, h, w), for the Tab. 4a detach variants
 
 
 def build_model(args, num_classes, *, init_weights):
@@ -389,7 +431,7 @@ def loss_csc(cam, region_labels, omega, tau=0.1, sim="cosine", scope="image"):
     bool (Eq. (9)). For anchor i, positives R+_i share its label, negatives R-_i do not:
         L = -1/|Omega'| sum_i 1/|R+_i| sum_{p in R+_i} log L_ip / (L_ip + sum_{n in R-_i} L_in),
     L_ip = exp(l_d(M_i, M_p) / tau); anchors without positives are skipped (Omega' of the card)."""
-    B, C = cam.shape[:2]
+    C = cam.shape[1]
     vectors = cam.float().flatten(2).transpose(1, 2)  # (B, h*w, C)
     labels, keep = region_labels.flatten(1), omega.flatten(1)  # (B, h*w)
     if scope == "batch":
@@ -434,10 +476,11 @@ def normalise_cam(cam):
 
 @torch.no_grad()
 def multiscale_predict(net, images, scales, out_size, cam_merge="max"):
-    """Alg. 1 lines 7-9: run `net` on every scale and its h-flip, resize to out_size, ensemble.
+    """Alg. 1 lines 7-9: run `net` on every scale (and, from [53] and the official code, not Alg. 1, on its
+    h-flip), resize to out_size, ensemble.
 
     images (B, 3, H, W) -> cam, cam_aux (B, C, *out_size) ReLU'd (not normalised), seg (B, C+1, *out_size).
-    CAMs: max over the flip pair, then max (paper) or sum (code) over scales; S: mean over the views."""
+    CAMs: max over the flip pair, then max (Alg. 1) or sum (code) over scales; S: mean over the views."""
     B, _, H, W = images.shape
     cams, cams_aux, segs = [], [], []
 
@@ -503,6 +546,18 @@ def segmentation_pseudo_label(seg_logits, labels, tau=0.01):
     masked = seg_logits.float().masked_fill(~present[:, :, None, None], -1e5)
     # Eq. (7)
     return torch.softmax(masked / tau, dim=1)
+
+
+def guidance_target(source, mask, labels, size):
+    """Fig. 1 / Tab. 4a guidance other than the SPL, one-hot (B, C+1, *size) like Y^SPL: "gt" = the ground-truth
+    mask (oracle; 255 -> background), "noise" = every pixel a random label among background and the image's classes."""
+    C1 = labels.shape[1] + 1
+    if source == "gt":
+        target = mask.masked_fill(mask == data.IGNORE_INDEX, 0)
+    else:
+        present = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)  # (B, C+1)
+        target = (torch.rand(labels.shape[0], C1, *size, device=labels.device) * present[:, :, None, None]).argmax(1)
+    return F.one_hot(target.long(), C1).permute(0, 3, 1, 2).float()
 
 
 def contrastive_regions(cam_aux, xi, box, grid, alpha=0.8, beta=1.0, eps=1.0):
@@ -622,8 +677,9 @@ class TrainTransform:
     then weak = GaussianBlur(p 0.5) of the crop and strong = OneOf(appearance ops) of the weak view,
     so the two views are pixel-aligned (pitfall 7)."""
 
-    def __init__(self, crop, scale_range=(0.5, 2.0), magnitudes="paper", strong_op=None, with_mask=False):
+    def __init__(self, crop, scale_range=(0.5, 2.0), magnitudes="paper", strong_op=None, with_mask=False, mean_std=None):
         self.crop, self.scale_range, self.magnitudes, self.strong_op = crop, scale_range, magnitudes, strong_op
+        self.mean_std = mean_std  # input_mean_std(args); None = ImageNet
         self.with_mask = with_mask  # --supervision full: the ground truth follows the same geometry
 
     def __call__(self, sample, rng):
@@ -634,11 +690,32 @@ class TrainTransform:
         image, masks, _, box = augment.random_crop(image, rng, self.crop, masks=masks, image_fill=(0, 0, 0))
         weak = augment.gaussian_blur(image, rng, p=0.5, radius=(0.1, 2.0))
         strong = augment.appearance_oneof(weak, rng, magnitudes=self.magnitudes, op=self.strong_op)
-        out = {"weak": augment.to_tensor(weak), "strong": augment.to_tensor(strong),
+        out = {"weak": to_input(weak, self.mean_std), "strong": to_input(strong, self.mean_std),
                "label": torch.as_tensor(sample["label"], dtype=torch.float32), "box": torch.as_tensor(box, dtype=torch.int64)}
         if masks:
             out["mask"] = augment.mask_to_tensor(masks[0])  # (H, W) int64, 255 outside the image
         return out
+
+
+def input_mean_std(args):
+    """Input normalisation (Deviation 5): the backbone's own pretrained config (timm pretrained_cfg; mean = std
+    = 0.5 for vit_base_patch16_224.orig_in21k_ft_in1k), or ImageNet mean/std (--input-norm imagenet: the
+    official code, and the toy preset, whose runs were trained with it). Args (and so checkpoints) keep it."""
+    if args.input_norm == "imagenet":
+        return tuple(data.IMAGENET_MEAN), tuple(data.IMAGENET_STD)
+    cfg = timm.get_pretrained_cfg(args.backbone)
+    check(cfg is not None and cfg.mean is not None, f"timm has no pretrained config (mean/std) for '{args.backbone}'; "
+          f"use --input-norm imagenet")
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+def to_input(image, mean_std=None):
+    """uint8 (H, W, 3) -> float32 (3, H, W) normalised by mean_std = (mean, std); None = ImageNet (common.augment)."""
+    if mean_std is None or mean_std == (tuple(data.IMAGENET_MEAN), tuple(data.IMAGENET_STD)):
+        return augment.to_tensor(image)
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in mean_std)
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))).float() / 255.0
+    return (x - mean) / std
 
 
 def lr_factor(t, total, warmup, power=0.9, warmup_ratio=1e-6):
@@ -673,12 +750,18 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
         with autocast():
             cam_a, cam_aux_a, seg_a = assign(assign_net, x_w, labels, args.pseudo_scales, args.ms_cam_merge)
         if not args.no_dt:
-            for cam, dt in ((cam_a, thresholds[0]), (cam_aux_a, thresholds[1])):
+            # Deviation 11: xi† has its own queue only with --xi-aux separate (official camaux_queue)
+            queued = ((cam_a, thresholds[0]),) + (((cam_aux_a, thresholds[1]),) if args.xi_aux == "separate" else ())
+            for cam, dt in queued:
                 # queue rows: downsample the C maps to the token grid, then take the class max (code order)
                 nu_rows = F.interpolate(cam, size=grid, mode="bilinear", align_corners=False).amax(1).flatten(1)
                 dt.push(nu_rows)
                 dt.update()
-    xi, xi_aux = (args.fixed_thr, args.fixed_thr) if args.no_dt else (thresholds[0].value, thresholds[1].value)
+    if args.no_dt:
+        xi = xi_aux = args.fixed_thr
+    else:  # Alg. 1 l.13 solves Eq. (6) with M' only; l.17 repeats l.14-17 for M†' with that xi* (Deviation 11)
+        xi = thresholds[0].value
+        xi_aux = thresholds[1].value if args.xi_aux == "separate" else xi
     log["dt/xi"], log["dt/xi_aux"] = xi, xi_aux
 
     with autocast():
@@ -699,8 +782,15 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
                 cpl, ppl = batch["mask"], None
             l_c2s_terms.append(loss_c2s(seg_up, cpl, ppl))  # Eq. (5)
         l_c2s, l_c2s_aux = l_c2s_terms
-        spl = segmentation_pseudo_label(seg_a, labels, args.tau_spl)  # Eq. (7)
-        l_s2c = loss_s2c(out["cam"], spl)  # Eq. (8)
+        if args.gc_source == "spl":
+            spl = segmentation_pseudo_label(seg_a, labels, args.tau_spl)  # Eq. (7)
+        else:  # Fig. 1 / Tab. 4a: ground-truth (oracle) or random-noise guidance instead of the SPL
+            spl = guidance_target(args.gc_source, batch.get("mask"), labels, crop)
+        cam_s2c = out["cam"]
+        if args.gc_detach != "none":  # Tab. 4a: M = W * F with F or W detached, in Seg2CAM only
+            feat, weight = out["feat"], model.classifier.weight
+            cam_s2c = F.conv2d(feat.detach(), weight) if args.gc_detach == "feat" else F.conv2d(feat, weight.detach())
+        l_s2c = loss_s2c(cam_s2c, spl)  # Eq. (8)
         # Eq. (2)  the swapped assignments: CPL (from M') -> S and SPL (from S') -> M
         l_swap = args.lambda_c2s * (l_c2s + l_c2s_aux) + (0.0 if args.no_gc else args.lambda_s2c) * l_s2c
         if args.no_csc:
@@ -724,11 +814,23 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
     return log
 
 
-def train_cosa(ctx, online, assign_net):
-    """Alg. 1 for the whole schedule: ON trained on the strong view, AN = EMA of ON, two DT queues (M', M†')."""
+def periodic_eval(ctx, online, assign_net, val_set):
+    """Fig. 8: mIoU of the ON and of the AN on val during training (--eval-every; rank 0 evaluates)."""
+    out = {}
+    if ctx.main:
+        for name, net in (("online", online), ("assign", assign_net)):
+            res = evaluate(net, val_set, ctx.args, ctx.device, limit=ctx.args.eval_limit, autocast=ctx.autocast())
+            out.update({f"eval_{name}/{k}/val": res[k]["miou"] for k in ("seg", "seg_gtcls", "cam")})
+        online.train()  # evaluate() put it in eval mode; the AN stays in eval mode
+    return out
+
+
+def train_cosa(ctx, online, assign_net, val_set=None):
+    """Alg. 1 for the whole schedule: ON trained on the strong view, AN = EMA of ON, two DT queues (M', M†').
+    val_set: for --eval-every (Fig. 8)."""
     args = ctx.args
     transform = TrainTransform(args.crop, (args.scale_min, args.scale_max), args.strong_magnitudes,
-                               with_mask=args.supervision == "full")
+                               with_mask=args.supervision == "full" or args.gc_source == "gt", mean_std=input_mean_std(args))
     train_set = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset, seed=args.seed,
                                 transform=transform)
     optimizer = build_optimizer(online, args)
@@ -737,7 +839,10 @@ def train_cosa(ctx, online, assign_net):
     total = args.max_iters or args.iters
 
     def step(batch, it):
-        return train_step(net, assign_net, batch, it, args, thresholds, optimizer, ctx.autocast)
+        log = train_step(net, assign_net, batch, it, args, thresholds, optimizer, ctx.autocast)
+        if args.eval_every and val_set is not None and (it + 1) % args.eval_every == 0:
+            log.update(periodic_eval(ctx, online, assign_net, val_set))
+        return log
 
     modules = {"online": online, "assign": assign_net, "optimizer": optimizer, "dt": thresholds[0],
                "dt_aux": thresholds[1]}
@@ -749,6 +854,10 @@ def train_cosa(ctx, online, assign_net):
 # Evaluate
 # ==================================================================================================
 # card §7: the AN, multi-scale + flip
+CAM_THRESHOLD_NOTE = ("miou: best bg threshold of a sweep on this split's own ground truth (optimistic); "
+                      "miou_fixed_threshold: the fixed --cam-threshold")
+
+
 @torch.no_grad()
 def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, vis_path=None, autocast=None):
     """AN multi-scale + flip evaluation on one split (card §7).
@@ -756,25 +865,28 @@ def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, v
     Images are resized to eval_size^2; S is summed (here: averaged) over views, upsampled to the GT size,
     argmax -> `seg` (unfiltered) and `seg_gtcls` (absent GT classes at -1e5). The CAM pseudo-labels use the
     same views: normalised M', GT-size, filtered by Y -> `cam` (best bg threshold of a sweep; also at the
-    fixed --cam-threshold, whose labels are saved as pseudo labels). vis_path: a captioned grid of the first
-    --num-vis images."""
+    fixed --cam-threshold, whose labels are saved as pseudo labels); `cam_ens` is the same for the mean of
+    M' and M†' (Table 2 "•"). vis_path: a captioned grid of the first --num-vis images."""
     net.eval()
     C1 = dataset.num_classes
     names = dataset.class_names
     n = len(dataset) if not limit else min(limit, len(dataset))
-    sweep = miou.ThresholdSweep(C1)
-    cm = {k: miou.ConfusionMatrix(C1) for k in ("cam_fixed", "seg", "seg_gtcls", "seg_crf", "seg_crf_gtcls")}
+    sweep, sweep_ens = miou.ThresholdSweep(C1), miou.ThresholdSweep(C1)
+    cm = {k: miou.ConfusionMatrix(C1) for k in ("cam_fixed", "cam_ens_fixed", "seg", "seg_gtcls", "seg_crf", "seg_crf_gtcls")}
     autocast = autocast or torch.autocast("cpu", enabled=False)
     size = (args.eval_size, args.eval_size)
+    mean_std = input_mean_std(args)
     rows = []
     for start in tqdm(range(0, n, args.eval_batch), desc="eval", leave=False, disable=not sys.stderr.isatty()):
         samples = [dataset[i] for i in range(start, min(n, start + args.eval_batch))]
-        x = torch.stack([F.interpolate(augment.to_tensor(s["image"])[None], size=size, mode="bilinear",
+        x = torch.stack([F.interpolate(to_input(s["image"], mean_std)[None], size=size, mode="bilinear",
                                        align_corners=False)[0] for s in samples]).to(device)  # (b, 3, E, E)
         labels = torch.stack([torch.as_tensor(s["label"]) for s in samples]).to(device)
         with autocast:
-            cam, _, seg_logits = multiscale_predict(net, x, args.eval_scales, size, args.ms_cam_merge)
+            cam, cam_aux, seg_logits = multiscale_predict(net, x, args.eval_scales, size, args.ms_cam_merge)
         cam = normalise_cam(cam) * labels[:, :, None, None]  # (b, C, E, E)
+        # Table 2 "•": CPL from the ensemble (mean) of M' and M†'
+        cam_ens = (cam + normalise_cam(cam_aux) * labels[:, :, None, None]) / 2
         for j, s in enumerate(samples):
             gt = s["mask"]
             hw = gt.shape
@@ -785,6 +897,11 @@ def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, v
             nu = present.max(0) if len(keys) else np.zeros(hw, np.float32)
             cpl = np.where(nu > args.cam_threshold, keys[present.argmax(0)] if len(keys) else 0, 0).astype(np.uint8)
             cm["cam_fixed"].update(cpl, gt)
+            present_ens = F.interpolate(cam_ens[j:j + 1], size=hw, mode="bilinear", align_corners=False)[0][keys - 1].cpu().numpy()
+            sweep_ens.update(present_ens, keys, gt)
+            nu_ens = present_ens.max(0) if len(keys) else np.zeros(hw, np.float32)
+            cm["cam_ens_fixed"].update(np.where(nu_ens > args.cam_threshold, keys[present_ens.argmax(0)] if len(keys) else 0,
+                                                0).astype(np.uint8), gt)
             if label_dir is not None:
                 data.save_mask(label_dir / f"{s['name']}.png", cpl)
             if not seg:
@@ -804,11 +921,14 @@ def evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, v
                 rows.append([s["image"], colour_cam(nu), colour_labels(cpl), colour_labels(pred), colour_labels(gt)])
     if rows:
         save_grid(vis_path, rows, ["image", "CAM M' (AN)", f"CPL (xi={args.cam_threshold})", "AN prediction", "ground truth"])
-    best = sweep.compute()
-    fixed = cm["cam_fixed"].compute()
-    results = {"cam": miou_entry(best["best"], names, threshold=float(best["best_threshold"]),
-                                 miou_fixed_threshold=round(100 * float(fixed["miou"]), 2),
-                                 fixed_threshold=args.cam_threshold)}
+    results = {}
+    for key, sw in (("cam", sweep), ("cam_ens", sweep_ens)):
+        best, fixed = sw.compute(), cm[f"{key}_fixed"].compute()
+        # Deviation 12: miou / threshold are the best of a sweep scored on this split (optimistic)
+        results[key] = miou_entry(best["best"], names, threshold=float(best["best_threshold"]),
+                                  threshold_selection=CAM_THRESHOLD_NOTE,
+                                  miou_fixed_threshold=round(100 * float(fixed["miou"]), 2),
+                                  fixed_threshold=args.cam_threshold)
     for key in ("seg", "seg_gtcls") + (("seg_crf", "seg_crf_gtcls") if args.crf else ()):
         if seg:
             results[key] = miou_entry(cm[key].compute(), names)
@@ -1434,7 +1554,7 @@ def main(argv=None):
         assign_net.requires_grad_(False).eval()
         ctx.start()
         if not args.eval_only and not ctx.done("cosa"):
-            train_cosa(ctx, online, assign_net)
+            train_cosa(ctx, online, assign_net, val_set)
             ctx.finish_stage("cosa", weights={"assign": assign_net.state_dict()}, final=True)
         load_weights(assign_net, ctx.final_weights()["assign"], "the assignment network")
         if ctx.main:  # the AN at the end of training, no checkpoint selection on val (Deviation 6)
@@ -1444,8 +1564,9 @@ def main(argv=None):
                                  label_dir=label_dir, autocast=ctx.autocast())
             val_res = evaluate(assign_net, val_set, args, ctx.device, seg=True, vis_path=ctx.run_dir / "vis" / "val.png",
                                autocast=ctx.autocast())
-            ctx.results.update({f"{k}/val": v for k, v in val_res.items() if k != "cam"})
-            ctx.results.update({"cam/train": train_res["cam"], "cam/val": val_res["cam"]})
+            ctx.results.update({f"{k}/val": v for k, v in val_res.items() if not k.startswith("cam")})
+            ctx.results.update({"cam/train": train_res["cam"], "cam/val": val_res["cam"],
+                                "cam_ens/train": train_res["cam_ens"], "cam_ens/val": val_res["cam_ens"]})
             print(miou.format_table({"iou": [np.nan if v is None else v / 100 for v in val_res["seg"]["iou"].values()],
                                      "miou": val_res["seg"]["miou"] / 100}, val_set.class_names))
         write_metrics(ctx, iterations=args.max_iters or args.iters)

@@ -303,7 +303,7 @@ def test_final_mask_alpha_rule():
     rw[1, 0, 0] = 0.0
     keys = np.array([2, 5])
     m0 = cobra.final_mask(rw, keys, 10, 14, 0.0)
-    up = torch.nn.functional.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :10, :14]
+    up = torch.nn.functional.interpolate(rw[None], size=(10, 14), mode="bilinear", align_corners=False)[0]
     assert set(np.unique(m0)) <= {0, 2, 5}
     np.testing.assert_array_equal(m0 > 0, (up.amax(0) > 0).numpy())
     prev = m0 == 0
@@ -335,7 +335,7 @@ def test_paper_preset_one_iteration(toy_root):
     args, _ = cobra.parse_args(["--data", str(toy_root), "--preset", "paper", "--no-pretrained"])
     assert args.preset == "paper_voc"
     assert (args.cnn, args.vit, args.crop, args.proj_dim, args.batch_size, args.epochs) == \
-        ("resnet152", "deit_small_patch16_224", 224, 256, 32, 20)
+        ("resnet152.tv_in1k", "deit_small_patch16_224.fb_in1k", 224, 256, 32, 20)
     assert (args.k_sap_pos, args.k_sap_neg, args.k_cap_pos, args.k_cap_neg) == (20, 5, 5, 20)
     torch.manual_seed(0)
     m = cobra.CoBra(args, 21)
@@ -389,8 +389,9 @@ def test_smoke_outputs(smoke_run):
     assert re.fullmatch(r"RESULT cobra seg/val mIoU=\d+\.\d+", last)
     m = json.loads((out / "metrics.json").read_text())
     assert m["primary"] == "seg/val" and m["method"] == "cobra"
-    for key in ("seed/train", "mask/train", "mask_nocrf/train", "seg/val"):
+    for key in ("seed/train", "mask/train", "mask_nocrf/train", "seg/val", "seg_ms/val"):
         assert 0 <= m["results"][key]["miou"] <= 100
+    assert "multi-scale" not in m["results"]["seg/val"]["network"] and "flip" in m["results"]["seg_ms/val"]["network"]
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "args.json").is_file()
     assert any((out / "pseudo_labels" / "mask" / "train_aug").glob("*.png"))
     assert any((out / "vis").glob("*.png"))

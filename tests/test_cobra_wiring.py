@@ -1,0 +1,735 @@
+"""Wiring tests for cobra.py: which tensor of which network feeds which loss, the weights of Eq. (3), the
+warm-up gate, the optimiser groups, the inference path and the mask / IR-label stages, on hand-made inputs
+(recording stubs for the loss functions and networks, hand-computed values for the small pieces).
+
+Each test's docstring names the planted bug it catches. COBRA_UNDER_TEST=/path/to/cobra.py runs the same
+tests against another copy (mutation testing); by default the repository's cobra.py is imported.
+"""
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import itertools
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _load():
+    path = os.environ.get("COBRA_UNDER_TEST")
+    if not path:
+        return importlib.import_module("cobra")
+    spec = importlib.util.spec_from_file_location("cobra_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["cobra_under_test"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cobra = _load()
+
+
+def args_for(**kw):
+    """Toy preset at 32 px (2x2 grids, N^2 = 4) with distinct k, tau and lambdas so a swap shows."""
+    args = cobra.Args()
+    for k, v in cobra.PRESETS["toy"].items():
+        setattr(args, k, v)
+    args.crop = 32
+    args.k_sap_pos, args.k_sap_neg, args.k_cap_pos, args.k_cap_neg = 3, 1, 2, 4
+    args.tau, args.lambda_cam, args.lambda_sap, args.lambda_cap = 0.37, 0.3, 0.7, 1.9
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def hand_out(B=2, C=4, N=2, D=3, grad=False):
+    """A CoBra output dict of distinct random tensors (B images, C classes, N x N grid)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).requires_grad_(grad)
+    attn = torch.rand(B, 1 + N * N, 1 + N * N, generator=g)  # not symmetric: row != column
+    return {"cnn_cam": r(B, C, N, N), "vit_cam": r(B, C, N, N), "cnn_proj": r(B, D, N, N),
+            "vit_proj": r(B, D, N, N), "cnn_logits": r(B, C - 1), "vit_logits": r(B, C - 1), "vit_attn": attn}
+
+
+LABEL = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+class Recorder:
+    """Replaces the loss functions loss_total calls; records the bound arguments, returns fixed values."""
+
+    VALUES = {"loss_cam": 5.0, "loss_sap": 11.0, "loss_cap": 17.0}
+
+    def __init__(self, monkeypatch, out):
+        self.calls = {}
+        self.out = out
+        for name in ("loss_cls", "loss_cam", "loss_sap", "loss_cap"):
+            monkeypatch.setattr(cobra, name, self._stub(name, getattr(cobra, name)))
+
+    def _stub(self, name, real):
+        sig = inspect.signature(real)
+
+        def stub(*a, **kw):
+            bound = sig.bind(*a, **kw)
+            bound.apply_defaults()
+            self.calls.setdefault(name, []).append(dict(bound.arguments))
+            if name == "loss_cls":  # cnn logits -> 2, vit logits -> 3, anything else -> nan
+                first = bound.arguments["logits"]
+                v = 2.0 if first is self.out["cnn_logits"] else 3.0 if first is self.out["vit_logits"] else math.nan
+                return torch.tensor(v)
+            return torch.tensor(self.VALUES[name])
+        return stub
+
+
+# ---------------------------------------------------------------------------------------------
+# loss_total: which tensor feeds which loss, with which hyper-parameters (Eq. (3))
+# ---------------------------------------------------------------------------------------------
+def test_loss_total_feeds_each_loss_the_right_tensors(monkeypatch):
+    """Catches: a wrong tensor / network into any loss (e.g. cnn_proj into L_sap, vit_logits as L_cls-cnn,
+    cams swapped in L_cam), a wrong slice of A_bar as P (transposed, [:, :-1, :-1], class token kept), k+ / k-
+    or sap / cap k values swapped, the wrong tau, crop size, cons_plus or official_quirks not passed on."""
+    out = hand_out()
+    args = args_for(cons_plus=True, official_quirks=True)
+    rec = Recorder(monkeypatch, out)
+    cobra.loss_total(out, LABEL, args, aux_on=True)
+    cls = rec.calls["loss_cls"]
+    assert len(cls) == 2
+    assert cls[0]["logits"] is out["cnn_logits"] and cls[1]["logits"] is out["vit_logits"]
+    assert all(c["label"] is LABEL for c in cls)
+    (cam,) = rec.calls["loss_cam"]
+    assert cam["cam_cnn"] is out["cnn_cam"] and cam["cam_vit"] is out["vit_cam"] and cam["label"] is LABEL
+    assert tuple(cam["size"]) == (32, 32) and cam["plus"] is True
+    (sap,) = rec.calls["loss_sap"]
+    assert sap["vit_proj"] is out["vit_proj"] and sap["cam_cnn"] is out["cnn_cam"] and sap["label"] is LABEL
+    assert (sap["k_pos"], sap["k_neg"], sap["tau"], sap["quirks"]) == (3, 1, 0.37, True)
+    (cap,) = rec.calls["loss_cap"]
+    assert cap["cnn_proj"] is out["cnn_proj"]
+    assert torch.equal(cap["affinity"], out["vit_attn"][:, 1:, 1:])  # P = A_bar[1:, 1:], rows = query patches
+    assert (cap["k_pos"], cap["k_neg"], cap["tau"]) == (2, 4, 0.37)
+
+
+def test_loss_total_default_flags_passed(monkeypatch):
+    """Catches: cons_plus or official_quirks hard-wired to True (the defaults must reach the losses as False)."""
+    out = hand_out()
+    rec = Recorder(monkeypatch, out)
+    cobra.loss_total(out, LABEL, args_for(), aux_on=True)
+    assert rec.calls["loss_cam"][0]["plus"] is False and rec.calls["loss_sap"][0]["quirks"] is False
+
+
+@pytest.mark.parametrize("subset", [s for n in range(4) for s in itertools.combinations(("cam", "sap", "cap"), n)])
+def test_total_is_weighted_sum_and_switches_remove_one_term(monkeypatch, subset):
+    """Catches: a wrong lambda on any term (lambda_sap on L_cap, lambda_cam on L_sap, a missing lambda, lambda
+    squared), a term added twice or subtracted, an L_cls term dropped, and a --losses switch that removes
+    another term (or none) instead of exactly its own."""
+    out = hand_out()
+    args = args_for(losses=",".join(subset) if subset else "none")
+    rec = Recorder(monkeypatch, out)
+    terms = cobra.loss_total(out, LABEL, args, aux_on=True)
+    called = {k[5:] for k in rec.calls if k != "loss_cls"}
+    assert called == set(subset)
+    assert set(terms) == {"cls_cnn", "cls_vit", "total", *subset}
+    weight = {"cam": 0.3, "sap": 0.7, "cap": 1.9}
+    want = 2.0 + 3.0 + sum(weight[t] * Recorder.VALUES[f"loss_{t}"] for t in subset)
+    assert terms["total"].item() == pytest.approx(want, rel=1e-6)
+    for t in subset:
+        assert terms[t].item() == Recorder.VALUES[f"loss_{t}"]  # the logged term is the unweighted loss
+
+
+def test_gate_off_and_single_branch_leave_only_cls(monkeypatch):
+    """Catches: the warm-up gate ignored (aux losses before E_w) and aux losses attempted in a single-branch
+    run; also that the gate does not remove L_cls."""
+    out = hand_out()
+    rec = Recorder(monkeypatch, out)
+    terms = cobra.loss_total(out, LABEL, args_for(), aux_on=False)
+    assert set(rec.calls) == {"loss_cls"} and terms["total"].item() == pytest.approx(5.0)
+    cnn_only = {k: v for k, v in out.items() if k.startswith("cnn_")}
+    rec.calls.clear()
+    terms = cobra.loss_total(cnn_only, LABEL, args_for(), aux_on=True)
+    assert set(rec.calls) == {"loss_cls"} and set(terms) == {"cls_cnn", "total"}
+    assert terms["total"].item() == pytest.approx(2.0)
+
+
+def test_gradients_of_each_term_reach_only_its_inputs():
+    """Catches (real losses, leaf inputs): L_sap taking gradient through the CNN CAM or L_cap through the
+    attention (a one-way flow broken), L_cls of one branch reaching the other, L_cam not reaching both CAMs,
+    or a projection fed to the wrong loss."""
+    args = args_for(k_sap_pos=2, k_sap_neg=1, k_cap_pos=1, k_cap_neg=2)
+    touched = {}
+    for term in ("cls_cnn", "cls_vit", "cam", "sap", "cap"):
+        out = hand_out(grad=True)
+        out["vit_attn"].requires_grad_(True)
+        terms = cobra.loss_total(out, LABEL, args, aux_on=True)
+        terms[term].backward()
+        touched[term] = {k for k, v in out.items() if v.grad is not None and v.grad.abs().sum() > 0}
+    assert touched == {"cls_cnn": {"cnn_logits"}, "cls_vit": {"vit_logits"}, "cam": {"cnn_cam", "vit_cam"},
+                       "sap": {"vit_proj"}, "cap": {"cnn_proj"}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss functions against transcriptions of the official loops (non-symmetric P, k+ != k-)
+# ---------------------------------------------------------------------------------------------
+def _normalise(proj):
+    return F.normalize(proj.flatten(2).transpose(1, 2), dim=-1)  # (B, N^2, D)
+
+
+def _official_cll(v, pos_rows, neg_rows, tau, neg_tau_quirk=False):
+    """Loop transcription of MICV-yonsei/Cobra loss_modules.py cll_v1 / cll_v2: mean over b, i, j in P+_i."""
+    total, n = 0.0, 0
+    for b in range(v.shape[0]):
+        for i in range(v.shape[1]):
+            s = lambda j: float(v[b, i] @ v[b, j])
+            if neg_tau_quirk:
+                negs = sum(math.exp(s(k)) / tau for k in neg_rows[b][i])
+            else:
+                negs = sum(math.exp(s(k) / tau) for k in neg_rows[b][i])
+            for j in pos_rows[b][i]:
+                e = math.exp(s(j) / tau)
+                total += -math.log(e / (e + negs))
+                n += 1
+    return total / n
+
+
+def _ranked(row, k, largest):
+    order = sorted(range(len(row)), key=lambda j: row[j], reverse=largest)
+    return order[:k]
+
+
+def test_loss_cap_matches_official_loop():
+    """Catches: P+ / P- taken along the key axis instead of the query row (topk dim=1), k+ and k- swapped,
+    top and bottom swapped, tau dropped, no L2 normalisation of v, sum instead of mean."""
+    torch.manual_seed(3)
+    proj = torch.randn(2, 5, 3, 3) * 3  # non-unit norms: normalisation matters
+    P = torch.rand(2, 9, 9)  # not symmetric
+    k_pos, k_neg, tau = 2, 4, 0.3
+    v = _normalise(proj)
+    pos = [[_ranked(P[b, i].tolist(), k_pos, True) for i in range(9)] for b in range(2)]
+    neg = [[_ranked(P[b, i].tolist(), k_neg, False) for i in range(9)] for b in range(2)]
+    want = _official_cll(v, pos, neg, tau)
+    assert cobra.loss_cap(proj, P, k_pos, k_neg, tau).item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_loss_sap_matches_official_loop(quirks):
+    """Catches: pseudo labels over all classes (absent ones not masked), background not allowed, the quirk's
+    CAM * [1, y] replaced, P+ / P- from the wrong axis / class / row, k+ and k- swapped, the negative-tau quirk
+    lost or applied by default, indices taken from the SAP instead of the CNN CAM."""
+    torch.manual_seed(4)
+    B, C, N = 2, 4, 3
+    cam = torch.randn(B, C, N, N)
+    cam[0, 3] -= 5.0  # absent class 3 of image 0: lowest everywhere (no ties: top-k order is then unique)
+    cam[1, 1] += 4.0  # absent class 1 of image 1 would win most argmaxes if it were not masked
+    label = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # image 0: class 1; image 1: classes 2, 3
+    proj = torch.randn(B, 5, N, N) * 2
+    k_pos, k_neg, tau = 3, 2, 0.2
+    v = _normalise(proj)
+    scores = cam.flatten(2)
+    pos, neg = [], []
+    for b in range(B):
+        allowed = [0] + [c + 1 for c in range(C - 1) if label[b, c] > 0]
+        pb, nb = [], []
+        for i in range(N * N):
+            if quirks:  # official: argmax of cam * [1, y] over all classes
+                y = max(range(C), key=lambda c: float(scores[b, c, i]) * (1.0 if c in allowed else 0.0))
+            else:
+                y = max(allowed, key=lambda c: float(scores[b, c, i]))
+            pb.append(_ranked(scores[b, y].tolist(), k_pos, True))
+            nb.append(_ranked(scores[b, y].tolist(), k_neg, False))
+        pos.append(pb)
+        neg.append(nb)
+    want = _official_cll(v, pos, neg, tau, neg_tau_quirk=quirks)
+    got = cobra.loss_sap(proj, cam, label, k_pos, k_neg, tau, quirks=quirks).item()
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_cam_non_binary_differences():
+    """Catches: L1 replaced by squared error or a sum, the background channel dropped from L_cons, L_cons+
+    including the background or absent classes, averaging over all classes instead of Y_b, or L_cons+ summed
+    (not averaged) over the batch."""
+    a = torch.zeros(1, 3, 1, 1)
+    b = torch.tensor([0.5, 2.0, -1.0]).reshape(1, 3, 1, 1)  # bg, class 1 (present), class 2 (absent)
+    label = torch.tensor([[1.0, 0.0]])
+    assert cobra.loss_cam(a, b, label, (4, 4)).item() == pytest.approx((0.5 + 2.0 + 1.0) / 3)
+    assert cobra.loss_cam(a, b, label, (4, 4), plus=True).item() == pytest.approx(3.5 / 3 + 2.0)
+    # two images: L_cons+ = mean over b of (mean over c in Y_b): image 0 {1} -> 2.0, image 1 {1, 2} -> 3.5
+    a2 = torch.zeros(2, 3, 1, 1)
+    b2 = torch.tensor([[0.5, 2.0, -1.0], [1.0, 3.0, 4.0]]).reshape(2, 3, 1, 1)
+    label2 = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    want = 11.5 / 6 + (2.0 + 3.5) / 2
+    assert cobra.loss_cam(a2, b2, label2, (4, 4), plus=True).item() == pytest.approx(want)
+
+
+def test_loss_cls_hand_values():
+    """Catches: L_cls on the wrong logits / a softmax loss / the background channel included (a (B, C-1) label
+    against (B, C) logits), or sum instead of mean over the classes."""
+    logits = torch.tensor([[2.0, -1.0]])
+    label = torch.tensor([[1.0, 0.0]])
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    want = (-math.log(sig(2.0)) - math.log(1 - sig(-1.0))) / 2
+    assert cobra.loss_cls(logits, label).item() == pytest.approx(want, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The branches: which feature feeds which head, logits from the foreground channels
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return cobra.CoBra(args_for(crop=64), num_classes=5)
+
+
+def test_branch_outputs_wiring(model):
+    """Catches: logits pooled over the background channel (cam[:, :-1] or all C), CAP / SAP computed from the
+    wrong features, the ViT CAM taken on the class token, the attention carrying gradient (not detached)."""
+    seen = {}
+    hooks = [mod.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, mod in (("cnn_cam", model.cnn.cam_head), ("cnn_proj", model.cnn.proj_head),
+                            ("vit_cam", model.vit.cam_head), ("vit_proj", model.vit.proj_head),
+                            ("vit_tokens", model.vit.backbone))]
+    hooks.append(model.vit.backbone.register_forward_hook(lambda m, i, o: None))
+    feats = {}
+    h2 = model.vit.backbone.norm.register_forward_hook(lambda m, i, o: feats.__setitem__("tokens", o))
+    model.train()
+    out = model(torch.randn(2, 3, 64, 64))
+    for h in hooks + [h2]:
+        h.remove()
+    for br in ("cnn", "vit"):
+        torch.testing.assert_close(out[f"{br}_logits"], out[f"{br}_cam"][:, 1:].mean((2, 3)))
+        assert seen[f"{br}_cam"][1] is out[f"{br}_cam"] and seen[f"{br}_proj"][1] is out[f"{br}_proj"]
+        assert seen[f"{br}_cam"][0] is seen[f"{br}_proj"][0]  # CAM head and projection share the feature map
+    patches = feats["tokens"][:, 1:].transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(seen["vit_cam"][0], patches)
+    assert not out["vit_attn"].requires_grad
+
+
+def test_cnn_bn_frozen_and_early_stages_frozen():
+    """Catches: BN left in train mode with cnn_bn_train=False (official: running statistics), or conv1 /
+    layer1 / layer2 made trainable (official: frozen, layer2 output detached)."""
+    torch.manual_seed(0)
+    m = cobra.CoBra(args_for(crop=64, cnn_bn_train=False), num_classes=5).train()
+    bns = [x for x in m.cnn.backbone.modules() if isinstance(x, nn.BatchNorm2d)]
+    assert bns and not any(x.training for x in bns)
+    b = m.cnn.backbone
+    assert not any(p.requires_grad for mod in (b.conv1, b.bn1, b.layer1, b.layer2) for p in mod.parameters())
+    assert all(p.requires_grad for p in b.layer3.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser groups and the warm-up gate
+# ---------------------------------------------------------------------------------------------
+def _ids(ps):
+    return {id(p) for p in ps}
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_param_groups(model, quirks):
+    """Catches: a head / projection in the wrong lr group (CAP at 1x, ViT head weight at 1x), 10x missing,
+    vit_lr_scale not applied (or applied to the CNN), frozen CNN parameters in a group, and the official
+    quirk groups (CAP in no group; only ViT head bias + SAP at 10x) lost or made the default."""
+    args = args_for(lr=0.2, vit_lr_scale=3.0, official_quirks=quirks)
+    groups = cobra.param_groups(model, args)
+    got = [(round(g["lr"], 9), _ids(g["params"])) for g in groups]
+    cnn, vit = model.cnn, model.vit
+    cnn_backbone = [p for p in cnn.backbone.parameters() if p.requires_grad]
+    cnn_new = [cnn.cam_head.weight] + ([] if quirks else [cnn.proj_head.weight])
+    vit_new = [vit.cam_head.bias, vit.proj_head.weight] + ([] if quirks else [vit.cam_head.weight])
+    vit_old = list(vit.backbone.parameters()) + ([vit.cam_head.weight] if quirks else [])
+    want = [(0.2, _ids(cnn_backbone)), (2.0, _ids(cnn_new)), (0.6, _ids(vit_old)), (6.0, _ids(vit_new))]
+    assert got == [(round(lr, 9), ps) for lr, ps in want]
+
+
+def test_aux_gate_counts_epochs():
+    """Catches: the warm-up gate counted in iterations (it >= E_w), off by one epoch (>), or per-epoch
+    iterations miscounted."""
+    on = [cobra.aux_losses_on(it, 3, 2) for it in range(9)]
+    assert on == [False] * 6 + [True] * 3
+    assert all(cobra.aux_losses_on(it, 3, 0) for it in range(3))
+    # fewer images than one batch: train_cobra counts one iteration per epoch, and so does the gate
+    assert [cobra.aux_losses_on(it, 0, 2) for it in range(4)] == [False, False, True, True]
+
+
+class FakeCtx(SimpleNamespace):
+    pass
+
+
+def _capture_train_loop(monkeypatch, n_images):
+    """train_cobra / train_irn / train_seg with a fake dataset and a train_loop that only records."""
+    seen = {}
+    monkeypatch.setattr(cobra.data, "SegDataset", lambda *a, **kw: list(range(n_images)))
+
+    def loop(ctx, stage, ds, batch_size, total, step, modules, lr=None, salt=0, indices=None):
+        seen.update(stage=stage, batch_size=batch_size, total=total, step=step, modules=modules, lr=lr)
+    monkeypatch.setattr(cobra, "train_loop", loop)
+    return seen
+
+
+def _ctx(args):
+    return FakeCtx(args=args, spec=SimpleNamespace(root="x", dataset="voc"), splits={"train": "train"},
+                   wrap=lambda m: m, autocast=contextlib.nullcontext, run_dir=cobra.Path("/nonexistent"))
+
+
+def test_train_cobra_gate_schedule_and_optimizer(monkeypatch, model):
+    """Catches: the gate computed in iterations or from the wrong epoch count inside train_cobra, the poly
+    schedule on the wrong total, the optimizer's momentum / weight decay / groups not from Args."""
+    args = args_for(batch_size=3, epochs=4, warmup_epochs=2, momentum=0.25, weight_decay=0.003, lr=0.2,
+                    vit_lr_scale=1.0)
+    seen = _capture_train_loop(monkeypatch, 10)  # 3 batches per epoch
+    gates = []
+    monkeypatch.setattr(cobra, "train_step", lambda net, batch, it, a, opt, autocast, aux_on: gates.append(aux_on))
+    cobra.train_cobra(_ctx(args), model)
+    assert seen["total"] == 12 and seen["batch_size"] == 3
+    for it in range(12):
+        seen["step"]({}, it)
+    assert gates == [False] * 6 + [True] * 6
+    assert seen["lr"](6) == pytest.approx(cobra.poly_lr(6, 12))
+    opt = seen["modules"]["optimizer"]
+    assert all(g["momentum"] == 0.25 and g["weight_decay"] == 0.003 for g in opt.param_groups)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 2.0, 0.2, 2.0])
+    model.train()
+
+
+class StubNet(nn.Module):
+    """Returns a fixed output dict scaled by one parameter; records its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(2.0))
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return {"cnn_logits": (self.w * torch.ones(1, 3)).to(torch.bfloat16), "vit_cam": self.w * torch.ones(1, 4)}
+
+
+def test_train_step_wiring(monkeypatch):
+    """Catches: the net fed the wrong batch entry, loss_total given the wrong label / args / a hard-wired gate,
+    outputs not cast to float32, the step not minimising losses['total'] (other term, no backward / step)."""
+    net = StubNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    batch = {"image": torch.randn(1, 3, 4, 4), "label": torch.tensor([[1.0, 0.0, 0.0]])}
+    args = args_for()
+    rec = {}
+
+    def fake_total(out, label, a, aux_on):
+        rec.update(out=out, label=label, args=a, aux_on=aux_on)
+        return {"cls_cnn": out["cnn_logits"].sum() * 0 + 7.0, "total": 3 * out["vit_cam"].sum()}
+    monkeypatch.setattr(cobra, "loss_total", fake_total)
+    for aux_on in (False, True):
+        log = cobra.train_step(net, batch, 0, args, opt, contextlib.nullcontext, aux_on)
+        assert rec["aux_on"] is aux_on
+    assert net.inputs[0] is batch["image"] and rec["label"] is batch["label"] and rec["args"] is args
+    assert all(v.dtype == torch.float32 for v in rec["out"].values())
+    # d total / dw = 3 * 4 = 12 per step: w = 2 - 0.5 * 12 - 0.5 * 12
+    assert net.w.item() == pytest.approx(2.0 - 12.0)
+    assert log["losses/total"] == pytest.approx(3 * 4 * (2.0 - 6.0)) and log["losses/cls_cnn"] == 7.0
+
+
+def test_train_irn_and_seg_steps(monkeypatch):
+    """Catches: the IRN loss on the wrong label / radius, the seg loss without ignore_index 255 or on the
+    wrong target, the seg head not at 10x lr, the IRN optimizer holding frozen backbone parameters."""
+    args = args_for(irn_batch=2, irn_epochs=1, irn_radius=3, seg_batch=2, seg_iters=5, seg_lr=0.01, irn_lr=0.3)
+    seen = _capture_train_loop(monkeypatch, 4)
+    rec = {}
+    monkeypatch.setattr(cobra, "loss_irn_affinity",
+                        lambda logits, label, radius: rec.update(logits=logits, label=label, radius=radius)
+                        or logits.sum())
+    class Irn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+            self.edge = nn.Parameter(torch.ones(1, 1, 2, 2))
+
+        def forward(self, x):
+            self.seen = x
+            return self.edge.to(torch.bfloat16)
+
+    irn = Irn()
+    cobra.train_irn(_ctx(args), irn)
+    opt = seen["modules"]["optimizer"]
+    assert opt.param_groups[0]["params"] == [irn.edge] and opt.param_groups[0]["lr"] == 0.3
+    seen["step"]({"image": "img", "ir": "ir-label"}, 0)
+    assert irn.seen == "img" and rec["label"] == "ir-label" and rec["radius"] == 3
+    assert rec["logits"].dtype == torch.float32
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.Linear(1, 1), nn.Linear(1, 1)
+            nn.init.ones_(self.head.weight)
+
+        def forward(self, x):
+            return x * self.head.weight[0, 0]
+
+    monkeypatch.setattr(cobra, "seg_label_dir", lambda ctx: "pseudo")
+    cobra.train_seg(_ctx(args), Seg())
+    opt = seen["modules"]["optimizer"]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.1])
+    x = torch.zeros(1, 2, 1, 2)
+    x[0, 1, 0, 0] = 5.0  # pixel 0 predicts class 1 confidently, pixel 1 is uniform
+    target = torch.tensor([[[1, 255]]])
+    log = seen["step"]({"image": x, "target": target}, 0)
+    assert log["losses/total"] == pytest.approx(-math.log(math.exp(5) / (math.exp(5) + 1)), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference path
+# ---------------------------------------------------------------------------------------------
+class StubCoBra(nn.Module):
+    """Fixed outputs for (image, mirror) at 32 x 32: a 2 x 2 grid, CAMs with negative entries,
+    attention with the class-token row different from its column."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.cnn_cam = torch.randn(2, 3, 2, 2, generator=g) * 2
+        self.vit_cam = torch.randn(2, 3, 2, 2, generator=g) * 2
+        self.attn = torch.rand(2, 5, 5, generator=g)
+        self.attn[:, 0, 1:] = torch.tensor([[0.9, 0.1, 0.4, 0.2], [0.3, 0.8, 0.05, 0.6]])
+        self.attn[:, 1:, 0] = torch.tensor([[0.1, 0.9, 0.2, 0.4], [0.6, 0.05, 0.8, 0.3]])
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return {"cnn_cam": self.cnn_cam, "vit_cam": self.vit_cam, "vit_attn": self.attn}
+
+
+def _norm(m):
+    return m / (m.flatten(1).amax(1)[:, None, None] + 1e-5)
+
+
+def test_infer_cams_wiring():
+    """Catches: A_obj read from the class-token column instead of its row, no ReLU on the CNN CAM (or a ReLU
+    after the flip sum), no A_obj product on M_tran, the mirror not flipped back, the wrong channels kept
+    (background / absent classes), no max-normalisation, A normalised, the CNN map not stretched to H x W."""
+    stub = StubCoBra()
+    label = np.array([0.0, 1.0])  # class 2 only -> key 2, channel 2
+    H = W = 32
+    got = cobra.infer_cams(stub, np.zeros((H, W, 3), np.uint8), label, (1.0,), "cpu")
+    assert got["keys"].tolist() == [2]
+    up = lambda m, s: F.interpolate(m[None], size=s, mode="bilinear", align_corners=False)[0]
+    cnn = F.relu(stub.cnn_cam)
+    cnn = cnn[0] + cnn[1].flip(-1)
+    a_obj = stub.attn[:, 0, 1:].reshape(2, 1, 2, 2)
+    tran = F.relu(stub.vit_cam * a_obj)
+    tran = tran[0] + tran[1].flip(-1)
+    np.testing.assert_allclose(got["cnn"], _norm(up(cnn, (H, W))[[2]]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(got["cnn_s4"], _norm(up(cnn, (8, 8))[[2]]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(got["tran"], _norm(up(tran, (H, W))[[2]]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(got["tran_s4"], _norm(up(tran, (8, 8))[[2]]).numpy(), atol=1e-6)
+    np.testing.assert_allclose(got["attn"], up(a_obj[0] + a_obj[1].flip(-1), (H, W))[0].numpy(), atol=1e-6)
+    x = stub.inputs[0]
+    assert x.shape == (2, 3, H, W) and torch.equal(x[1], x[0].flip(-1))
+
+
+def test_infer_cams_cnn_stretched_like_official():
+    """Catches: the CNN CAM upsampled to the stride-16 cover and cropped (IRNet) instead of stretched to H x W
+    (official CoBra make_cam.py), i.e. M_cnn misaligned with M_tran and with cnn_s4."""
+    stub = StubCoBra()
+    got = cobra.infer_cams(stub, np.zeros((24, 40, 3), np.uint8), np.array([1.0, 1.0]), (1.0,), "cpu")
+    cnn = F.relu(stub.cnn_cam)
+    cnn = cnn[0] + cnn[1].flip(-1)
+    want = F.interpolate(cnn[None], size=(24, 40), mode="bilinear", align_corners=False)[0, 1:]
+    np.testing.assert_allclose(got["cnn"], _norm(want).numpy(), atol=1e-6)
+
+
+def test_final_mask_min_above_zero():
+    """Catches: the '+ min(r_c)' term of thr_c dropped, alpha applied to the min, the bg rule (every class 0)
+    replaced by argmax, the wrong keys mapping, the walk not resized straight to (H, W)."""
+    rw = torch.tensor([[[0.5, 0.6, 0.9, 1.0]], [[0.2, 0.3, 0.25, 0.3]]])  # (K=2, 1, 4), min > 0
+    got = cobra.final_mask(rw, np.array([3, 7]), 1, 4, 0.31)
+    # class 3: thr = 0.31 + 0.5 = 0.81 -> fg at 2, 3; class 7: thr = 0.093 + 0.2 = 0.293 -> fg at 1, 3
+    assert got.tolist() == [[0, 7, 3, 3]]
+    big = cobra.final_mask(rw, np.array([3, 7]), 2, 8, 0.0)  # straight resize to (2, 8), no crop
+    want = F.interpolate(rw[None], size=(2, 8), mode="bilinear", align_corners=False)[0]
+    want = torch.where(want < want.flatten(1).amin(1)[:, None, None], 0, want)
+    np.testing.assert_array_equal(big, np.array([3, 7])[want.argmax(0).numpy()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: which map feeds the IR labels, the random walk and the seeds
+# ---------------------------------------------------------------------------------------------
+def _cams():
+    g = np.random.default_rng(0)
+    c = {k: g.random((1, 4, 4)).astype(np.float32) for k in ("cnn", "tran")}
+    c["cnn_s4"] = np.array([[[0.9, 0.8], [0.7, 0.6]]], np.float32)  # above tran_s4: M_fuse != M_tran here too
+    c["tran_s4"] = np.array([[[0.2, 0.1], [0.3, 0.05]]], np.float32)
+    c["attn"] = g.random((4, 4)).astype(np.float32)
+    c["keys"] = np.array([2])
+    return c
+
+
+def _stage_ctx(monkeypatch, args, cams):
+    monkeypatch.setattr(cobra, "load_cams", lambda ctx, name: cams)
+    monkeypatch.setattr(cobra, "each_sample", lambda ctx, ds, desc, fn=None, shard=False, limit=0:
+                        (fn(s) if fn else s for s in ds))
+    saved = {}
+    monkeypatch.setattr(cobra.data, "save_mask", lambda path, m: saved.__setitem__(str(path), m))
+    monkeypatch.setattr(cobra.crf, "available", lambda: False)
+    ctx = SimpleNamespace(args=args, run_dir=cobra.Path("/nonexistent"), splits={"train": "t"}, main=False,
+                          rank=0, device="cpu", log=lambda *a: None, state={"done": {"seeds": {"seed_bg": 80}}})
+    return ctx, saved, [{"name": "a", "image": np.zeros((4, 4, 3), np.uint8)}]
+
+
+@pytest.mark.parametrize("ir_thresh", ["attn", "fixed"])
+def test_ir_labels_source_and_thresholds(monkeypatch, ir_thresh):
+    """Catches: IR labels made from another map than --mask-source (M_fuse by default), thresholds not from
+    the 93rd attention percentile (or fg / bg swapped), the fixed rule's 0.30 / 0.05 not used."""
+    cams = _cams()
+    args = args_for(ir_thresh=ir_thresh, ir_fg=0.3, ir_bg=0.05, ir_percentile=93.0, mask_source="fuse")
+    ctx, saved, ds = _stage_ctx(monkeypatch, args, cams)
+    rec = {}
+    monkeypatch.setattr(cobra, "make_ir_label", lambda image, cam, keys, fg, bg, use_crf=True:
+                        rec.update(cam=cam, fg=fg, bg=bg) or np.zeros((4, 4), np.uint8))
+    cobra.stage_ir_labels(ctx, ds)
+    np.testing.assert_array_equal(rec["cam"], np.maximum((cams["cnn"] + cams["tran"]) / 2, cams["tran"]))
+    want = cobra.ir_thresholds(cams["attn"], 93.0) if ir_thresh == "attn" else (0.3, 0.05)
+    assert (rec["fg"], rec["bg"]) == want and rec["fg"] > rec["bg"]
+
+
+@pytest.mark.parametrize("rw_source,mask_source,want", [("tran", "fuse", "tran_s4"), ("same", "cnn", "cnn_s4")])
+def test_random_walk_seed_and_parameters(monkeypatch, rw_source, mask_source, want):
+    """Catches: the random walk seeded from the full-resolution map or the wrong branch (Deviation 13: the
+    strided M_tran by default, the --mask-source map under --rw-source same), radius / beta / exp_times
+    swapped, alpha not passed to final_mask, the no-CRF mask not written."""
+    cams = _cams()
+    args = args_for(rw_source=rw_source, mask_source=mask_source, rw_radius=3, rw_beta=7.0, rw_exp_times=2,
+                    mask_alpha=0.42, mask_crf=False)
+    ctx, saved, ds = _stage_ctx(monkeypatch, args, cams)
+    rec = {}
+    monkeypatch.setattr(cobra, "infer_edge", lambda irn, image, crop, device: torch.full((1, 1), 0.25))
+    monkeypatch.setattr(cobra, "random_walk", lambda x, edge, radius, beta, exp_times:
+                        rec.update(x=x, edge=edge, params=(radius, beta, exp_times)) or x * 2)
+    monkeypatch.setattr(cobra, "final_mask", lambda rw, keys, H, W, alpha:
+                        rec.update(rw=rw, HW=(H, W), alpha=alpha) or np.full((H, W), 9, np.uint8))
+    cobra.stage_masks(ctx, object(), ds)
+    np.testing.assert_array_equal(rec["x"].numpy(), cams[want])
+    assert rec["params"] == (3, 7.0, 2) and rec["alpha"] == 0.42 and rec["HW"] == (4, 4)
+    torch.testing.assert_close(rec["rw"], torch.from_numpy(cams[want]) * 2)
+    assert {cobra.Path(k).parts[-3] for k in saved} == {"mask", "mask_nocrf"}
+    assert all((m == 9).all() for m in saved.values())  # no CRF: both folders hold the alpha-rule mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights, the segmentation test protocol, the prefix-token check
+# ---------------------------------------------------------------------------------------------
+def test_paper_preset_asks_timm_for_torchvision_weights(monkeypatch):
+    """Catches: the CNN / IRN / seg backbones built from timm's untagged resnet152 / resnet101 (a1h_in1k, the
+    RSB recipe) instead of the torchvision v1 weights IRN and CoBra load, or a network built without
+    ImageNet weights under the paper preset."""
+    import timm
+    calls = []
+
+    def fake(name, pretrained, **kw):
+        calls.append((name, pretrained))
+        return timm.create_model("deit_tiny_patch16_224" if "deit" in name else "resnet18", pretrained=False, **kw)
+    monkeypatch.setattr(cobra, "timm_model", fake)
+    args = cobra.Args()
+    for k, v in cobra.PRESETS["paper_voc"].items():
+        setattr(args, k, v)
+    cobra.build_model(args, 21, init_weights=True)
+    assert calls == [("resnet152.tv_in1k", True), ("deit_small_patch16_224.fb_in1k", True),
+                     ("resnet152.tv_in1k", True), ("resnet101.tv_in1k", True)]
+    for name, _ in calls:  # the tags resolve to the torchvision / FB files
+        assert timm.models.get_pretrained_cfg(name).hf_hub_id == f"timm/{name}"
+
+
+class StubSeg(nn.Module):
+    """Logits (B, 2, h, w): channel 0 = 0, channel 1 = the column index j (the same ramp for every input)."""
+
+    def forward(self, x):
+        B, _, h, w = x.shape
+        ramp = torch.arange(w, dtype=torch.float32).expand(B, 1, h, w)
+        return torch.cat([torch.zeros_like(ramp), ramp], 1)
+
+
+def test_predict_seg_ms_averages_scales_and_flip():
+    """Catches: the mirror's prediction not flipped back, logits (not softmax) averaged, a scale dropped, the
+    average over scales x flips miscounted, maps not resized to the image size."""
+    ctx = SimpleNamespace(device="cpu", autocast=contextlib.nullcontext)
+    img = np.zeros((16, 16, 3), np.uint8)
+    got = cobra.predict_seg_ms(StubSeg(), img, ctx, (1.0, 2.0))
+    assert got.shape == (2, 16, 16)
+    sig = lambda t: torch.sigmoid(t)  # softmax([0, z])[1] = sigmoid(z)
+    j16 = torch.arange(16.0)
+    p1 = sig(j16) + sig(j16.flip(0))
+    j32 = torch.arange(32.0)
+    p2 = (sig(j32) + sig(j32.flip(0))).expand(1, 1, 32, 32)
+    p2 = F.interpolate(p2, size=(16, 16), mode="bilinear", align_corners=False)[0, 0, 0]
+    want = (p1 + p2) / 4
+    np.testing.assert_allclose(got[1, 0], want.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got.sum(0), 1.0, atol=1e-6)
+
+
+def test_evaluate_reports_the_paper_test_protocol(monkeypatch):
+    """Catches: seg_ms/val or seg_crf/val not reported, or scored from the single-scale prediction."""
+    args = args_for(seg_test_scales=(1.0, 2.0), num_vis=0)
+    ctx = SimpleNamespace(args=args, device="cpu", autocast=contextlib.nullcontext, main=False)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 1
+    ds = SimpleNamespace(num_classes=2, class_names=["bg", "a"])
+    samples = [{"image": np.zeros((16, 16, 3), np.uint8), "mask": mask}]
+    monkeypatch.setattr(cobra, "each_sample", lambda ctx, d, desc, fn=None, shard=False, limit=0: iter(samples))
+    res = cobra.evaluate(StubSeg(), ds, ctx)
+    assert set(res) == {"seg/val", "seg_ms/val"} | ({"seg_crf/val"} if cobra.crf.available() else set())
+    # single scale: class 1 wherever j > 0 -> IoU bg 1/8, a 8/15; multi-scale + flip: p_a = (sigmoid(j) +
+    # sigmoid(15 - j)) / 2 > 1/2 everywhere -> class a everywhere: IoU bg 0, a 8/16
+    assert res["seg/val"]["miou"] == pytest.approx(100 * (1 / 8 + 8 / 15) / 2, abs=0.01)
+    assert res["seg_ms/val"]["miou"] == pytest.approx(25.0, abs=0.01)
+
+
+def test_vit_with_extra_prefix_tokens_fails_validation():
+    """Catches: a ViT with a distillation token accepted (A_bar[:, 0, 1:] and [:, 1:, 1:] assume one class token)."""
+    with pytest.raises(SystemExit):
+        cobra.SAKBranch("deit_tiny_distilled_patch16_224", 5, 8, False, 64, dim=48, depth=1, heads=3)
+
+
+def test_irn_augmentation_bicubic(monkeypatch):
+    """Catches: the IRN rescale back to bilinear (IRNet / CoBra imutils.random_scale: order 3 = bicubic),
+    the 0.5-1.5 range changed, the label not sampled at the stride-4 centres [2::4]."""
+    seen = {}
+    real = cobra.augment.random_rescale
+
+    def rec(image, rng, **kw):
+        seen.update(kw)
+        return real(image, rng, **kw)
+    monkeypatch.setattr(cobra.augment, "random_rescale", rec)
+    monkeypatch.setattr(cobra.augment, "random_crop", lambda image, rng, size, masks=(): (image, masks, None, None))
+    monkeypatch.setattr(cobra.augment, "random_hflip", lambda image, rng, masks=(): (image, masks, None))
+    monkeypatch.setattr(cobra.augment, "rescale", lambda image, ratio, masks, maps, interp: (image, masks, None))
+    ir = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    out = cobra.irn_transform(args_for())({"image": np.zeros((8, 8, 3), np.uint8), "ir": ir}, np.random.default_rng(0))
+    assert seen["interp"] == "bicubic" and tuple(seen["ratio_range"]) == (0.5, 1.5)
+    assert out["ir"].tolist() == ir[2::4, 2::4].tolist()
+
+
+@pytest.mark.parametrize("seed_bg", ["attn-pct", "fixed"])
+def test_evaluate_seeds_wiring(monkeypatch, seed_bg):
+    """Catches: seeds written from another map than --mask-source, the background score taken from the wrong
+    rule or map (a percentile of the CAM instead of the class-token attention), a parameter other than the
+    chosen one used for the written seeds."""
+    cams = _cams()
+    args = args_for(seed_bg=seed_bg, mask_source="avg")
+    ctx, saved, samples = _stage_ctx(monkeypatch, args, cams)
+    ctx.splits = {"train": "t", "seed": "s"}
+    mask = np.zeros((4, 4), np.uint8)
+    mask[:2] = 2
+    samples[0]["mask"] = mask
+    ds = SimpleNamespace(num_classes=3, class_names=["bg", "a", "b"], ids=["a"])
+    monkeypatch.setattr(cobra, "each_sample", lambda ctx, d, desc, fn=None, shard=False, limit=0: iter(samples))
+    entry, param = cobra.evaluate_seeds(ctx, ds)
+    m = (cams["cnn"] + cams["tran"]) / 2
+    if seed_bg == "attn-pct":
+        assert param in (70, 75, 80, 85, 90, 95)
+        bg = float(np.percentile(cams["attn"], param))
+    else:
+        bg = param
+    (label,) = saved.values()
+    np.testing.assert_array_equal(label, cobra.seed_label(m, cams["keys"], bg))
+    cm = cobra.miou.ConfusionMatrix(3)
+    cm.update(label, mask)
+    assert entry["miou"] == pytest.approx(100 * cm.compute()["miou"], abs=0.01)  # the reported score is of these seeds

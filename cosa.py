@@ -944,6 +944,7 @@ COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_afte
                  "ckpt_every": ">=1"}
 RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
 CKPT_FORMAT = "wsss-reference/1"
+CKPT_KEYS = ("method", "args", "state", "payload", "rng", "weights")  # what Run.save() writes
 
 
 def fail(msg, code=2):
@@ -1140,7 +1141,10 @@ def load_run_checkpoint(path, what):
     ckpt = load_checkpoint(path, what)
     check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
           f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
-    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    check(ckpt.get("method", METHOD) == METHOD, f"{what} {path} was written by {ckpt.get('method')}.py, not by {METHOD}.py")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]  # a hand-made or cut-down dict: one line, not a KeyError
+    check(not missing, f"{what} {path} is not a complete run checkpoint (no {', '.join(missing)}); give checkpoints/last.pt")
+    check(isinstance(ckpt["args"], dict), f"{what} {path} is not a complete run checkpoint (args is not a dict)")
     return ckpt
 
 

@@ -123,6 +123,10 @@ def foreign_files(tmp_path, method):
     files["other method"] = (tmp_path / "o.pt", f"written by {other}.py")
     torch.save({"model": {"conv.weight": torch.zeros(2, 2)}}, tmp_path / "sd.pt")
     files["plain state dict"] = (tmp_path / "sd.pt", "is not a run checkpoint")
+    torch.save({"format": "wsss-reference/1", "method": method, "weights": {}}, tmp_path / "part.pt")
+    files["no args"] = (tmp_path / "part.pt", "is not a complete run checkpoint (no args, state, payload, rng)")
+    torch.save({"format": "wsss-reference/1", "args": {}}, tmp_path / "anon.pt")
+    files["no method"] = (tmp_path / "anon.pt", "is not a complete run checkpoint (no method, state")
     blob = (tmp_path / "o.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     files["truncated"] = (tmp_path / "cut.pt", "not a readable torch checkpoint")
@@ -170,7 +174,9 @@ import os, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
 import cosa
 last = sys.argv[2]
-cosa.save_checkpoint(last, {"format": "wsss-reference/1", "method": "cosa", "it": torch.tensor(1)})
+full = lambda it: {"format": "wsss-reference/1", "method": "cosa", "args": {}, "state": {}, "payload": {},
+                   "rng": {}, "weights": {}, "it": torch.tensor(it)}
+cosa.save_checkpoint(last, full(1))
 real_save = torch.save
 def save_then_die(obj, f):  # half of the new file is on disk when the process is killed
     real_save(obj, f)
@@ -178,7 +184,7 @@ def save_then_die(obj, f):  # half of the new file is on disk when the process i
         fh.truncate(os.path.getsize(f) // 2)
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = save_then_die
-cosa.save_checkpoint(last, {"format": "wsss-reference/1", "method": "cosa", "it": torch.tensor(2)})
+cosa.save_checkpoint(last, full(2))
 """
 
 

@@ -33,12 +33,14 @@ Reading guide:
 
 Equation map:
   Eq. (1) co-occurrence prior P_ij = N_ij / sum_k N_ik and P_j = sum_k P_{c_k, j}
-                                             -> cooccurrence_matrix(), cor_distribution()
+          (N_ij: images holding i and j; N_ii: single-label images of i, Deviation 14)
+                                             -> cooccurrence_counts(), cooccurrence_matrix(), cor_distribution()
   Eq. (2) score maps M_s = F(x_s), M_sm^fg = F(x_sm^fg)  (C x H x W)      -> csd_score_map(), csd_losses()
   Eq. (3) L_fg = sum_hw 1[(h,w) in M_fg] KL(M_s || M_sm^fg)              -> loss_fg()
   Eq. (4) RECONSTRUCTED (lost in the paper text): dummy channel M' and saliency sigma:
           pi = softmax([M' ; M]), b = (pi_0, sigma(pi) = sum_{c>=1} pi_c) -> background_distribution()
   Eq. (5) L_bg = sum_hw 1[(h,w) in M_bg] KL(b(M_s) || b(M_sm^bg))        -> loss_bg()
+          (M_bg = the source background, the paste region of x_sm^bg; --bg-paste intersect: Deviation 15)
   Eq. (6) L_total = L_cls + lambda1 L_fg + lambda2 L_bg                   -> csd_losses()
 
 Deviations (also marked `Deviation:` at the code):
@@ -54,6 +56,8 @@ Deviations (also marked `Deviation:` at the code):
      stage-1 baseline's own seeds at the best background threshold of a sweep against the ground
      truth of the seed split (the card's default; this uses GT to pick ONE scalar, as every WSSS
      seed evaluation does), optionally CRF'd (--prior-crf); --prior dir:PATH loads PSA/IRN output.
+     The final masks (mask/train, the segmentation network's labels) use the same GT-swept threshold t* of
+     the stage-2 seeds (seed_results()); the paper's PSA masks use fixed thresholds (bg 0.39).
   6. Masks are seeds + dense CRF (label unary, MCTformer's PSA pairwise parameters, crf.PRESETS["psa"]),
      not PSA's AffinityNet random walk (out of scope). mask/train is therefore NOT the paper's
      "Mask" column.
@@ -72,7 +76,17 @@ Deviations (also marked `Deviation:` at the code):
      minutes; seeds at scale 0.64 (the training scale) and a sweep up to t = 0.95 (MCTformer: 0.59),
      because the best threshold of random-init maps lies above 0.59.
  13. Not implemented: --stage (the pipeline always runs whole; --resume continues it), MCTformer-V1,
-     the IRN baseline, paste rescaling, the ignore band and the CDA area filter (card "optional").
+     the IRN baseline and the IRN rows of Table 1, paste rescaling, the ignore band, the CDA area filter
+     (card "optional"), and Table 1's "Test" column (no VOC test-server export).
+ 14. Eq. (1)'s diagonal N_ii is read as the number of SINGLE-label images of class i (the literal reading
+     is "images containing i"): the reading under which the paper's remark "classes with more single-label
+     samples are sampled more" holds, and the dev code's (cooccurrence_counts()).
+ 15. --bg-paste intersect (dev code, off by default): the background paste region and L_bg's mask are
+     R_bg = M_bg(x_s) & bg_prior(x_m) instead of the source background M_bg of Eq. (5), which keeps the
+     target's objects visible in x_sm^bg. The default --bg-paste source is the paper's M_bg.
+ 16. (A match, listed because an earlier version differed.) The cosine LR schedule reproduces MCTformer's
+     lagged per-epoch stepping (lr_scheduler.step(epoch) after each epoch): epoch e trains at f(e - 1),
+     epochs 0 and 1 both at f(0) (lr_factor()).
 
 Run:
   python csd.py                                            (toy data, CPU, minutes)
@@ -174,7 +188,7 @@ class Args:
     token_mask: str = "full"  # full: whole 16x16 patch inside the mask (dev code) | majority
     reduce: str = "sum"  # sum over tokens, mean over batch | mean over tokens (dev code)
     target_pool: str = "multi"  # multi (paper) | all (dev code)
-    bg_paste: str = "intersect"  # intersect: R_bg = M_bg(x_s) & bg(x_m) (dev code) | source
+    bg_paste: str = "source"  # source: R_bg = M_bg(x_s) (Eq. 5) | intersect: M_bg(x_s) & bg(x_m) (dev code; Deviation 15)
     prior: str = "seeds"  # seeds (stage 1) | dir:PATH (VOC-format PNGs) | gt (debug oracle)
     prior_threshold: str = "best"  # best (sweep argmax) | a float background threshold
     prior_crf: bool = False  # dense CRF on the prior masks
@@ -214,7 +228,7 @@ PRESETS = {
 CHOICES = dict(csd=("on", "off"), sampling=("cor", "uniform", "uniform_image"), consistency=("dual", "fg", "bg"),
                csd_map=("patchcam", "fused_par"), bg_kl=("saliency", "full", "bgterm", "rawsum"),
                kl_classes=("all", "present"), token_mask=("full", "majority"), reduce=("sum", "mean"),
-               target_pool=("multi", "all"), bg_paste=("intersect", "source"), cor_norm=("row", "softmax"),
+               target_pool=("multi", "all"), bg_paste=("source", "intersect"), cor_norm=("row", "softmax"),
                cls_aug=("timm", "weak"), seg_optimizer=("sgd", "adamw"))
 LIMITS = {"patch_size": ">=1", "embed_dim": ">=1", "depth": ">=1", "num_heads": ">=1", "drop_path": ">=0",
           "crop_size": ">=1", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "min_lr": ">=0", "warmup_epochs": ">=0",
@@ -296,7 +310,9 @@ class MCTformerV2(nn.Module):
             return self.pos_embed
         D = patch_pos.shape[-1]
         grid = patch_pos.reshape(1, self.grid, self.grid, D).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        # Impl. (MCTformer, models.py interpolate_pos_encoding): scale factors (h + 0.1) / grid, not a target size
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid), mode="bicubic",
+                             align_corners=False)
         return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2)], 1)
 
     def forward(self, x):
@@ -346,7 +362,7 @@ class SegNet(nn.Module):
         self.backbone = backbone
         channels = backbone.feature_info.channels()[-1]
         self.aspp = nn.ModuleList(nn.Conv2d(channels, num_classes, 3, padding=r, dilation=r) for r in rates)
-        self.stride = 32  # inputs are padded to a multiple of this
+        self.stride = 32  # a padding multiple for inference (not the output stride, which is 8 for ResNet-101)
 
     def forward(self, x):
         f = self.backbone(x)[-1]  # (B, D, h, w)
@@ -449,7 +465,8 @@ def loss_bg(M_s, M_sm_bg, T_bg, *, dummy=0.0, mode="saliency", temp=1.0, reduce=
                                     scale=10.0 if mode == "bgterm" else 1.0)
     kl_c = log_p.exp() * (log_p - log_q)  # (B, 2 or C+1, h, w)
     kl = kl_c[:, 0] if mode == "bgterm" else kl_c.sum(1)  # (B, h, w)
-    # Eq. (5)  L_bg = sum_hw 1[(h,w) in M_bg] KL(M_s || M_sm^bg)
+    # Eq. (5)  L_bg = sum_hw 1[(h,w) in T_bg] KL(b(M_s) || b(M_sm^bg)), T_bg = the tokens of the paste region R_bg:
+    # R_bg = M_bg, the source background (paper, --bg-paste source), or M_bg & bg(x_m) (Deviation 15, intersect)
     return reduce_tokens(kl, T_bg, reduce)
 
 
@@ -711,8 +728,15 @@ def random_resized_crop(image, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
         if 0 < w <= W and 0 < h <= H:
             y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
             break
-    else:  # fallback after 10 tries: the whole image
-        h, w, y0, x0 = H, W, 0, 0
+    else:  # Impl. (torchvision RandomResizedCrop.get_params): after 10 tries, a centre crop, aspect clamped to ratio
+        in_ratio = W / H
+        if in_ratio < min(ratio):
+            w, h = W, int(round(W / min(ratio)))
+        elif in_ratio > max(ratio):
+            h, w = H, int(round(H * max(ratio)))
+        else:
+            w, h = W, H
+        y0, x0 = (H - h) // 2, (W - w) // 2
     patch = image[y0:y0 + h, x0:x0 + w]
     return np.asarray(Image.fromarray(patch).resize((size, size), Image.BICUBIC))
 
@@ -785,6 +809,8 @@ class CSDTransform:
         pr_s, pr_m = torch.from_numpy(pr_s.astype(np.int64)), torch.from_numpy(pr_m.astype(np.int64))
         M_fg = pr_s == c + 1  # foreground of the source class (label values are class index + 1)
         M_bg = (pr_s != c + 1) & (pr_s != data.IGNORE_INDEX)  # not foreground, not padding/ignore
+        # Eq. (5): the paste region and L_bg's mask are the source background M_bg (paper). Deviation 15:
+        # --bg-paste intersect (dev code) keeps only M_bg & bg(x_m), so the target's objects stay visible.
         R_bg = M_bg & (pr_m == 0) if a.bg_paste == "intersect" else M_bg
         x_s, x_m = augment.to_tensor(img_s), augment.to_tensor(img_m)
         x_fg, x_bg = make_composites(x_s, x_m, M_fg, R_bg)
@@ -807,8 +833,12 @@ def param_groups(model, weight_decay):
 
 
 def lr_factor(epoch, epochs, args):
-    """timm CosineLRScheduler stepped per epoch, as a factor of --lr: linear warm-up from --warmup-lr,
-    then cosine to --min-lr."""
+    """f(e) = timm CosineLRScheduler(t_initial=epochs, warmup_t, warmup_lr_init, lr_min) as a factor of --lr:
+    linear warm-up from --warmup-lr, then cosine to --min-lr. Deviation 16 (a match, not a difference):
+    MCTformer (main.py) calls lr_scheduler.step(epoch) AFTER epoch e, so epoch e trains at f(e - 1) and
+    epochs 0 and 1 both at f(0); this lag is reproduced here."""
+    # Impl. (MCTformer, main.py): the scheduler is stepped with the epoch just finished
+    epoch = max(epoch - 1, 0)
     if epoch < args.warmup_epochs:
         return warmup_lr(epoch, args.warmup_epochs, args.warmup_lr / args.lr)
     return cosine_lr(epoch, epochs, args.min_lr / args.lr)
@@ -1002,6 +1032,7 @@ COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_afte
                  "ckpt_every": ">=1"}
 RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
 CKPT_FORMAT = "wsss-reference/1"
+CKPT_KEYS = ("method", "args", "state", "payload", "rng", "weights")  # what Run.save() writes
 
 
 def fail(msg, code=2):
@@ -1198,7 +1229,10 @@ def load_run_checkpoint(path, what):
     ckpt = load_checkpoint(path, what)
     check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
           f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
-    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    check(ckpt.get("method", METHOD) == METHOD, f"{what} {path} was written by {ckpt.get('method')}.py, not by {METHOD}.py")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]  # a hand-made or cut-down dict: one line, not a KeyError
+    check(not missing, f"{what} {path} is not a complete run checkpoint (no {', '.join(missing)}); give checkpoints/last.pt")
+    check(isinstance(ckpt["args"], dict), f"{what} {path} is not a complete run checkpoint (args is not a dict)")
     return ckpt
 
 

@@ -113,11 +113,12 @@ def test_make_composites_hand_made():
     assert torch.equal(x_bg, R_bg.float().expand(3, 4, 4))
 
 
-def test_triplet_invariants(toy_root):
+@pytest.mark.parametrize("bg_paste", ["source", "intersect"])
+def test_triplet_invariants(toy_root, bg_paste):
     raw = data.SegDataset(toy_root, "train")
     labels = raw.labels()
     P = csd.cooccurrence_matrix(csd.cooccurrence_counts(labels))
-    tr = csd.CSDTransform(tiny_args(prior="gt"), raw, labels, P, prior_key="mask")
+    tr = csd.CSDTransform(tiny_args(prior="gt", bg_paste=bg_paste), raw, labels, P, prior_key="mask")
     seen = 0
     for k in range(6):
         t = tr.triplet(np.random.default_rng(k))
@@ -131,7 +132,8 @@ def test_triplet_invariants(toy_root):
         assert torch.equal(t["x_bg"][:, R_bg], t["x_s"][:, R_bg])
         rest = ~M_fg & ~R_bg  # both composites equal x_m there
         assert torch.equal(t["x_fg"][:, rest], t["x_bg"][:, rest])
-        assert not (R_bg & ~(t["M_bg"] & t["bg_m"])).any()  # R_bg within M_bg(x_s) & bg(x_m)
+        # Eq. (5): R_bg = M_bg(x_s) (paper, default); Deviation 15: within M_bg(x_s) & bg(x_m) (intersect)
+        assert torch.equal(R_bg, t["M_bg"] & t["bg_m"] if bg_paste == "intersect" else t["M_bg"])
         assert not (M_fg & t["M_bg"]).any()
         assert torch.equal(t["y_fg"], torch.maximum(t["y_bg"], t["y_s"]))  # y_fg = y_m | {c_s}
         assert t["y_bg"].sum() >= 2  # the target pool holds multi-label images only
@@ -185,6 +187,50 @@ def test_eq3_hand_value_and_reduction():
     # present-only (dev code): the c_s = 0 term alone.
     got = csd.loss_fg(M_s, M_sm, T, classes="present", c_s=torch.tensor([0])).item()
     assert abs(got - 0.5 * math.log(0.5 / 0.75)) < 1e-6
+
+
+def test_reduction_batch_of_two_hand_values():
+    """Sum over each image's masked tokens, then the MEAN over the batch (Deviation 4); 'mean': per-image mean."""
+    M_s = torch.zeros(2, 2, 1, 3)  # p = (1/2, 1/2) everywhere
+    M_sm = torch.zeros(2, 2, 1, 3)
+    M_sm[:, 0] = math.log(3.0)  # q = (3/4, 1/4) everywhere
+    T = torch.tensor([[[True, True, True]], [[True, False, False]]])  # 3 tokens and 1 token
+    kl = 0.5 * math.log(4 / 3)
+    assert abs(csd.loss_fg(M_s, M_sm, T).item() - (3 * kl + kl) / 2) < 1e-6
+    assert abs(csd.loss_fg(M_s, M_sm, T, reduce="mean").item() - kl) < 1e-6
+    kl_bg = csd.loss_bg(M_s[:1, :, :, :1], M_sm[:1, :, :, :1], T[:1, :, :1]).item()  # one token's value
+    assert abs(csd.loss_bg(M_s, M_sm, T).item() - (3 * kl_bg + kl_bg) / 2) < 1e-6
+    assert abs(csd.loss_bg(M_s, M_sm, T, reduce="mean").item() - kl_bg) < 1e-6
+    empty = torch.zeros_like(T)
+    assert csd.loss_fg(M_s, M_sm, empty).item() == 0 and csd.loss_fg(M_s, M_sm, empty, reduce="mean").item() == 0
+
+
+def test_random_resized_crop_fallback_is_torchvisions_centre_crop():
+    """After 10 failed draws torchvision centre-crops with the aspect ratio clamped (not the whole image)."""
+    from PIL import Image
+
+    H, W = 10, 200  # every draw of scale >= 0.08 within ratio [3/4, 4/3] is too tall: the fallback runs
+    image = np.stack([np.tile(np.arange(W, dtype=np.uint8), (H, 1))] * 3, -1)
+    got = csd.random_resized_crop(image, np.random.default_rng(0), 16)
+    h, w = 10, round(10 * 4 / 3)  # in_ratio 20 > 4/3: full height, width = H * max(ratio)
+    x0 = (W - w) // 2
+    expected = np.asarray(Image.fromarray(image[:h, x0:x0 + w]).resize((16, 16), Image.BICUBIC))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_interpolate_pos_matches_mctformer():
+    """MCTformer models.py interpolate_pos_encoding: bicubic with scale_factor (h0 + 0.1) / sqrt(N)."""
+    model = csd.build_model(tiny_args(), 3, init_weights=False)
+    g = model.grid
+    assert model.interpolate_pos(g, g) is model.pos_embed
+    for h, w in ((3, 5), (7, 2)):
+        got = model.interpolate_pos(h, w)
+        D = model.pos_embed.shape[-1]
+        patch = model.pos_embed[:, 3:].reshape(1, g, g, D).permute(0, 3, 1, 2)
+        ref = F.interpolate(patch, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")
+        assert got.shape == (1, 3 + h * w, D)
+        torch.testing.assert_close(got[:, :3], model.pos_embed[:, :3])
+        torch.testing.assert_close(got[:, 3:], ref.flatten(2).transpose(1, 2))
 
 
 def test_eq4_eq5_hand_value():

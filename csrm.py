@@ -27,18 +27,22 @@ Reading guide (paper section -> code):
 
 Equation map:
   Eq. (1)  A = C(F(x)), p = sigmoid(GAP(A))               -> CSRMNet.forward()
-  Eq. (2)  psi(A) = ReLU(up(A)) / max ReLU(up(A))         -> normalize_cam()
-  Eq. (3)  S = S(F(x)), s = softmax(S)  (|C|+1 classes)   -> CSRMNet.forward(), restricted_probs()
+  Eq. (2)  psi(A) = ReLU(up(A)) / max ReLU(up(A))         -> normalize_cam() (max taken before up: Dev. 20)
+  Eq. (3)  S = S(F(x)), s = softmax(S)  (|C|+1 classes)   -> CSRMNet.forward(); s^t label-restricted by
+                                                             restricted_probs() (Deviation 17)
   Eq. (4)  R = R(F(x)) (256-d)                            -> CSRMNet.forward()
   Eq. (5)  L_c multi-label soft-margin                    -> loss_cls()
-  Eq. (6)  I = dCRF(psi(A)), mask outside (d_bg, d_fg]    -> cam_pseudo_labels()
+  Eq. (6)  I = dCRF(psi(A)), mask outside (d_bg, d_fg]    -> cam_pseudo_labels() (threshold, then two label
+                                                             dCRFs: Deviation 18)
   Eq. (7)  L_s masked cross-entropy                       -> loss_seg()
   Eq. (8)  M^s = 1[max_c s^t > sigma_s2c]                 -> loss_s2c()
   Eq. (9)  Q = softmax([S_bg | up(A)]), L_s2c             -> loss_s2c()
   Eq. (10) H = -sum_c s log s                             -> entropy()
-  Eq. (11) gamma_t = quantile(H, 1 - alpha_t), mask       -> loss_unsup(), loss_contrast() masks
+  Eq. (11) gamma_t = quantile(H, 1 - alpha_t), mask       -> loss_unsup(), train_step() L_m masks (alpha_t per
+                                                             epoch: Deviation 21)
   Eq. (12) L_u reliable cross-entropy                     -> loss_unsup()
-  Eq. (13) L_m InfoNCE with prototypes and bank negatives -> loss_contrast()
+  Eq. (13) L_m InfoNCE with prototypes and bank negatives -> loss_contrast(), negative_rank_mask() (query /
+                                                             negative rules per half: Deviation 19)
   Eq. (14) L = L_c + L_s + l_s2c L_s2c + l_u L_u + l_m L_m -> train_step()
 
 Symbols: A cam logits (B,C,h,w); z = GAP(A) cls logits; S seg logits (B,C+1,H,W), S4 the same at
@@ -68,8 +72,9 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       loop-position indexing.
   12. Negative keys beyond a bank's capacity are randomly subsampled before enqueueing (the code
       keeps the last ones in batch-then-raster order, biasing banks toward u-half images).
-  13. The auxiliary losses are not computed at all during warm-up (their weights are 0 there), so
-      the banks start filling at epoch W; the second teacher pass is skipped when L_u and L_m are off.
+  13. Not a deviation from the official code, which also leaves the banks empty during warm-up: the
+      auxiliary losses are not computed at all while their weights are 0, so the banks start filling at
+      epoch W; the second teacher pass is skipped when L_u and L_m are off (the paper says nothing).
   14. Fig. 2's "delta_fg" axis is read as the inference background threshold of the pseudo labels;
       the curve is the threshold sweep stored under cam/train (the training delta_fg is a flag).
   15. Verification network: DeepLabV3+ (this file's head, GN) on a timm backbone: resnest269e with
@@ -81,6 +86,47 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       10 x 0.02 a toy DeepLabV3+ trained on GROUND TRUTH for 120 steps stayed all-background (11%
       val mIoU) vs 31% at 10 x 0.001; CSRM at lr 0.01 moved the teacher's CAM mIoU (100 train images)
       from 27.3 to 22.6 in 60 steps, at 0.002 to 26.7.
+  17. s^t (the teacher probabilities of Eqs. (8), (9), (12) and the L_m labels of the u-half) is the softmax
+      renormalised over background + the image's labels after mixing (official product-and-renormalise
+      form), not Eq. (3)'s plain softmax: absent classes can never be targets, and the Eq. (8) confidences
+      rise. The entropies (Eq. (10)) and the L_m ranks use the unrestricted train-mode softmax (official).
+  18. Eq. (6) is applied as in the official code: psi is thresholded FIRST into two argmax maps (background
+      score delta_fg and delta_bg), each map is refined by a label dCRF (unary gt_prob 0.7), and a pixel is a
+      class where the delta_fg map says so, background where both say background, 255 otherwise. The paper
+      writes I = dCRF(psi) followed by the threshold; the two operators differ near the thresholds.
+  19. L_m query / negative rules per half (official U2PL split): on the l-half, queries and prototypes come
+      from reliable pseudo-label pixels (PL != 255, no entropy test), negatives test the pixel's PL != c
+      instead of c not in y, and rule (b) is not applied; on the u-half, queries are low-entropy pixels with
+      the teacher's Yhat label (not CAM pseudo labels), both plus p > delta_p. Rule (b) is the 0-based window
+      [gamma_l, gamma_h), i.e. 1-based ranks 4..6 for (3, 6); the paper's text gives ranks 4-5.
+  20. psi (Eq. (2)) is ReLU + max-normalised at stride 16 and then bilinearly upsampled (official order), so the
+      per-class max after upsampling can be < 1; the paper normalises after up(A).
+  21. alpha_t (Eq. (11)) is a per-epoch step 0.2 (1 - e / E), ending at 1.33% on VOC, not a per-step linear
+      decay to 0.
+  22. Schedule and batch follow the official runner: an "epoch" is 46 steps (--max_steps; the paper's 15.7
+      min per epoch agrees), and the batch is 32 augmented l-half + 32 plain u-half images (COCO 16 + 16; the
+      paper gives one batch of 32).
+  23. The official csrm/u2pl.py label_onehot calls scatter_ on dim 0 of a (K, B, h, w) tensor with a (B, 1, h, w)
+      index, so only image 0 of each half gets a one-hot (the union of all images' labels) and the others get
+      zeros: official L_m queries and prototypes come from the first image of each half only, and the l-half
+      rule "PL != c" holds for every other image. This file uses correct per-pixel masks (the paper's
+      intent); there is no flag that reproduces the bug (--u2pl-index-quirk reproduces only the loop index).
+  24. New layers use Kaiming normal with fan_out / relu and zero biases; official PNOC uses the kaiming_normal_
+      default (fan_in). The paper says only "Kaiming normal".
+  25. DDP: the ClassMix coin and the L_u / L_m entropy quantiles are per rank (the official code uses
+      DataParallel, with quantiles over the whole batch); one process reproduces the official behaviour.
+  26. Metrics vs the paper (the GT-swept thresholds are oracles: chosen on the same split's ground truth,
+      val included, as in the official evaluate.py sweep 0.05-0.81; metrics.json says so under
+      "threshold_selection"):
+        Table 1 / Table 2 "CSRM" (71.8 train / 69.8 val)  -> cam/train, cam/val      (GT-swept threshold)
+        Table 2 "CSRM + dCRF" (72.6 / 70.2)               -> pseudo_crf/train, pseudo_crf/val (t = 0.4 + dCRF)
+        Table 2 row 1, the start point (train)            -> cam_init/train           (GT-swept threshold)
+        Table 2 rows 3-5 (start + dCRF, SEPL)             -> not run (SEPL is not implemented)
+        Fig. 2 (delta_fg curve)                           -> cam/train "curve" (Deviation 14)
+        Tables 3-4 DeepLabV3+ val                         -> seg/val (single scale, no CRF), seg_ms/val (TTA);
+                                                             neither uses SEPL labels or a test-time CRF, and
+                                                             the 69.8 of Table 4 is DeepLabV2, not comparable.
+      pseudo/{train,val} (t = 0.4, no CRF) has no number in the paper; log.jsonl val/cam_miou is swept on GT too.
 Run:
   python csrm.py                                   (toy data, CPU, minutes)
   python csrm.py --data VOC2012                    (paper settings, CUDA)
@@ -163,9 +209,9 @@ class Args:
     cam_lr: float = 0.1  # PNOC: lr 0.1, classifier x10, biases x2
     # --- CSRM training (Sec. 4; card 6) ---
     epochs: int = 15  # Sec. 4: 15 epochs
-    steps_per_epoch: int = 46  # official runner --max_steps: an "epoch" is 46 steps
+    steps_per_epoch: int = 46  # official runner --max_steps: an "epoch" is 46 steps (Deviation 22)
     warmup_epochs: int = 1  # Sec. 4 warm-up; official W = 1
-    batch_size: int = 32  # Sec. 4: batch 32 per half (32 augmented + 32 plain)
+    batch_size: int = 32  # official runner: 32 per half (32 augmented + 32 plain); the paper: batch 32 (Deviation 22)
     crop: int = 512  # Sec. 4: 512 x 512
     scale_min: float = 0.625  # official: rescale 320-640 around 512
     scale_max: float = 1.25  # official: rescale 320-640 around 512
@@ -300,7 +346,8 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 def init_new_layers(module):
-    # Sec. 3.2.6: new branches "randomly drawn from a Kaiming normal distribution"; GN 1 / 0.
+    # Sec. 3.2.6: new branches "randomly drawn from a Kaiming normal distribution"; GN 1 / 0. fan_out / relu
+    # and zero biases are this file's choice (official PNOC: the fan_in default; Deviation 24).
     for mod in module.modules():
         if isinstance(mod, nn.Conv2d):
             nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
@@ -333,7 +380,7 @@ class CAMNet(nn.Module):
         self.classifier = nn.Conv2d(self.backbone.feature_info.channels()[-1], num_classes, 1, bias=False)
         init_new_layers(self.classifier)
 
-    def forward(self, x, seg=False, rep=False):
+    def forward(self, x, seg=False, rep=False):  # seg / rep: CSRMNet's signature, so tta_cams takes either net
         # Eq. (1)  A = C(F(x)), z = GAP(A)
         A = self.classifier(self.backbone(x)[-1])  # (B, C, h, w)
         return {"cam": A, "cls_logits": A.mean((2, 3))}
@@ -591,7 +638,8 @@ def loss_contrast(rep, rep_t, prob4, labels4, low, high, present_u, n_l, bank, a
 # ==================================================================================================
 # Sec. 3.2.2-3.2.4 (training pseudo labels, mixing, schedules), Sec. 4 (inference CAMs)
 def normalize_cam(A):
-    """Eq. (2): psi(A) = ReLU(A) / max_hw ReLU(A), per image and class; A (B, C, h, w)."""
+    """Eq. (2) without the upsampling: psi(A) = ReLU(A) / max_hw ReLU(A), per image and class; A (B, C, h, w).
+    Callers upsample afterwards (official order; Deviation 20)."""
     A = F.relu(A.float())
     # Eq. (2)  divide by the per-class spatial max (+1e-5 so absent classes stay exactly 0)
     return A / (A.amax((2, 3), keepdim=True) + 1e-5)
@@ -604,7 +652,8 @@ def _crf_pair(job):
 
 
 def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None):
-    """Eq. (6): teacher CAMs -> psi -> label dCRF -> {class, background, 255} pseudo labels.
+    """Eq. (6) in the official order (Deviation 18): teacher CAMs -> psi -> two thresholds -> two label dCRFs ->
+    {class, background, 255} pseudo labels.
 
     rgb: the augmented crops, uint8 (B, H, W, 3); y: image labels (B, C); A_t: teacher CAM logits
     (B, C, h, w); crf_params None runs Eq. (6) without the CRF. Returns int64 (B, H, W)."""
@@ -659,9 +708,10 @@ def classmix(x, y, PL, S_t):
 
 
 def restricted_probs(S_t, y):
-    """Eq. (3) softmax restricted to background + image classes, renormalised; (B, C+1, H, W)."""
+    """s^t: Eq. (3)'s softmax restricted to background + image classes and renormalised (official; Deviation
+    17; Eq. (3) itself has no restriction); (B, C+1, H, W)."""
     keep = torch.cat([torch.ones_like(y[:, :1]), y], 1)[:, :, None, None] > 0.5  # (B, C+1, 1, 1)
-    # Eq. (3)  s = softmax_c(S) * [1 | y] / sum: the same as a softmax over the kept logits only,
+    # Impl. (wsss-csrm): s = softmax_c(S) * [1 | y] / sum, computed as a softmax over the kept logits only,
     # which stays exact when an absent class dominates (the product form underflows to 0 / 0)
     return torch.softmax(S_t.float().masked_fill(~keep, float("-inf")), 1)
 
@@ -676,7 +726,7 @@ def aux_weights(args, epoch):
 
 
 def unreliable_ratio(args, epoch):
-    """Sec. 4: alpha_t = rho_t = 20% at epoch 0, decreasing linearly towards 0."""
+    """Sec. 4: alpha_t = rho_t = 20% at epoch 0, decreasing linearly towards 0, one step per epoch (Deviation 21)."""
     return args.unreliable * (1 - epoch / args.epochs)
 
 
@@ -855,6 +905,7 @@ def train_step(args, student, teacher, optimizer, bank, batch_l, batch_u, step, 
             # Eq. (10) at stride 4; Eq. (11) quantiles over the u-half's pixels
             H4_u = entropy(prob4[B:])
             low_u, high_u = H4_u < quantile(H4_u, rho), H4_u >= quantile(H4_u, 1 - rho)
+            # Deviation 19 (official U2PL split): on the l-half every reliable PL pixel is both low and high
             sure_l = labels4[:B] != 255
             low, high = torch.cat([sure_l, low_u]), torch.cat([sure_l, high_u])
             losses["losses/m"] = loss_contrast(out["rep"], out_t2["rep"], prob4, labels4, low, high, present_u, B, bank, args)
@@ -947,13 +998,19 @@ def image_tensor(image, device):
     return torch.as_tensor(augment.to_tensor(np.ascontiguousarray(image)))[None].to(device)  # (1, 3, H, W)
 
 
+# Deviation 26: the swept CAM scores are oracles; metrics.json carries this note next to them
+CAM_THRESHOLD_NOTE = ("miou: best background threshold of a sweep scored on this split's own ground truth "
+                      "(val included; optimistic)")
+
+
 def sweep_0_80(num_classes):
     return miou.ThresholdSweep(num_classes, thresholds=np.round(np.arange(0.05, 0.801, 0.05), 2))
 
 
 @torch.no_grad()
 def validate_teacher(args, teacher, ds, device):
-    """Per-epoch validation (official): CAM mIoU at the best threshold of 0.10-0.45, seg-branch mIoU."""
+    """Per-epoch validation (official): CAM mIoU at the best threshold of 0.10-0.45 (swept on the ground truth,
+    an oracle; logged only, never used for selection), seg-branch mIoU."""
     teacher.eval()
     sweep = miou.ThresholdSweep(ds.num_classes, thresholds=np.round(np.arange(0.10, 0.451, 0.05), 2))
     cm = miou.ConfusionMatrix(ds.num_classes)
@@ -983,7 +1040,7 @@ def cam_miou(ctx, model, split):
         cams = cams / (cams.amax((1, 2), keepdim=True) + 1e-5)
         sweep.update(cams.cpu().numpy(), keys + 1, sample["mask"])
     sw = sweep.compute()
-    return miou_entry(sw["best"], ds.class_names, threshold=sw["best_threshold"])
+    return miou_entry(sw["best"], ds.class_names, threshold=sw["best_threshold"], threshold_selection=CAM_THRESHOLD_NOTE)
 
 
 # --- Stage 2: pseudo labels of the final teacher (Sec. 4 inference) and their scores ---
@@ -1024,6 +1081,7 @@ def make_pseudo_labels(ctx, teacher, out_dir):
         if key == "train" or split != ctx.splits["train"]:
             sw = sweep.compute()
             results[f"cam/{key}"] = miou_entry(sw["best"], names, threshold=sw["best_threshold"],
+                                               threshold_selection=CAM_THRESHOLD_NOTE,
                                                curve=[[float(t), round(100 * float(m), 2)] for t, m in sw["curve"]])
             results[f"pseudo/{key}"] = miou_entry(cm.compute(), names, threshold=args.pl_thr)
             if crf_params is not None:
@@ -1068,6 +1126,7 @@ COMMON_LIMITS = {"seed": ">=0", "workers": ">=0", "max_iters": ">=0", "stop_afte
                  "ckpt_every": ">=1"}
 RUNTIME_FLAGS = ("resume", "device", "workers", "stop_after")  # all that --resume may change
 CKPT_FORMAT = "wsss-reference/1"
+CKPT_KEYS = ("method", "args", "state", "payload", "rng", "weights")  # what Run.save() writes
 
 
 def fail(msg, code=2):
@@ -1264,7 +1323,10 @@ def load_run_checkpoint(path, what):
     ckpt = load_checkpoint(path, what)
     check(isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT,
           f"{what} {path} is not a run checkpoint; give checkpoints/last.pt of a {METHOD}.py run")
-    check(ckpt["method"] == METHOD, f"{what} {path} was written by {ckpt['method']}.py, not by {METHOD}.py")
+    check(ckpt.get("method", METHOD) == METHOD, f"{what} {path} was written by {ckpt.get('method')}.py, not by {METHOD}.py")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]  # a hand-made or cut-down dict: one line, not a KeyError
+    check(not missing, f"{what} {path} is not a complete run checkpoint (no {', '.join(missing)}); give checkpoints/last.pt")
+    check(isinstance(ckpt["args"], dict), f"{what} {path} is not a complete run checkpoint (args is not a dict)")
     return ckpt
 
 

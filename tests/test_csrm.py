@@ -469,6 +469,31 @@ def test_bad_inputs_exit_2_and_keep_outputs(smoke, toy_root, tmp_path, capsys):
     assert exc.value.code == 2 and err[-1].startswith("csrm.py: error:") and "must match" in err[-1], err
 
 
+def test_init_ckpt_with_other_key_names_and_eval_only_non_checkpoint_fail_fast(toy_root, tmp_path, capsys):
+    """Review bug: --init-ckpt was loaded with strict=False, so a Puzzle-CAM / P-NOC file with other key names was
+    silently ignored. A mis-keyed backbone, a missing classifier key, and --eval-only --ckpt with a file that is not
+    a checkpoint end in one line, exit code 2, before anything is written."""
+    cam = csrm.CAMNet("resnet18", 6)
+    good = {"backbone": cam.backbone.state_dict(), "classifier": cam.classifier.state_dict()}
+    files = {"renamed": {"backbone": {f"encoder.{k}": v for k, v in good["backbone"].items()},
+                         "classifier": good["classifier"]},
+             "partial": {"backbone": dict(list(good["backbone"].items())[:-3]), "classifier": good["classifier"]},
+             "extra": {"backbone": {**good["backbone"], "layer5.weight": torch.zeros(1)}, "classifier": good["classifier"]}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    cases = [["--init-ckpt", tmp_path / f"{n}.pt"] for n in files]
+    cases += [["--eval-only", "--ckpt", tmp_path / "notes.txt"], ["--eval-only", "--ckpt", tmp_path / "list.pt"],
+              ["--eval-only", "--ckpt", tmp_path / "renamed.pt"]]
+    for argv in cases:
+        with pytest.raises(SystemExit) as exc:
+            csrm.main(["--data", str(toy_root), "--out", str(tmp_path / "y"), *TINY, *map(str, argv)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("csrm.py: error:"), (argv, err)
+    assert not (tmp_path / "y").exists()
+
+
 def _bad_files(tmp_path, smoke_out):
     """{case: file} that a loading flag must refuse with one line and exit code 2."""
     cam = torch.load(smoke_out / "checkpoints" / "cam.pt", weights_only=True)

@@ -1,0 +1,682 @@
+"""Wiring of csrm.py's training step (card 2, Eq. (14)) and of its stages: which tensor of which network, pass
+and half feeds each loss, what is detached / from the teacher in eval or train mode, the thresholds, the Eq. (14)
+weights, the warm-up, the optimiser / EMA order and the Table 1 component switches.
+
+  * stub tests: a stub student returns hand-made tensors times a parameter theta (so they carry gradient); a
+    stub teacher returns one hand-made set in eval mode and another in train mode (and, through a parameter
+    that requires grad, would leak gradient if it ran outside no_grad); cam_pseudo_labels and classmix return
+    hand-made maps; every loss is wrapped to record its inputs and to return probe[k] + const_k, so the
+    gradient that reaches probe[k] at optimizer.step() is exactly the weight of term k in the total;
+  * stage tests: train_csrm / train_cam / train_verify with train_loop replaced by a recorder.
+
+CSRM_PATH=/some/copy/csrm.py runs these tests against another copy of the script (mutation testing); by default
+the repository's csrm.py is imported.
+"""
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def load_csrm():
+    path = os.environ.get("CSRM_PATH")
+    if not path:
+        return importlib.import_module("csrm")
+    spec = importlib.util.spec_from_file_location("csrm_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+csrm = load_csrm()
+
+B, C, CROP, D = 2, 3, 32, 5
+K, H16, H4 = C + 1, CROP // 16, CROP // 4
+TERMS = ("cls", "seg", "s2c", "u", "m")
+CONST = dict(zip(TERMS, (0.11, 0.13, 0.17, 0.19, 0.23)))  # the value each stub loss returns
+LOSS_FN = {"loss_cls": "cls", "loss_seg": "seg", "loss_s2c": "s2c", "loss_unsup": "u", "loss_contrast": "m"}
+# distinct values everywhere, so that a swapped weight / threshold / ratio shows
+ARGS = dict(epochs=5, steps_per_epoch=10, warmup_epochs=1, w_s2c=0.3, w_u=0.7, w_m=0.2, s2c_ramp_start=0.1,
+            s2c_sigma=0.45, label_smoothing=0.15, bg_thr=0.07, fg_thr=0.33, crf_iters=3, mix_prob=1.0,
+            unreliable=0.25, rank_low=2, rank_high=3, queries=4, negatives=3, rep_dim=D, bank=50, bank_bg=70,
+            grad_clip=0.77, tau=0.5, query_conf=0.3, neg_conf=1.0)
+STEP = 25  # epoch 2 (after the warm-up): lambda_s2c = 0.3 (0.1 + 0.9 (2 - 1) / 4), rho = 0.25 (1 - 2 / 5)
+W_S2C, RHO = 0.3 * (0.1 + 0.9 * 1 / 4), 0.25 * (1 - 2 / 5)
+
+ORIGINAL = {name: getattr(csrm, name) for name in (
+    "loss_cls", "loss_seg", "loss_s2c", "loss_unsup", "loss_contrast", "cam_pseudo_labels", "classmix",
+    "restricted_probs", "ema_update", "entropy", "quantile", "negative_rank_mask")}  # before any test wraps them
+
+
+def hand_made(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    labels_l = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    labels_u = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    t = {"x_l": r(B, 3, CROP, CROP), "x_u": r(B, 3, CROP, CROP), "labels_l": labels_l, "labels_u": labels_u,
+         "rgb_l": torch.randint(0, 255, (B, CROP, CROP, 3), generator=g, dtype=torch.uint8),
+         "rgb_u": torch.randint(0, 255, (B, CROP, CROP, 3), generator=g, dtype=torch.uint8)}
+    # student outputs
+    t.update(cam=r(2 * B, C, H16, H16), cls_logits=r(2 * B, C), seg=r(2 * B, K, CROP, CROP) * 2,
+             seg4=r(2 * B, K, H4, H4), rep=r(2 * B, D, H4, H4))
+    # teacher, eval mode (pass 1) and train mode (pass 2)
+    for mode in ("te", "tt"):
+        t.update({f"cam_{mode}": r(2 * B, C, H16, H16), f"cls_{mode}": r(2 * B, C),
+                  f"seg_{mode}": r(2 * B, K, CROP, CROP) * 3,
+                  f"seg4_{mode}": r(2 * B, K, H4, H4) * 3, f"rep_{mode}": r(2 * B, D, H4, H4)})
+    # the pseudo labels cam_pseudo_labels returns: foreground, background and 255 in every image
+    PL = torch.randint(0, K, (2 * B, CROP, CROP), generator=g)
+    PL[:, :4] = 255
+    PL[:, -4:, :] = 1
+    t["PL"] = PL
+    # what classmix returns: other images, labels with an added class, other PL and teacher logits
+    PL_m = torch.randint(0, K, (2 * B, CROP, CROP), generator=g)
+    PL_m[:, :, :3] = 255
+    PL_m[:, :, -3:] = 2
+    PL_m[B:, -5:] = 255  # the u-half has fewer reliable pixels than the l-half
+    t.update(x_m=r(2 * B, 3, CROP, CROP), y_m=torch.cat([labels_l, labels_u]).clone(), PL_m=PL_m,
+             S_m=r(2 * B, K, CROP, CROP) * 3)
+    t["y_m"][0, 2] = 1
+    t["y_m"][B + 1, 1] = 1  # the u-half gains a class by mixing: present_u must not see it
+    return t
+
+
+class StubStudent(nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+        self.theta = nn.Parameter(torch.ones(()))
+        self.probe = nn.Parameter(torch.zeros(len(TERMS)))
+        self.calls = []
+
+    def forward(self, x, seg=True, rep=True):
+        self.calls.append(dict(x=x, seg=seg, rep=rep, training=self.training))
+        out = {"cam": self.t["cam"] * self.theta, "cls_logits": self.t["cls_logits"] * self.theta}
+        if seg:
+            out.update(seg=self.t["seg"] * self.theta, seg4=self.t["seg4"] * self.theta)
+        if rep:
+            out["rep"] = self.t["rep"] * self.theta
+        return out
+
+
+class StubTeacher(nn.Module):
+    """Eval mode: the *_te tensors, train mode: the *_tt tensors. phi requires grad on purpose: outputs computed
+    outside torch.no_grad() would carry gradient into the losses."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+        self.phi = nn.Parameter(torch.ones(()))
+        self.calls = []
+
+    def forward(self, x, seg=True, rep=True):
+        self.calls.append(dict(x=x, seg=seg, rep=rep, training=self.training, grad=torch.is_grad_enabled()))
+        m = "tt" if self.training else "te"
+        out = {"cam": self.t[f"cam_{m}"] * self.phi, "cls_logits": self.t[f"cls_{m}"] * self.phi}
+        if seg:
+            out.update(seg=self.t[f"seg_{m}"] * self.phi, seg4=self.t[f"seg4_{m}"] * self.phi)
+        if rep:
+            out["rep"] = self.t[f"rep_{m}"] * self.phi
+        return out
+
+
+class FakeOptimizer:
+    def __init__(self, net, events):
+        self.net, self.events = net, events
+        self.param_groups = [{"params": [net.theta, net.probe]}]
+
+    def zero_grad(self, set_to_none=True):
+        self.events.append("zero_grad")
+
+    def step(self):
+        self.events.append("step")
+        g = self.net.probe.grad
+        self.probe_grad = torch.zeros(len(TERMS)) if g is None else g.clone()
+        self.theta_grad = None if self.net.theta.grad is None else self.net.theta.grad.clone()
+
+
+class Run:
+    """One train_step on the stubs; .calls[name] = bound-argument dicts, .log, .grad (probe grads = weights)."""
+
+    def __init__(self, monkeypatch, step=STEP, seed=0, pool="POOL", **kw):
+        self.t = t = hand_made(seed)
+        self.args = args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, **kw})
+        self.student, self.teacher = StubStudent(t), StubTeacher(t)
+        self.events, self.calls = [], {}
+        self.opt = FakeOptimizer(self.student, self.events)
+        self.bank = csrm.MemoryBank(K, D, args.bank, args.bank_bg)
+
+        def record(name, fn=None):
+            original = ORIGINAL[name]
+            signature = inspect.signature(original)
+            self.calls[name] = []
+
+            def wrapper(*a, **k):
+                bound = signature.bind(*a, **k)
+                bound.apply_defaults()
+                self.calls[name].append(dict(bound.arguments))
+                out = (fn or original)(*a, **k)
+                if name in LOSS_FN:  # the loss value is replaced by probe[k] + const_k
+                    term = LOSS_FN[name]
+                    return self.student.probe[TERMS.index(term)] + CONST[term] + 0.0 * out
+                return out
+            monkeypatch.setattr(csrm, name, wrapper)
+
+        record("cam_pseudo_labels", lambda *a, **k: t["PL"].clone())
+        record("classmix", lambda *a, **k: (t["x_m"], t["y_m"].clone(), t["PL_m"].clone(), t["S_m"]))
+        record("ema_update", lambda *a, **k: self.events.append("ema"))
+        for name in ("loss_cls", "loss_seg", "loss_s2c", "loss_unsup", "loss_contrast", "restricted_probs", "entropy",
+                     "quantile"):
+            record(name)
+        self.clip = []
+
+        def clip(params, max_norm, *a, **k):
+            self.events.append("clip")
+            self.clip.append((list(params), max_norm))
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        batch_l = {"image": t["x_l"], "label": t["labels_l"], "rgb": t["rgb_l"]}
+        batch_u = {"image": t["x_u"], "label": t["labels_u"], "rgb": t["rgb_u"]}
+        self.log = csrm.train_step(args, self.student, self.teacher, self.opt, self.bank, batch_l, batch_u, step,
+                                   contextlib.nullcontext, pool)
+        self.grad = dict(zip(TERMS, self.opt.probe_grad.tolist()))
+
+    def call(self, name, i=0):
+        assert len(self.calls[name]) > i, f"{name} was called {len(self.calls[name])} times"
+        return self.calls[name][i]
+
+    # the quantities train_step must derive, written out from the paper / card
+    def y(self, mixed=True):
+        return self.t["y_m"] if mixed else torch.cat([self.t["labels_l"], self.t["labels_u"]])
+
+    def P_t(self):
+        return ORIGINAL["restricted_probs"](self.t["S_m"], self.t["y_m"])
+
+
+def same(a, b):
+    return a.shape == b.shape and torch.allclose(a.detach().float(), b.detach().float(), atol=1e-6)
+
+
+def weights(expected):
+    return {k: pytest.approx(v, abs=1e-7) for k, v in expected.items()}
+
+
+FULL = dict(cls=1.0, seg=1.0, s2c=W_S2C, u=0.7, m=0.2)
+
+
+def down(t):
+    return F.interpolate(t[:, None].float(), size=(H4, H4), mode="nearest")[:, 0].long()
+
+
+# ------------------------------------------------------------------------------- networks and passes
+def test_teacher_pass_1_eval_mode_unmixed_input_no_grad_no_rep(monkeypatch):
+    """Catches: the first teacher pass in train mode, on the mixed images, with the R head on, outside no_grad,
+    or the student used for the pseudo labels."""
+    run = Run(monkeypatch)
+    first = run.teacher.calls[0]
+    assert first["training"] is False and first["grad"] is False
+    assert same(first["x"], torch.cat([run.t["x_l"], run.t["x_u"]]))
+    assert first["seg"] is True and first["rep"] is False
+
+
+def test_teacher_pass_2_train_mode_mixed_input_no_grad(monkeypatch):
+    """Catches: the second pass in eval mode (no dropout), on the un-mixed images, outside no_grad, without R."""
+    run = Run(monkeypatch)
+    assert len(run.teacher.calls) == 2
+    second = run.teacher.calls[1]
+    assert second["training"] is True and second["grad"] is False
+    assert second["x"] is run.t["x_m"] and second["seg"] is True and second["rep"] is True
+
+
+def test_student_once_train_mode_on_the_mixed_images(monkeypatch):
+    """Catches: the student on the un-mixed images, in eval mode, twice, without seg or R."""
+    run = Run(monkeypatch)
+    assert len(run.student.calls) == 1
+    call = run.student.calls[0]
+    assert call["x"] is run.t["x_m"] and call["training"] is True and call["seg"] is True and call["rep"] is True
+
+
+def test_pseudo_labels_from_the_eval_teacher_cams_unmixed_labels_and_thresholds(monkeypatch):
+    """Eq. (6) inputs. Catches: the student's or the train-mode teacher's CAMs, mixed or half labels, the two
+    thresholds swapped, the CRF iterations or the pool not passed, the crops of one half only."""
+    run = Run(monkeypatch)
+    call = run.call("cam_pseudo_labels")
+    assert len(run.calls["cam_pseudo_labels"]) == 1
+    assert same(call["A_t"], run.t["cam_te"]) and not call["A_t"].requires_grad
+    assert same(call["y"], run.y(mixed=False))
+    assert (call["bg_thr"], call["fg_thr"]) == (0.07, 0.33)
+    assert call["crf_params"]["n_iters"] == 3 and call["pool"] == "POOL"
+    assert {k: v for k, v in call["crf_params"].items() if k != "n_iters"} == \
+        {k: v for k, v in csrm.crf.PRESETS["irn"].items() if k != "n_iters"}
+    rgb = np.asarray(call["rgb"])
+    assert rgb.shape == (2 * B, CROP, CROP, 3)
+    assert (rgb == torch.cat([run.t["rgb_l"], run.t["rgb_u"]]).numpy()).all()
+
+
+def test_no_crf_iterations_run_eq6_without_the_crf(monkeypatch):
+    run = Run(monkeypatch, crf_iters=0)
+    assert run.call("cam_pseudo_labels")["crf_params"] is None
+
+
+def test_classmix_gets_the_unmixed_images_labels_pl_and_eval_teacher_logits(monkeypatch):
+    """Catches: ClassMix of the train-mode teacher's or the student's logits, of the CAMs, of other labels."""
+    run = Run(monkeypatch)
+    call = run.call("classmix")
+    assert same(call["x"], torch.cat([run.t["x_l"], run.t["x_u"]]))
+    assert same(call["y"], run.y(mixed=False))
+    assert torch.equal(call["PL"], run.t["PL"])
+    assert same(call["S_t"], run.t["seg_te"]) and not call["S_t"].requires_grad
+    assert run.log["mixed"] == 1
+
+
+def test_mix_prob_zero_never_mixes(monkeypatch):
+    """Catches: the coin compared the wrong way, the mixed tensors used anyway."""
+    run = Run(monkeypatch, mix_prob=0.0)
+    assert run.calls["classmix"] == [] and run.log["mixed"] == 0
+    x = torch.cat([run.t["x_l"], run.t["x_u"]])
+    assert same(run.student.calls[0]["x"], x) and same(run.teacher.calls[1]["x"], x)
+    assert torch.equal(run.call("loss_seg")["PL"], run.t["PL"][:B])
+    assert same(run.call("restricted_probs")["S_t"], run.t["seg_te"])
+    assert same(run.call("restricted_probs")["y"], run.y(mixed=False))
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_loss_cls_on_the_student_logits_and_the_mixed_labels(monkeypatch):
+    """Eq. (5). Catches: the teacher's logits, detached logits, the un-mixed labels, no label smoothing."""
+    run = Run(monkeypatch)
+    call = run.call("loss_cls")
+    assert same(call["cls_logits"], run.t["cls_logits"]) and call["cls_logits"].requires_grad
+    assert same(call["y"], run.y(mixed=True)) and call["eps"] == 0.15
+
+
+def test_loss_seg_on_the_l_half_with_the_mixed_pseudo_labels(monkeypatch):
+    """Eq. (7), Deviation 7. Catches: the u-half or both halves, the un-mixed PL, the teacher's S, S4 instead
+    of S, no smoothing."""
+    run = Run(monkeypatch)
+    call = run.call("loss_seg")
+    assert same(call["S"], run.t["seg"][:B]) and call["S"].requires_grad
+    assert torch.equal(call["PL"], run.t["PL_m"][:B]) and call["eps"] == 0.15
+
+
+def test_restricted_probs_of_the_mixed_eval_teacher_logits_and_mixed_labels(monkeypatch):
+    """Catches: s^t from the un-mixed logits or labels, from the train-mode pass or the student."""
+    run = Run(monkeypatch)
+    call = run.call("restricted_probs")
+    assert same(call["S_t"], run.t["S_m"]) and same(call["y"], run.y(mixed=True))
+
+
+def test_loss_s2c_student_seg_and_cam_teacher_restricted_probs_sigma(monkeypatch):
+    """Eqs. (8)-(9). Catches: the teacher's S or A, detached student A, the unrestricted / un-mixed s^t, sigma and
+    the smoothing swapped, one half only."""
+    run = Run(monkeypatch)
+    call = run.call("loss_s2c")
+    assert same(call["S"], run.t["seg"]) and same(call["A"], run.t["cam"]) and call["A"].requires_grad
+    assert same(call["P_t"], run.P_t()) and not call["P_t"].requires_grad
+    assert call["sigma"] == 0.45 and call["eps"] == 0.15
+
+
+def test_loss_unsup_u_half_yhat_of_the_eval_teacher_entropy_of_the_train_teacher(monkeypatch):
+    """Eqs. (10)-(12), Deviation 8. Catches: the l-half, Yhat from the train pass / unrestricted / un-mixed, H from
+    the eval pass or from the student or over both halves, H of the restricted probabilities, rho or 1 - rho."""
+    run = Run(monkeypatch)
+    call = run.call("loss_unsup")
+    assert same(call["S_u"], run.t["seg"][B:]) and call["S_u"].requires_grad
+    assert torch.equal(call["Yhat_u"], run.P_t().argmax(1)[B:])
+    H = ORIGINAL["entropy"](torch.softmax(run.t["seg_tt"][B:], 1))
+    assert same(call["H_u"], H) and not call["H_u"].requires_grad
+    assert call["rho"] == pytest.approx(RHO)
+
+
+def test_loss_contrast_sources_masks_and_labels(monkeypatch):
+    """Eq. (13) inputs. Catches: the student's R as keys / prototypes or the teacher's R as queries, R of the eval
+    pass, prob4 from the student, restricted or at full resolution, PL on the u-half or Yhat on the l-half, the
+    un-mixed labels, the low / high quantiles swapped or 1 - rho / rho exchanged, PL != 0 instead of != 255 on the
+    l-half, present_u after mixing or from the l-half, n_l not B, another bank."""
+    run = Run(monkeypatch)
+    call = run.call("loss_contrast")
+    assert same(call["rep"], run.t["rep"]) and call["rep"].requires_grad
+    assert same(call["rep_t"], run.t["rep_tt"]) and not call["rep_t"].requires_grad
+    prob4 = torch.softmax(run.t["seg4_tt"], 1)
+    assert same(call["prob4"], prob4) and not call["prob4"].requires_grad
+    labels4 = torch.cat([down(run.t["PL_m"][:B]), down(run.P_t().argmax(1)[B:])])
+    assert torch.equal(call["labels4"], labels4)
+    H4 = ORIGINAL["entropy"](prob4[B:])
+    q = lambda v: ORIGINAL["quantile"](H4, v)  # noqa: E731
+    sure_l = labels4[:B] != 255
+    assert torch.equal(call["low"], torch.cat([sure_l, H4 < q(RHO)]))
+    assert torch.equal(call["high"], torch.cat([sure_l, H4 >= q(1 - RHO)]))
+    assert call["low"][B:].any() and call["high"][B:].any() and not torch.equal(call["low"], call["high"])
+    present = torch.cat([torch.ones(B, 1), run.t["labels_u"]], 1) > 0.5
+    assert torch.equal(call["present_u"], present)
+    assert call["n_l"] == B and call["bank"] is run.bank and call["args"] is run.args
+
+
+def test_loss_contrast_gradient_reaches_the_student_only_through_the_queries():
+    """Eq. (13): prototypes and bank keys are detached teacher features. Catches: rep and rep_t swapped inside,
+    a prototype that is not detached, keys from the student."""
+    torch.manual_seed(0)
+    args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS})
+    rep = torch.randn(2 * B, D, H4, H4, requires_grad=True)
+    rep_t = torch.randn(2 * B, D, H4, H4, requires_grad=True)
+    prob4 = torch.softmax(torch.randn(2 * B, K, H4, H4) * 3, 1)
+    labels4 = prob4.argmax(1)
+    low, high = torch.rand(2 * B, H4, H4) < 0.6, torch.rand(2 * B, H4, H4) < 0.6
+    present_u = torch.ones(B, K, dtype=torch.bool)
+    bank = csrm.MemoryBank(K, D, 50, 50)
+    loss = ORIGINAL["loss_contrast"](rep, rep_t, prob4, labels4, low, high, present_u, B, bank, args)
+    loss.backward()
+    assert rep_t.grad is None and rep.grad is not None and rep.grad.abs().sum() > 0
+    # the bank holds teacher keys: every key is a row of rep_t
+    rows = rep_t.detach().permute(0, 2, 3, 1).reshape(-1, D)
+    for q in bank.queues:
+        for key in q:
+            assert (rows - key).abs().amax(1).min() < 1e-6
+
+
+def test_loss_contrast_prototypes_are_teacher_means_student_only_at_queries():
+    """Eq. (13). Changing the student's R away from the query pixels leaves L_m unchanged; changing the teacher's
+    R at a class's reliable pixels changes it (the prototype). Catches: prototypes or keys from the student R."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, "query_conf": 0.5})
+    g = torch.Generator().manual_seed(3)
+    rep, rep_t = torch.randn(2 * B, D, H4, H4, generator=g), torch.randn(2 * B, D, H4, H4, generator=g)
+    prob4 = torch.softmax(torch.randn(2 * B, K, H4, H4, generator=g) * 2, 1)
+    labels4 = prob4.argmax(1)
+    low = high = torch.ones(2 * B, H4, H4, dtype=torch.bool)
+    present_u = torch.ones(B, K, dtype=torch.bool)
+    query = prob4.amax(1) > 0.5  # a pixel is a query of its own label's class only
+    assert query.any() and (~query).any()
+
+    def loss(r, rt):
+        torch.manual_seed(0)
+        bank = csrm.MemoryBank(K, D, 100, 100)
+        ORIGINAL["loss_contrast"](rep, rep_t, prob4, labels4, low, high, present_u, B, bank, args)  # fill the bank
+        torch.manual_seed(1)
+        return ORIGINAL["loss_contrast"](r, rt, prob4, labels4, low, high, present_u, B, bank, args)
+    base = loss(rep, rep_t)
+    assert base > 0
+    moved = rep.clone()
+    moved[(~query)[:, None].expand_as(rep)] += 5.0
+    assert loss(moved, rep_t) == pytest.approx(base.item(), abs=1e-6)
+    proto_moved = rep_t.clone()
+    proto_moved[(labels4 == 1)[:, None].expand_as(rep_t)] *= -1  # the class-1 prototype flips
+    assert abs(loss(rep, proto_moved).item() - base.item()) > 1e-3
+
+
+def test_rank_window_is_zero_based_gamma_l_to_gamma_h_exclusive():
+    """Sec. 3.2.5 rule (b) as coded (Deviation 19): 0-based ranks in [gamma_l, gamma_h), i.e. 1-based 4..6 for 3, 6.
+    Catches: '<=' at gamma_h, '>' at gamma_l, rule (a) on present classes, the l-half rule using '==' c."""
+    rank_c = torch.tensor([2, 3, 5, 6, 2, 3, 5, 6]).view(2, 1, 4)
+    labels4 = torch.tensor([[[1, 0, 0, 0]], [[0, 0, 0, 0]]])
+    present = torch.tensor([True])
+    m = csrm.negative_rank_mask(rank_c, labels4, present, 1, 1, 3, 6)
+    assert m[0].flatten().tolist() == [False, False, False, False]  # l-half: top-3 only, and pixel 0 is labelled 1
+    assert m[1].flatten().tolist() == [False, True, True, False]  # u-half, class present: ranks 3 and 5
+    m = csrm.negative_rank_mask(rank_c, torch.zeros_like(labels4), torch.tensor([False]), 1, 1, 3, 6)
+    assert m[0].flatten().tolist() == [True, False, False, False]  # l-half: rank 2 < 3 and PL != c
+    assert m[1].flatten().tolist() == [True, True, True, False]  # u-half, absent: rule (a) adds rank 2
+
+
+def test_total_is_eq14_weighted_sum_in_gradient_and_log(monkeypatch):
+    """Eq. (14). Catches: any weight missing, swapped, applied twice or to the wrong key, a term left out of the
+    total or the log, the s2c ramp not applied."""
+    run = Run(monkeypatch)
+    assert run.grad == weights(FULL)
+    for k in TERMS:
+        assert run.log[f"losses/{k}"] == pytest.approx(CONST[k]), k
+    assert run.log["losses/total"] == pytest.approx(sum(FULL[k] * CONST[k] for k in TERMS))
+    assert (run.log["w/s2c"], run.log["w/u"], run.log["w/m"]) == pytest.approx((W_S2C, 0.7, 0.2))
+
+
+def test_returned_stats(monkeypatch):
+    """Catches: pl/reliable of the u-half, of the un-mixed PL, of the wrong comparison."""
+    run = Run(monkeypatch)
+    assert run.log["pl/reliable"] == pytest.approx((run.t["PL_m"][:B] != 255).float().mean().item())
+
+
+def test_optimizer_clip_step_then_ema_of_teacher_from_student(monkeypatch):
+    """Catches: zero_grad after backward, no clipping or another max-norm, the step after the EMA, the EMA
+    between swapped networks or with a 0-based step."""
+    run = Run(monkeypatch)
+    assert run.events == ["zero_grad", "clip", "step", "ema"]
+    params, max_norm = run.clip[0]
+    assert max_norm == 0.77 and any(p is run.student.theta for p in params)
+    ema = run.call("ema_update")
+    assert ema["teacher"] is run.teacher and ema["student"] is run.student and ema["step"] == STEP + 1
+    assert ema["args"] is run.args
+    assert run.opt.theta_grad is not None and run.teacher.phi.grad is None
+
+
+# ----------------------------------------------------------------------------- warm-up and schedules
+def test_warmup_epoch_only_cls_and_seg(monkeypatch):
+    """Epoch 0 < W: the auxiliary weights are 0 and the auxiliary losses are not computed (Deviation 13).
+    Catches: the epoch computed from step + 1, '<=' in the warm-up test, a term computed during the warm-up."""
+    run = Run(monkeypatch, step=9)  # last step of epoch 0
+    assert run.calls["loss_s2c"] == [] and run.calls["loss_unsup"] == [] and run.calls["loss_contrast"] == []
+    assert len(run.teacher.calls) == 1 and run.student.calls[0]["rep"] is False
+    assert run.grad == weights(dict(cls=1.0, seg=1.0, s2c=0.0, u=0.0, m=0.0))
+    assert run.log["losses/total"] == pytest.approx(CONST["cls"] + CONST["seg"])
+    assert run.events == ["zero_grad", "clip", "step", "ema"]  # the EMA (copy) runs during the warm-up too
+    first = Run(monkeypatch, step=10)  # first step of epoch 1: lambda_s2c = 0.1 w_s2c, rho = 0.25 * 4 / 5
+    assert first.grad == weights(dict(FULL, s2c=0.1 * 0.3))
+    assert first.call("loss_unsup")["rho"] == pytest.approx(0.25 * (1 - 1 / 5))
+
+
+def test_schedule_values_at_the_last_epoch(monkeypatch):
+    """Catches: the ramp or alpha_t stepping with epoch + 1, the ramp over E instead of E - W."""
+    run = Run(monkeypatch, step=49)  # epoch 4 of 5
+    assert run.grad["s2c"] == pytest.approx(0.3 * (0.1 + 0.9 * 3 / 4))
+    assert run.call("loss_unsup")["rho"] == pytest.approx(0.25 * (1 - 4 / 5))
+
+
+# ------------------------------------------------------------------------------- component switches
+def test_no_s2c_removes_only_s2c(monkeypatch):
+    run = Run(monkeypatch, s2c=False)
+    assert run.calls["loss_s2c"] == [] and "losses/s2c" not in run.log
+    assert run.grad == weights(dict(FULL, s2c=0.0))
+    assert len(run.calls["loss_unsup"]) == 1 and len(run.calls["loss_contrast"]) == 1
+
+
+def test_no_u_removes_only_u(monkeypatch):
+    """The train-mode teacher pass and R still run for L_m."""
+    run = Run(monkeypatch, u=False)
+    assert run.calls["loss_unsup"] == [] and "losses/u" not in run.log
+    assert run.grad == weights(dict(FULL, u=0.0))
+    assert len(run.teacher.calls) == 2 and run.student.calls[0]["rep"] is True
+
+
+def test_no_m_removes_only_m_and_the_r_head(monkeypatch):
+    run = Run(monkeypatch, m=False)
+    assert run.calls["loss_contrast"] == [] and "losses/m" not in run.log
+    assert run.grad == weights(dict(FULL, m=0.0))
+    assert run.student.calls[0]["rep"] is False and run.teacher.calls[1]["rep"] is False
+    assert all(len(q) == 0 for q in run.bank.queues)
+
+
+def test_table1_row1_ls_only_skips_the_second_teacher_pass(monkeypatch):
+    """Table 1 row 1 (--no-s2c --no-u --no-m): L_c + L_s, one teacher pass, ClassMix still on (official)."""
+    run = Run(monkeypatch, s2c=False, u=False, m=False)
+    assert run.grad == weights(dict(cls=1.0, seg=1.0, s2c=0.0, u=0.0, m=0.0))
+    assert len(run.teacher.calls) == 1 and run.student.calls[0]["rep"] is False
+    assert len(run.calls["classmix"]) == 1
+
+
+def test_zero_weight_is_the_same_as_the_switch(monkeypatch):
+    run = Run(monkeypatch, w_u=0.0, w_m=0.0)
+    assert run.calls["loss_unsup"] == [] and run.calls["loss_contrast"] == [] and len(run.teacher.calls) == 1
+    assert run.grad == weights(dict(FULL, u=0.0, m=0.0))
+
+
+# ------------------------------------------------------------------------------------------ stages
+class Recorder:
+    def __init__(self):
+        self.loops = []
+
+    def train_loop(self, ctx, stage, datasets, batch_size, total, step, modules, lr=None, salt=0, indices=None):
+        self.loops.append(dict(stage=stage, datasets=datasets, batch_size=batch_size, total=total, step=step,
+                               modules=modules, lr=lr, salt=salt, indices=indices))
+
+
+def fake_ctx(args, **kw):
+    finished = []
+    ctx = types.SimpleNamespace(
+        args=args, spec=types.SimpleNamespace(root="root", dataset="voc"),
+        splits={"train": "train_aug", "seed": "train", "val": "val"}, device=torch.device("cpu"), main=True,
+        wrap=lambda m: m, autocast=contextlib.nullcontext, reseed=lambda salt: None, log=lambda r, echo=False: None,
+        finish_stage=lambda stage, **k: finished.append((stage, k)), stage_weights=lambda stage: kw.get("weights"),
+        finished=finished, run_dir=Path("run"))
+    return ctx
+
+
+def test_train_csrm_loaders_optimizer_bank_schedule_and_step(monkeypatch):
+    """Catches: the weak transform on the l-half (or strong on the u-half), both loaders on one seed, the
+    teacher and student swapped in the step, a bank with other caps or dimension, the wrong total, the optimiser
+    built on the teacher or with the lrs swapped, the final teacher not saved."""
+    rec = Recorder()
+    splits = []
+    monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, target=None, seed=0, **kw: splits.append((kind, seed))
+                        or types.SimpleNamespace(kind=kind, seed=seed, labels=lambda: np.ones((6, 3))))
+    monkeypatch.setattr(csrm.data, "SegDataset", lambda *a, **k: "val_set")
+    monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
+    student, teacher = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
+    student.pretrained_parameters = lambda: [student.weight]
+    monkeypatch.setattr(csrm, "build_model", lambda args, n, w=None: (student, teacher))
+    seen = {}
+    monkeypatch.setattr(csrm, "train_step", lambda *a: seen.update(step=a) or {})
+    monkeypatch.setattr(csrm, "validate_teacher", lambda args, net, ds, device: seen.setdefault("val", []).append(
+        (net, ds)) or {})
+    args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, "crf_workers": 0, "lr": 0.01, "lr_new_mult": 10.0})
+    ctx = fake_ctx(args, weights={"w": 1})
+    csrm.train_csrm(ctx, C)
+    assert splits == [("strong", 0), ("weak", 1)]
+    loop = rec.loops[0]
+    assert loop["stage"] == "csrm" and loop["batch_size"] == args.batch_size and loop["total"] == 5 * 10
+    assert loop["datasets"]["l"].kind == "strong" and loop["datasets"]["u"].kind == "weak"
+    mods = loop["modules"]
+    assert mods["student"] is student and mods["teacher"] is teacher
+    bank = mods["bank"]
+    assert bank.caps == [70] + [50] * C and bank.queues[0].shape == (0, D)
+    lrs = sorted(g["lr"] for g in mods["optimizer"].param_groups)
+    assert lrs == pytest.approx([0.01, 0.1])  # the pretrained weight at lr, the bias (new) at 10 lr
+    assert loop["lr"](0) == 1.0 and loop["lr"](25) == pytest.approx(csrm.poly_lr(25, 50))
+    batch = {"l": "BL", "u": "BU"}
+    loop["step"](batch, 0)  # it 0: the start point is validated (the teacher) before the first step
+    assert seen["val"] == [(teacher, "val_set")]
+    seen["val"].clear()
+    loop["step"](batch, 5)
+    assert seen["val"] == []  # mid-epoch: no validation
+    loop["step"](batch, 9)
+    a = seen["step"]
+    assert a[0] is args and a[1] is student and a[2] is teacher and a[3] is mods["optimizer"] and a[4] is bank
+    assert a[5] == "BL" and a[6] == "BU" and a[7] == 9
+    assert seen["val"] == [(teacher, "val_set")]  # end of epoch 0 (it 9): the teacher, on the seed split
+    assert ctx.finished[-1][0] == "csrm" and ctx.finished[-1][1]["weights"]["teacher"] is not None
+
+
+def test_train_cam_step_uses_unsmoothed_eq5_on_the_cam_logits(monkeypatch):
+    """Stage 0. Catches: label smoothing in stage 0, the CAM map instead of the logits."""
+    rec = Recorder()
+    monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, **k: types.SimpleNamespace(
+        kind=kind, labels=lambda: np.ones((8, 3))))
+    monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
+    monkeypatch.setattr(csrm, "cam_miou", lambda *a: {})
+    calls = []
+    monkeypatch.setattr(csrm, "loss_cls", lambda z, y, eps: calls.append((z, y, eps)) or (z * 0).sum())
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "cam_batch": 2})
+    net = types.SimpleNamespace(backbone=nn.Conv2d(1, 1, 1), classifier=nn.Conv2d(1, 1, 1, bias=False))
+    z = torch.randn(2, 3, requires_grad=True)
+    net_fn = lambda x: {"cls_logits": z, "cam": torch.randn(2, 3, 1, 1)}  # noqa: E731
+    ctx = fake_ctx(args)
+    ctx.wrap = lambda m: types.SimpleNamespace(train=lambda: net_fn)
+    csrm.train_cam(ctx, net)
+    loop = rec.loops[0]
+    assert loop["stage"] == "cam" and loop["datasets"].kind == "cam"
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    loop["step"]({"image": torch.zeros(2, 3, 4, 4), "label": y}, 0)
+    assert calls[0][0] is z and calls[0][1] is y and calls[0][2] == 0.0
+
+
+@pytest.mark.parametrize("supervision", ["image", "full"])
+def test_train_verify_on_the_pseudo_labels_or_the_mask(monkeypatch, supervision):
+    """Stage 3. Catches: ground truth used under --supervision image, pseudo labels under full, the loss on
+    another target, no ignore index."""
+    rec = Recorder()
+    seen = {}
+    monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, target=None, **k: seen.update(
+        kind=kind, target=target, extra=k.get("extra_dirs")) or [0] * 8)
+    monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "seg_init": "imagenet", "seg_batch": 2, "supervision": supervision})
+    seg_net = nn.Conv2d(3, K, 1)
+    seg_net.backbone = nn.Conv2d(1, 1, 1)
+    csrm.train_verify(fake_ctx(args), seg_net, Path("pl"), {})
+    assert seen["kind"] == "seg"
+    if supervision == "full":
+        assert seen["target"] == "mask" and seen["extra"] is None
+    else:
+        assert seen["target"] == "pseudo" and seen["extra"] == {"pseudo": Path("pl")}
+    step = rec.loops[0]["step"]
+    x = torch.randn(2, 3, 4, 4)
+    mask = torch.randint(0, K, (2, 4, 4))
+    mask[:, 0] = 255
+    want = F.cross_entropy(seg_net(x), mask, ignore_index=255, label_smoothing=args.label_smoothing)  # before the step
+    out = step({"image": x, "mask": mask}, 0)
+    assert out["losses/seg"] == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_build_model_teacher_is_a_frozen_copy_of_the_student():
+    """Catches: a teacher with gradients, a teacher that is not the student's copy, the CAM weights loaded into
+    the teacher only."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "width": 8, "low_width": 4, "rep_dim": 4})
+    torch.manual_seed(0)
+    cam = csrm.CAMNet("resnet18", C)
+    weights = {"backbone": cam.backbone.state_dict(), "classifier": cam.classifier.state_dict()}
+    student, teacher = csrm.build_model(args, C, weights)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert any(p.requires_grad for p in student.parameters())
+    for (n, p), (_, q) in zip(student.state_dict().items(), teacher.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert torch.equal(student.classifier.weight, cam.classifier.weight)
+
+
+def test_make_pseudo_labels_teacher_tta_cams_pl_threshold_crf_and_oracle_note(monkeypatch):
+    """Stage 2 (Sec. 4 inference). Catches: the CAMs not normalised by the present classes' max, another
+    background threshold than --pl-thr, absent classes in the argmax, the CRF with other parameters or on the
+    un-thresholded map, the wrong model or TTA settings, the GT-swept cam/* entry without its oracle note."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "pl_thr": 0.37, "crf_iters": 4, "tta_scales": (1.0, 0.5), "tta_flip": True})
+    Hs, Ws = 4, 5
+    g = torch.Generator().manual_seed(0)
+    cams = torch.rand(C, Hs, Ws, generator=g) * 3
+    cams[0, 0, 0], cams[0, 0, 1], cams[2, 0, 1] = 3.5, 0.385 * 3.5, 0.0  # pixel (0, 1): class 1 only at t < 0.385
+    label = np.array([1.0, 0.0, 1.0], np.float32)
+    sample = {"name": "a", "image": np.zeros((Hs, Ws, 3), np.uint8), "label": label,
+              "mask": np.zeros((Hs, Ws), np.int64)}
+    ds = types.SimpleNamespace(num_classes=K, class_names=[f"c{i}" for i in range(K)])
+    monkeypatch.setattr(csrm.data, "SegDataset", lambda *a, **k: ds)
+    monkeypatch.setattr(csrm.data, "split_ids", lambda *a, **k: ["a"])
+    monkeypatch.setattr(csrm, "each_sample", lambda ctx, d, desc, *a, **k: iter([sample]))
+    tta, crfs, saved = [], [], {}
+    monkeypatch.setattr(csrm, "tta_cams", lambda model, x, scales, flip: tta.append((model, scales, flip)) or cams.clone())
+    monkeypatch.setattr(csrm.crf, "refine_labels", lambda img, lab, n, gt_prob=None, **p: crfs.append(
+        (lab.copy(), n, gt_prob, p)) or lab)
+    monkeypatch.setattr(csrm.data, "save_mask", lambda path, m: saved.setdefault(Path(path).parts[-3], m.copy()))
+    teacher = nn.Conv2d(1, 1, 1)
+    ctx = fake_ctx(args)
+    res = csrm.make_pseudo_labels(ctx, teacher, Path("pl"))
+    assert tta[0] == (teacher, (1.0, 0.5), True) and teacher.training is False
+    keys = np.array([0, 2])
+    norm = (cams[keys] / (cams[keys].amax((1, 2), keepdim=True) + 1e-5)).numpy()
+    idx = np.concatenate([np.full((1, Hs, Ws), 0.37, np.float32), norm]).argmax(0)
+    want = np.array([0, 1, 3], np.uint8)[idx]
+    assert want[0, 1] == 1
+    assert (saved["pseudo"] == want).all()
+    assert (crfs[0][0] == idx).all() and crfs[0][1] == 3 and crfs[0][2] == 0.7
+    assert crfs[0][3] == {**csrm.crf.PRESETS["irn"], "n_iters": 4}
+    assert res["pseudo/train"]["threshold"] == 0.37 and res["pseudo_crf/val"]["threshold"] == 0.37
+    assert "optimistic" in res["cam/train"]["threshold_selection"] and "optimistic" in res["cam/val"]["threshold_selection"]

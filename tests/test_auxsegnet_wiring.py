@@ -1,0 +1,712 @@
+"""Wiring tests for auxsegnet.py: which tensor of which network / branch feeds each loss term and each label
+update, detach or not, loss weights, thresholds, the stage-to-stage label flow and the ablation switches.
+
+Stub networks, hand-made tensors and recording monkeypatches pin the connections between the equation
+functions (tests/test_auxsegnet.py pins the functions themselves). The module under test is the file named
+by AUXSEGNET_UNDER_TEST (default: the repository's auxsegnet.py), so that planted bugs can be checked:
+    AUXSEGNET_UNDER_TEST=/tmp/mutant.py python -m pytest -q tests/test_auxsegnet_wiring.py
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PATH = Path(os.environ.get("AUXSEGNET_UNDER_TEST", ROOT / "auxsegnet.py"))
+_spec = importlib.util.spec_from_file_location("auxsegnet_under_test", PATH)
+aux = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = aux  # inspect.getsource(Args) (the CLI builder) looks the module up here
+_spec.loader.exec_module(aux)
+from common import augment, data  # noqa: E402
+
+NC = 4  # classes with background; 3 foreground classes
+
+
+def tiny(variant="mt_ct", **flags):
+    """The stage network of a variant (and ablation flags) on a tiny random-init backbone."""
+    torch.manual_seed(0)
+    args = aux.Args(variant=variant, backbone="resnet10t", pretrained=False, freeze_bn=False, head_dim=8,
+                    dilations=(1, 1, 1), **flags)
+    return aux.build_model(args, NC, "stage"), args
+
+
+def make_batch(B=2, H=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randint(0, NC, (B, H, H), generator=g)
+    seg[:, :3] = 255
+    valid = torch.ones(B, H, H)
+    valid[:, -5:] = 0
+    return {"image": torch.randn(B, 3, H, H, generator=g), "label": (torch.rand(B, NC - 1, generator=g) > 0.5).float(),
+            "seg": seg, "sal": torch.rand(B, H, H, generator=g), "sal_valid": valid}
+
+
+def fake_out(with_ct=True, B=2, h=4, seed=1):
+    """A forward output whose every tensor is distinct (so a wrong key gives a wrong value)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    out = {"cls_logits": r(B, NC - 1), "cam": r(B, NC - 1, h, h), "seg_init": r(B, NC, h, h), "seg_ref": r(B, NC, h, h),
+           "sal_init": r(B, 1, h, h), "sal_ref": r(B, 1, h, h)}
+    if with_ct:
+        N = h * h
+        out.update(A_seg=torch.softmax(r(B, N, N), -1), A_sal=torch.softmax(r(B, N, N), -1),
+                   A_ct=torch.softmax(r(B, N, N), -1), omega=torch.softmax(r(B, 2, N, N), 1))
+    return out
+
+
+class Recorder:
+    """Replaces a module function; records its arguments and returns the real result (or `ret`)."""
+
+    def __init__(self, monkeypatch, name, ret=None):
+        self.real, self.calls, self.ret = getattr(aux, name), [], ret
+        monkeypatch.setattr(aux, name, self)
+
+    def __call__(self, *a, **k):
+        self.calls.append((a, k))
+        return self.real(*a, **k) if self.ret is None else self.ret(*a, **k)
+
+
+def same(a, b):
+    return a is b or (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage losses: which output feeds which term, with which target and threshold
+# ----------------------------------------------------------------------------------------------------------
+def test_stage_losses_inputs(monkeypatch):
+    out, batch = fake_out(), make_batch()
+    args = aux.Args(sal_bin_thresh=0.37)
+    rec = {n: Recorder(monkeypatch, n) for n in ("loss_cls", "loss_sal", "loss_seg", "saliency_target")}
+    parts = aux.stage_losses(out, batch, args)
+    assert set(parts) == {"cls", "sal1", "sal2", "seg1", "seg2"}
+    (a, k), = rec["saliency_target"].calls
+    assert same(a[0], batch["sal"]) and (a[1:] or (k["thresh"],)) == (0.37,)
+    B = aux.saliency_target(batch["sal"], 0.37)
+    (a, _), = rec["loss_cls"].calls
+    assert same(a[0], out["cls_logits"]) and same(a[1], batch["label"])
+    s1, s2 = rec["loss_sal"].calls
+    assert same(s1[0][0], out["sal_init"]) and same(s2[0][0], out["sal_ref"])
+    for call in (s1, s2):
+        assert same(call[0][1], B) and same(call[0][2], batch["sal_valid"])
+    g1, g2 = rec["loss_seg"].calls
+    assert same(g1[0][0], out["seg_init"]) and same(g2[0][0], out["seg_ref"])
+    assert same(g1[0][1], batch["seg"]) and same(g2[0][1], batch["seg"])
+
+
+def test_stage_losses_values():
+    """The parts equal the loss functions on the intended tensors (hand-written losses, not aux's)."""
+    out, batch = fake_out(), make_batch()
+    args = aux.Args(sal_bin_thresh=0.37)
+    parts = aux.stage_losses(out, batch, args)
+    H = batch["seg"].shape[-1]
+    up = lambda t: F.interpolate(t, size=(H, H), mode="bilinear", align_corners=False)  # noqa: E731
+    target = (batch["sal"] > 0.37).float()
+    v = batch["sal_valid"]
+
+    def bce(logits):
+        return (F.binary_cross_entropy_with_logits(up(logits)[:, 0], target, reduction="none") * v).sum() / v.sum()
+
+    def ce(logits):
+        return F.cross_entropy(up(logits), batch["seg"], ignore_index=255)
+
+    y = batch["label"]
+    z = out["cls_logits"]
+    cls = -(y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z)).mean()
+    expected = {"cls": cls, "sal1": bce(out["sal_init"]), "sal2": bce(out["sal_ref"]), "seg1": ce(out["seg_init"]),
+                "seg2": ce(out["seg_ref"])}
+    for k, e in expected.items():
+        torch.testing.assert_close(parts[k], e, rtol=1e-5, atol=1e-6, msg=k)
+    assert len({round(float(x), 5) for x in expected.values()}) == 5  # all terms differ
+
+
+def test_loss_reductions():
+    # L_sal: mean over valid pixels only; L_seg: mean over non-ignored pixels; L_cls: mean over classes and batch
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    valid = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert aux.loss_sal(logits, target, valid).item() == pytest.approx(np.log(2))
+    logits = torch.tensor([[[[5.0, 5.0]], [[0.0, 0.0]]]])  # (1, 2, 1, 2): class 0 wins by 5
+    target = torch.tensor([[[0, 255]]])
+    assert aux.loss_seg(logits, target).item() == pytest.approx(np.log(1 + np.exp(-5.0)), rel=1e-5)
+    z, y = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    assert aux.loss_cls(z, y).item() == pytest.approx((np.log(2) + np.log(1 + np.e ** 2)) / 2, rel=1e-5)
+
+
+def test_total_loss_weights_each_term():
+    a = aux.Args(lambda_cls=2.0, lambda_sal=3.0, lambda_seg=5.0)
+    for key, w in dict(cls=2.0, sal1=3.0, sal2=3.0, seg1=5.0, seg2=5.0).items():
+        assert aux.total_loss({key: torch.tensor(1.0)}, a).item() == pytest.approx(w), key
+    parts = {k: torch.tensor(v) for k, v in dict(cls=1.0, sal1=10.0, sal2=100.0, seg1=1e3, seg2=1e4).items()}
+    assert aux.total_loss(parts, a).item() == pytest.approx(2 + 3 * 110 + 5 * 11000)
+
+
+def test_paper_defaults_of_weights_and_thresholds():
+    a = aux.Args()
+    assert (a.lambda_cls, a.lambda_sal, a.lambda_seg) == (1.0, 1.0, 1.0)
+    assert (a.cam_thresh, a.sal_fuse_thresh, a.sal_bin_thresh) == (0.2, 0.06, 0.5)
+    assert (a.tasks, a.affinity, a.ct_constraint, a.sal_crf) == ("auto", "auto", "seg+sal", True)
+    assert aux.saliency_target(torch.tensor([0.5, 0.51])).tolist() == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ablation switches: each removes exactly its term / module
+# ----------------------------------------------------------------------------------------------------------
+TERMS = {
+    ("full", ()): {"cls", "sal1", "sal2", "seg1", "seg2"},
+    ("mt_ct", ()): {"cls", "sal1", "sal2", "seg1", "seg2"},
+    ("mt_ct", (("ct_constraint", "seg"),)): {"cls", "sal1", "seg1", "seg2"},
+    ("mt_ct", (("affinity", "seg"),)): {"cls", "sal1", "seg1", "seg2"},
+    ("mt", ()): {"cls", "sal1", "seg1"},
+    ("mt", (("tasks", "seg+cls"),)): {"cls", "seg1"},
+    ("mt", (("tasks", "seg+sal"),)): {"sal1", "seg1"},
+    ("baseline", ()): {"seg1"},
+}
+
+
+@pytest.mark.parametrize("variant, flags", list(TERMS))
+def test_switch_terms(variant, flags):
+    model, args = tiny(variant, **dict(flags))
+    model.eval()
+    batch = make_batch()
+    with torch.no_grad():
+        out = model(batch["image"])
+        parts = aux.stage_losses(out, batch, args)
+    assert set(parts) == TERMS[(variant, flags)]
+    # the remaining terms are the loss functions on the intended tensors
+    B = aux.saliency_target(batch["sal"], args.sal_bin_thresh)
+    expected = {"cls": lambda: aux.loss_cls(out["cls_logits"], batch["label"]),
+                "sal1": lambda: aux.loss_sal(out["sal_init"], B, batch["sal_valid"]),
+                "sal2": lambda: aux.loss_sal(out["sal_ref"], B, batch["sal_valid"]),
+                "seg1": lambda: aux.loss_seg(out["seg_init"], batch["seg"]),
+                "seg2": lambda: aux.loss_seg(out["seg_ref"], batch["seg"])}
+    for k in parts:
+        torch.testing.assert_close(parts[k], expected[k](), msg=k)
+
+
+MODULES = {  # top-level modules and non-local parts of each configuration
+    ("mt_ct", ()): {"fc8", "seg", "sal", "cross_att", "seg.theta", "sal.theta"},
+    ("mt_ct", (("ct_constraint", "seg"),)): {"fc8", "seg", "sal", "cross_att", "seg.theta", "sal.theta"},
+    ("mt_ct", (("affinity", "seg"),)): {"fc8", "seg", "sal", "seg.theta"},
+    ("mt", ()): {"fc8", "seg", "sal"},
+    ("mt", (("tasks", "seg+cls"),)): {"fc8", "seg"},
+    ("mt", (("tasks", "seg+sal"),)): {"seg", "sal"},
+    ("baseline", ()): {"seg"},
+}
+
+
+@pytest.mark.parametrize("variant, flags", list(MODULES))
+def test_switch_modules(variant, flags):
+    model, _ = tiny(variant, **dict(flags))
+    have = {n for n in ("fc8", "seg", "sal", "cross_att") if hasattr(model, n)}
+    have |= {f"{t}.theta" for t in ("seg", "sal") if hasattr(model, t) and hasattr(getattr(model, t), "theta")}
+    assert have == MODULES[(variant, flags)]
+
+
+def test_variant_config_mapping():
+    cfg = lambda **f: aux.variant_config(aux.Args(**f))  # noqa: E731
+    assert cfg() == (("cls", "sal", "seg"), "ct", ("seg", "sal"))
+    assert cfg(variant="mt") == (("cls", "sal", "seg"), "none", ("seg", "sal"))
+    assert cfg(variant="baseline")[:2] == (("seg",), "none")
+    assert set(cfg(variant="mt", tasks="seg+cls")[0]) == {"seg", "cls"}
+    assert set(cfg(variant="mt", tasks="seg+sal")[0]) == {"seg", "sal"}
+    assert cfg(variant="mt_ct", affinity="seg")[1:] == ("seg", ("seg",))
+    assert cfg(variant="mt_ct", ct_constraint="seg") == (("cls", "sal", "seg"), "ct", ("seg",))
+
+
+@pytest.mark.parametrize("argv", [["--tasks", "seg+cls"], ["--variant", "full", "--affinity", "seg"],
+                                  ["--variant", "mt", "--ct-constraint", "seg"],
+                                  ["--variant", "mt_ct", "--affinity", "seg", "--ct-constraint", "seg"]])
+def test_switch_needs_its_variant(argv, toy_root, capsys):
+    a, _ = aux.parse_args(["--data", str(toy_root), *argv])
+    with pytest.raises(SystemExit) as e:
+        aux.validate(a)
+    assert e.value.code == 2 and "paper" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: which branch's features / affinity feed which output
+# ----------------------------------------------------------------------------------------------------------
+def branch_reference(model, x):
+    feats = model.backbone(x)[-1]
+    X = {t: getattr(model, t).features(feats) for t in ("seg", "sal") if hasattr(model, t)}
+    return feats, X
+
+
+@pytest.mark.parametrize("flags", [{}, {"ct_constraint": "seg"}])
+def test_forward_ct_wiring(flags):
+    model, _ = tiny("mt_ct", **flags)
+    model.train()  # dropout active: the CAM must come from the un-dropped features
+    x = make_batch()["image"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out = model(x)
+        feats, X = branch_reference(model, x)
+        A = {t: aux.task_affinity(getattr(model, t).theta(X[t]).flatten(2), getattr(model, t).phi(X[t]).flatten(2))
+             for t in X}
+        S = {t: getattr(model, t).predict(getattr(model, t).enhance(X[t], A[t])) for t in X}
+        A_ct, omega = model.cross_att(A["seg"], A["sal"])
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731
+    close(out["cam"], F.conv2d(feats, model.fc8.weight))
+    for t in ("seg", "sal"):
+        close(out[f"A_{t}"], A[t])
+        close(out[f"{t}_init"], S[t])
+    close(out["A_ct"], A_ct)
+    close(out["omega"], omega)
+    close(out["seg_ref"], aux.refine_by_affinity(A_ct, S["seg"]))
+    if flags:  # --ct-constraint seg: A_CT refines S_seg only
+        assert torch.equal(out["sal_ref"], out["sal_init"])
+    else:
+        close(out["sal_ref"], aux.refine_by_affinity(A_ct, S["sal"]))
+    assert not torch.allclose(out["A_seg"], out["A_sal"]) and not torch.allclose(A_ct, A["seg"])
+
+
+def test_forward_cls_logits_use_dropout_then_gap():
+    model, _ = tiny("mt_ct")
+    model.eval()
+    x = make_batch()["image"]
+    with torch.no_grad():
+        out = model(x)
+        feats = model.backbone(x)[-1]
+    torch.testing.assert_close(out["cls_logits"], model.fc8(feats.mean((2, 3), keepdim=True)).flatten(1),
+                               rtol=1e-4, atol=1e-5)
+    model.train()  # Dropout2d acts on the features before the pooling in training (same random draw below)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        z_train = model(x)["cls_logits"]
+        feats = model.backbone(x)[-1]
+        torch.manual_seed(3)
+        dropped = model.dropout7(feats)
+    torch.testing.assert_close(z_train, model.fc8(dropped.mean((2, 3), keepdim=True)).flatten(1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(z_train, model.fc8(feats.mean((2, 3), keepdim=True)).flatten(1), rtol=1e-4, atol=1e-5)
+
+
+def test_enhance_gathers_with_affinity_rows():
+    """Eq. (C4) with a non-symmetric A: Y(i) = X(i) + W(sum_j A[i, j] G(X)(j)), G = W = identity."""
+    branch = aux.DenseBranch(4, 1, 2, (1, 1, 1), non_local=True)
+    with torch.no_grad():
+        for conv in (branch.g, branch.W):
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+    X = torch.tensor([[[[1.0, 10.0]]]])  # (1, 1, 1, 2)
+    A = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+    Y = branch.enhance(X, A)
+    torch.testing.assert_close(Y, torch.tensor([[[[1.0 + 1.0, 10.0 + 5.5]]]]))
+
+
+def test_forward_seg_affinity_wiring():
+    model, _ = tiny("mt_ct", affinity="seg")
+    model.eval()
+    x = make_batch()["image"]
+    with torch.no_grad():
+        out = model(x)
+        _, X = branch_reference(model, x)
+        A = aux.task_affinity(model.seg.theta(X["seg"]).flatten(2), model.seg.phi(X["seg"]).flatten(2))
+        S_seg = model.seg.predict(model.seg.enhance(X["seg"], A))
+    assert "A_ct" not in out and "A_sal" not in out
+    torch.testing.assert_close(out["A_seg"], A)
+    torch.testing.assert_close(out["seg_init"], S_seg, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["seg_ref"], aux.refine_by_affinity(A, S_seg), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["sal_init"], model.sal.predict(X["sal"]), rtol=1e-4, atol=1e-5)
+    assert torch.equal(out["sal_ref"], out["sal_init"])
+
+
+def test_forward_mt_wiring():
+    model, _ = tiny("mt")
+    model.eval()
+    x = make_batch()["image"]
+    with torch.no_grad():
+        out = model(x)
+        _, X = branch_reference(model, x)
+    for t in ("seg", "sal"):
+        torch.testing.assert_close(out[f"{t}_init"], getattr(model, t).predict(X[t]), rtol=1e-4, atol=1e-5)
+        assert torch.equal(out[f"{t}_ref"], out[f"{t}_init"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradients: no detach anywhere; each term reaches exactly its modules
+# ----------------------------------------------------------------------------------------------------------
+def reached(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    names = set()
+    for n, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            parts = n.split(".")
+            names.add(parts[0] if parts[0] in ("backbone", "fc8") else ".".join(parts[:2]))
+    return names
+
+
+BRANCH = ("conv1", "conv2", "theta", "phi", "g", "W", "conv3", "conv4")
+AFF = ("conv1", "conv2", "theta", "phi")  # what an affinity A_t depends on
+REACH = {
+    "cls": {"backbone", "fc8"},
+    "sal1": {"backbone"} | {f"sal.{m}" for m in BRANCH},
+    "sal2": {"backbone", "cross_att.conv1", "cross_att.conv2"} | {f"sal.{m}" for m in BRANCH} | {f"seg.{m}" for m in AFF},
+    "seg1": {"backbone"} | {f"seg.{m}" for m in BRANCH},
+    "seg2": {"backbone", "cross_att.conv1", "cross_att.conv2"} | {f"seg.{m}" for m in BRANCH} | {f"sal.{m}" for m in AFF},
+}
+
+
+@pytest.mark.parametrize("term", list(REACH))
+def test_gradient_reach_per_term(term):
+    model, args = tiny("mt_ct")
+    model.train()
+    batch = make_batch()
+    parts = aux.stage_losses(model(batch["image"]), batch, args)
+    assert reached(model, parts[term]) == REACH[term]
+
+
+def test_gradient_reach_seg_affinity_row():
+    model, args = tiny("mt_ct", affinity="seg")
+    model.train()
+    batch = make_batch()
+    parts = aux.stage_losses(model(batch["image"]), batch, args)
+    assert reached(model, parts["seg2"]) == {"backbone"} | {f"seg.{m}" for m in BRANCH}
+
+
+def test_train_step_wiring(monkeypatch):
+    """train_step: net(batch image) -> stage_losses -> Eq. (C10) -> zero_grad, backward, one SGD step."""
+    model, args = tiny("mt_ct", lambda_cls=0.5, lambda_sal=2.0, lambda_seg=3.0)
+    model.eval()  # deterministic forward (no dropout) to recompute the gradient
+    batch = make_batch()
+    seen = []
+    net = lambda x: (seen.append(x), model(x))[1]  # noqa: E731
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)  # stale gradients must be cleared
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = aux.stage_losses(model(batch["image"]), batch, args)
+    total = 0.5 * ref["cls"] + 2.0 * (ref["sal1"] + ref["sal2"]) + 3.0 * (ref["seg1"] + ref["seg2"])
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    log = aux.train_step(net, batch, 0, args, opt, lambda: torch.autocast("cpu", enabled=False))
+    assert len(seen) == 1 and seen[0] is batch["image"]
+    assert log["losses/total"] == pytest.approx(total.item(), rel=1e-5)
+    for k in ref:
+        assert log[f"losses/{k}"] == pytest.approx(ref[k].item(), rel=1e-5)
+    for n, p, g in zip(names, model.parameters(), grads):
+        g = torch.zeros_like(p) if g is None else g
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Label update (after a stage): a transcription of the official step/gen_pgt.py
+# ----------------------------------------------------------------------------------------------------------
+def stub_update_out(h=4, w=5, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    N = h * w
+    sal_ref = 8 * torch.sign(torch.randn(1, 1, h, w, generator=g))  # sharp logits: the sigmoid order matters
+    return {"cam": 3 * torch.randn(1, NC - 1, h, w, generator=g), "A_ct": torch.softmax(2 * torch.randn(1, N, N, generator=g), -1),
+            "A_seg": torch.softmax(torch.randn(1, N, N, generator=g), -1),
+            "A_sal": torch.softmax(torch.randn(1, N, N, generator=g), -1), "sal_ref": sal_ref,
+            "sal_init": torch.randn(1, 1, h, w, generator=g), "seg_ref": torch.randn(1, NC, h, w, generator=g),
+            "seg_init": torch.randn(1, NC, h, w, generator=g), "cls_logits": torch.randn(1, NC - 1, generator=g)}
+
+
+def gen_pgt_reference(out, sal0, H, W):
+    """step/gen_pgt.py, transcribed: normalised CAM, matmul with ct_aff, upsample; sigmoid then upsample of the
+    refined saliency logits; average with the initial saliency map (then crf_for_sal, then fusion_cam)."""
+    cam = F.relu(out["cam"].clone())
+    cam = cam / (torch.max(torch.max(cam, dim=2, keepdim=True)[0], dim=3, keepdim=True)[0] + 1e-5)
+    refined = cam.view(cam.size(0), cam.size(1), -1).permute(0, 2, 1).contiguous()
+    refined = torch.matmul(out["A_ct"], refined)
+    refined = refined.permute(0, 2, 1).contiguous().view(*cam.size())
+    refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
+    ref_sal = F.interpolate(torch.sigmoid(out["sal_ref"]), size=(H, W), mode="bilinear", align_corners=False)
+    fused = (ref_sal.numpy().squeeze() + sal0) / 2
+    return refined[0].numpy(), fused
+
+
+@pytest.mark.parametrize("sal_crf", [True, False])
+def test_update_maps_matches_gen_pgt(monkeypatch, sal_crf):
+    H, W = 32, 40
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    sal0 = rng.random((H, W)).astype(np.float32)
+    out = stub_update_out()
+    seen = []
+    model = lambda x: (seen.append(x), out)[1]  # noqa: E731
+    crf_calls = Recorder(monkeypatch, "saliency_crf", ret=lambda img, a, **k: (a ** 2).astype(np.float32))
+    M, sal = aux.update_maps(model, image, sal0, aux.Args(sal_crf=sal_crf), torch.device("cpu"))
+    torch.testing.assert_close(seen[0], aux.image_tensor(image, "cpu"))
+    M_ref, a_ref = gen_pgt_reference(out, sal0, H, W)
+    np.testing.assert_allclose(M, M_ref, rtol=1e-5, atol=1e-6)
+    if sal_crf:
+        (img, a), _ = crf_calls.calls[0]
+        assert img is image or np.array_equal(img, image)
+        np.testing.assert_allclose(a, a_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sal, a_ref ** 2, rtol=1e-5, atol=1e-6)
+    else:
+        assert not crf_calls.calls
+        np.testing.assert_allclose(sal, a_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_update_maps_sigmoid_before_upsampling():
+    """The review's C13a case: with sharp logits the two orders differ at edges; the official order is used."""
+    H, W = 32, 40
+    out = stub_update_out()
+    sal0 = np.zeros((H, W), np.float32)
+    _, sal = aux.update_maps(lambda x: out, np.zeros((H, W, 3), np.uint8), sal0, aux.Args(sal_crf=False), "cpu")
+    wrong = 0.5 * torch.sigmoid(F.interpolate(out["sal_ref"], size=(H, W), mode="bilinear", align_corners=False))[0, 0]
+    assert np.abs(sal - wrong.numpy()).max() > 0.05
+    _, a_ref = gen_pgt_reference(out, sal0, H, W)
+    np.testing.assert_allclose(sal, a_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_stage0_cams_wiring():
+    """Stage 0: ReLU CAMs of every scale (and flip, flipped back) upsampled to the image, summed, normalised."""
+    H, W = 24, 32
+    image = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(NC - 1, 3, 1, 1, generator=g)
+
+    def model(x):  # a CAM that depends on the input (so flips and scales matter)
+        return {"cam": F.conv2d(F.avg_pool2d(x, 4), weight), "A_ct": None}
+
+    args = aux.Args(cam_scales=(1.0, 0.5), cam_flip=True)
+    got = aux.stage0_cams(model, image, args, "cpu")
+    acc = 0
+    for s in (1.0, 0.5):
+        x = aux.image_tensor(image if s == 1.0 else augment.rescale(image, s)[0], "cpu")
+        c = F.relu(model(x)["cam"]) + F.relu(model(x.flip(-1))["cam"]).flip(-1)
+        acc = acc + F.interpolate(c, size=(H, W), mode="bilinear", align_corners=False)
+    ref = acc / (acc.flatten(2).max(-1).values[..., None, None] + 1e-5)
+    np.testing.assert_allclose(got, ref[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_pseudo_label_maps_routes_each_stage(monkeypatch):
+    H, W = 8, 8
+    image = np.zeros((H, W, 3), np.uint8)
+    sal0 = np.full((H, W), 0.3, np.float32)
+    cams0, cams1 = (np.full((NC - 1, H, W), v, np.float32) for v in (0.1, 0.9))
+    sal1 = np.full((H, W), 0.8, np.float32)
+    st = Recorder(monkeypatch, "stage0_cams", ret=lambda *a: cams0)
+    up = Recorder(monkeypatch, "update_maps", ret=lambda *a: (cams1, sal1))
+    fuse = Recorder(monkeypatch, "fuse_cam_saliency", ret=lambda *a, **k: np.zeros((H, W), np.uint8))
+    args = aux.Args(cam_thresh=0.33, sal_fuse_thresh=0.11)
+    label = np.array([0, 1, 1])
+    model = object()
+    aux.pseudo_label_maps(model, image, sal0, label, 0, args, "cpu")
+    assert st.calls[0][0][:3] == (model, image, args) and not up.calls
+    a, k = fuse.calls[-1]
+    assert a[0] is cams0 and a[1] is sal0 and a[2] is label and (*a[3:], *k.values()) == (0.33, 0.11)
+    _, sal, _ = aux.pseudo_label_maps(model, image, sal0, label, 2, args, "cpu")
+    assert up.calls[0][0][:4] == (model, image, sal0, args) and len(st.calls) == 1
+    a, k = fuse.calls[-1]
+    assert a[0] is cams1 and a[1] is sal1 and sal is sal1 and (*a[3:], *k.values()) == (0.33, 0.11)
+
+
+def test_fusion_uses_given_thresholds():
+    cams = np.array([[[0.3, 0.3, 0.1, 0.1]]], np.float32)
+    sal = np.array([[0.1, 0.05, 0.1, 0.05]], np.float32)
+    assert aux.fuse_cam_saliency(cams, sal, np.array([1])).tolist() == [[1, 255, 255, 0]]
+    assert aux.fuse_cam_saliency(cams, sal, np.array([1]), 0.35, 0.08).tolist() == [[255, 0, 255, 0]]
+    assert aux.fuse_cam_saliency(cams, sal, np.array([1]), 0.05, 0.01).tolist() == [[1, 1, 1, 1]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pseudo-label quality (Deviation 15)
+# ----------------------------------------------------------------------------------------------------------
+def test_label_quality_counts_ignored_pixels():
+    gt = np.array([[0, 0, 1, 1], [1, 1, 255, 2]])
+    pgt = np.array([[0, 255, 1, 0], [255, 1, 1, 2]])
+    m = aux.label_quality_update(np.zeros((3, 4), np.int64), pgt, gt)
+    q = aux.label_quality(m)
+    # class 0: tp 1, gt 2, pred 2 -> P 1/2, R 1/2, IoU 1/3; class 1: tp 2, gt 4 (one ignored), pred 2 -> P 1, R 1/2,
+    # IoU 1/2; class 2: all right
+    np.testing.assert_allclose(q["precision"], [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(q["recall"], [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(q["iou"], [1 / 3, 0.5, 1.0])
+    assert q["miou"] == pytest.approx((1 / 3 + 0.5 + 1) / 3)
+    assert q["mean_precision"] == pytest.approx(2.5 / 3) and q["mean_recall"] == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage drivers: which weights, labels, saliency and optimiser settings each stage gets
+# ----------------------------------------------------------------------------------------------------------
+class FakeCtx:
+    def __init__(self, args, root, run_dir, weights):
+        spec = data.resolve_data(str(root))
+        self.args, self.spec, self.splits, self.run_dir = args, spec, data.default_splits(spec), run_dir
+        self.main, self.rank, self.world, self.device = True, 0, 1, torch.device("cpu")
+        self.weights_of, self.asked, self.finished, self.logged = weights, [], [], []
+
+    def reseed(self, salt):
+        torch.manual_seed(salt)
+
+    def stage_weights(self, stage):
+        self.asked.append(stage)
+        return {"model": self.weights_of[stage]}
+
+    def check_signal(self, where):
+        pass
+
+    def log(self, record, echo=False):
+        self.logged.append(record)
+
+    def finish_stage(self, stage, results=None, weights=None, final=False, **facts):
+        self.finished.append(dict(stage=stage, results=results, weights=weights, final=final))
+
+    def wrap(self, model):
+        return model
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+
+def tiny_args(**kw):
+    return aux.Args(backbone="resnet10t", pretrained=False, freeze_bn=False, head_dim=8, dilations=(1, 1, 1),
+                    workers=0, num_vis=0, crop_size=32, cls_crop_size=24, **kw)
+
+
+def weights_for(args, kind, seed):
+    torch.manual_seed(seed)
+    return aux.build_model(args, 7, kind).state_dict()
+
+
+@pytest.mark.parametrize("s", [0, 1, 2])
+def test_make_pseudo_labels_wiring(s, toy_root, tmp_path, monkeypatch):
+    args = tiny_args(variant="full", num_stages=3)
+    weights = {"cls": weights_for(args, "cls", 1), "stage0": weights_for(args, "stage", 2),
+               "stage1": weights_for(args, "stage", 3)}
+    ctx = FakeCtx(args, toy_root, tmp_path, weights)
+    calls = []
+
+    def fake_maps(model, image, sal0, label, stage, a, device):
+        calls.append(dict(model=model, sal0=sal0, stage=stage))
+        mask = next(x["mask"] for x in samples if np.array_equal(x["image"], image))
+        pgt = np.where(np.arange(mask.size).reshape(mask.shape) % 5 == 0, 255, mask).astype(np.uint8)
+        return np.zeros((6,) + mask.shape, np.float32), np.full(mask.shape, 0.25, np.float32), pgt
+
+    ds = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset)
+    samples = [ds.load(i) for i in range(len(ds))]
+    monkeypatch.setattr(aux, "pseudo_label_maps", fake_maps)
+    aux.make_pseudo_labels(ctx, s, toy_root / "saliency")
+    assert ctx.asked == ["cls" if s == 0 else f"stage{s - 1}"]
+    model = calls[0]["model"]
+    assert not model.training and all(c["stage"] == s for c in calls) and len(calls) == len(ds)
+    assert hasattr(model, "fc8") and hasattr(model, "sal") == (s > 0)  # stage 0: the classifier; s > 0: stage s-1
+    want = weights["cls" if s == 0 else f"stage{s - 1}"]
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    name = samples[0]["name"]
+    np.testing.assert_allclose(calls[0]["sal0"], aux.read_saliency(toy_root / "saliency" / f"{name}.png",
+                                                                   samples[0]["image"].shape[:2]))
+    written = data.read_mask(tmp_path / "pseudo_labels" / str(s) / "train" / f"{name}.png")
+    assert (written == 255).any() and np.array_equal(written[written != 255], samples[0]["mask"][written != 255])
+    sal_png = tmp_path / "pseudo_labels" / str(s) / "train_saliency" / f"{name}.png"
+    assert sal_png.is_file() == (s > 0)
+    if s > 0:
+        assert np.all(np.asarray(Image.open(sal_png)) == 64)  # rint(0.25 * 255)
+    (fin,) = ctx.finished
+    assert fin["stage"] == f"labels{s}"
+    res = fin["results"]
+    assert res[f"pseudo_s{s}/train"]["miou"] == 100.0 and res["pseudo/train"] is res[f"pseudo_s{s}/train"]
+    pr = res[f"pseudo_pr_s{s}/train"]
+    assert pr["precision"] == 100.0 and 70 < pr["recall"] < 90 and pr["miou"] == pytest.approx(pr["recall"], abs=1e-6)
+    assert ("cam/train" in res) == (s == 0)
+
+
+@pytest.mark.parametrize("s", [0, 2])
+def test_train_stage_wiring(s, toy_root, tmp_path, monkeypatch):
+    args = tiny_args(variant="full", num_stages=4, lr=0.003, head_lr_mult=7.0, momentum=0.4, weight_decay=0.01,
+                     batch_size=4, epochs_per_stage=2, poly_power=0.7)
+    weights = {"cls": weights_for(args, "cls", 1), "stage0": weights_for(args, "stage", 2),
+               "stage1": weights_for(args, "stage", 3)}
+    ctx = FakeCtx(args, toy_root, tmp_path, weights)
+    for d in ("train", "train_saliency"):
+        (tmp_path / "pseudo_labels" / str(s) / d).mkdir(parents=True)
+    seen = {}
+
+    def fake_loop(ctx_, stage, ds, batch_size, total, step, modules, lr=None, salt=0, indices=None):
+        seen.update(stage=stage, ds=ds, batch_size=batch_size, total=total, step=step, modules=modules, lr=lr)
+
+    monkeypatch.setattr(aux, "train_loop", fake_loop)
+    monkeypatch.setattr(aux, "evaluate", lambda ctx_, model, ds, post=True, vis_path=None: {"seg/val": {"miou": 1.0}})
+    steps = Recorder(monkeypatch, "train_step", ret=lambda *a, **k: {})
+    aux.train_stage(ctx, s, toy_root / "saliency")
+    assert ctx.asked == ["cls" if s == 0 else f"stage{s - 1}"]
+    model, opt = seen["modules"]["model"], seen["modules"]["optimizer"]
+    state = model.state_dict()
+    if s == 0:  # backbone + classifier from pre-training; the dense heads stay random
+        assert all(torch.equal(state[k], v) for k, v in weights["cls"].items())
+        assert not torch.equal(state["seg.conv4.weight"], weights["stage0"]["seg.conv4.weight"])
+    else:
+        assert all(torch.equal(state[k], v) for k, v in weights[f"stage{s - 1}"].items())
+    base, heads = opt.param_groups
+    assert (base["lr"], heads["lr"], base["momentum"], base["weight_decay"]) == pytest.approx((0.003, 0.021, 0.4, 0.01))
+    assert seen["stage"] == f"stage{s}" and seen["batch_size"] == 4
+    ds = seen["ds"]
+    assert seen["total"] == 2 * (len(ds) // 4)
+    assert seen["lr"](3) == pytest.approx(aux.poly_lr(3, seen["total"], 0.7))
+    assert ds.extra_dirs["seg"] == tmp_path / "pseudo_labels" / str(s) / "train"
+    assert ds.saliency_dir == (toy_root / "saliency" if s == 0 else tmp_path / "pseudo_labels" / str(s) / "train_saliency")
+    batch = {"image": torch.zeros(1)}
+    seen["step"](batch, 5)
+    (a, _), = steps.calls
+    assert a[0] is model and a[1] is batch and a[2] == 5 and a[3] is args and a[4] is opt
+    (fin,) = ctx.finished
+    assert fin["stage"] == f"stage{s}" and not fin["final"] and f"seg_s{s}/val" in fin["results"]
+    assert fin["weights"]["model"] is not None
+
+
+def test_train_cls_wiring(toy_root, tmp_path, monkeypatch):
+    args = tiny_args(cls_lr=0.02, head_lr_mult=4.0, cls_momentum=0.3, cls_weight_decay=0.002, cls_batch_size=4,
+                     epochs_cls=3)
+    ctx = FakeCtx(args, toy_root, tmp_path, {})
+    seen = {}
+
+    def fake_loop(ctx_, stage, ds, batch_size, total, step, modules, lr=None, salt=0, indices=None):
+        seen.update(stage=stage, ds=ds, batch_size=batch_size, total=total, step=step, modules=modules, lr=lr)
+
+    monkeypatch.setattr(aux, "train_loop", fake_loop)
+    torch.manual_seed(0)
+    model = aux.build_model(args, 7, "cls")
+    aux.train_cls(ctx, model)
+    opt = seen["modules"]["optimizer"]
+    base, heads = opt.param_groups
+    assert (base["lr"], heads["lr"], base["momentum"], base["weight_decay"]) == pytest.approx((0.02, 0.08, 0.3, 0.002))
+    assert seen["batch_size"] == 4 and seen["total"] == 3 * (len(seen["ds"]) // 4)
+    assert seen["ds"][0]["image"].shape[-2:] == (24, 24)  # --cls-crop-size
+    rec = Recorder(monkeypatch, "loss_cls")
+    batch = {"image": torch.randn(2, 3, 24, 24), "label": torch.tensor([[1.0, 0, 0, 0, 0, 1], [0, 1.0, 0, 0, 0, 0]])}
+    model.eval()
+    log = seen["step"](batch, 0)
+    (a, _), = rec.calls
+    assert a[0].shape == (2, 6) and same(a[1], batch["label"]) and set(log) == {"losses/cls", "losses/total"}
+    assert ctx.finished[0]["stage"] == "cls"
+
+
+def test_main_stage_order(toy_root, tmp_path, monkeypatch):
+    """main: pre-training, then labels s before stage s for every s (stage 0's labels only under image supervision)."""
+    order = []
+
+    def fake_cls(ctx, model):
+        order.append("cls")
+        ctx.finish_stage("cls", weights={"model": model.state_dict()})
+
+    def fake_labels(ctx, s, sal0_dir):
+        order.append(f"labels{s}")
+        assert sal0_dir == toy_root / "saliency"
+        ctx.finish_stage(f"labels{s}")
+
+    def fake_stage(ctx, s, sal0_dir):
+        order.append(f"stage{s}")
+        assert sal0_dir == toy_root / "saliency"
+        model = aux.build_model(ctx.args, 7, "stage")
+        ctx.finish_stage(f"stage{s}", weights={"model": model.state_dict()}, final=s == ctx.args.num_stages - 1)
+
+    monkeypatch.setattr(aux, "train_cls", fake_cls)
+    monkeypatch.setattr(aux, "make_pseudo_labels", fake_labels)
+    monkeypatch.setattr(aux, "train_stage", fake_stage)
+    monkeypatch.setattr(aux, "evaluate", lambda ctx, model, ds, post=True, vis_path=None: {"seg/val": {"miou": 1.0}})
+    common = ["--data", str(toy_root), "--preset", "toy", "--workers", "0", "--head-dim", "8", "--no-sal-crf"]
+    aux.main([*common, "--out", str(tmp_path / "a"), "--num-stages", "3"])
+    assert order == ["cls", "labels0", "stage0", "labels1", "stage1", "labels2", "stage2"]
+    order.clear()
+    aux.main([*common, "--out", str(tmp_path / "b"), "--num-stages", "2", "--supervision", "full"])
+    assert order == ["cls", "stage0", "labels1", "stage1"]

@@ -473,7 +473,7 @@ def default_splits(spec: DataSpec) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # The toy dataset
 # ---------------------------------------------------------------------------------------------
-TOY_VERSION = 2
+TOY_VERSION = 3
 TOY_CLASSES = ("background", "boat", "train", "cow", "bird", "car", "person")
 # Unlabeled context (stays background in the masks) that comes with a class, like water under
 # boats, rails under trains and grass under cows: plain CAMs learn it as evidence and spill into it.
@@ -490,12 +490,32 @@ TOY_COOCCUR = np.array([
     [0.0, 0.2, 0.05, 0.0, 0.0, 0.75],   # car
     [0.25, 0.2, 0.15, 0.05, 0.35, 0.0],  # person
 ])
-# Mean colour per class (RGB); the per-object spread below makes neighbouring classes overlap.
-TOY_COLOURS = np.array([[200, 60, 50], [70, 90, 160], [120, 90, 60], [150, 120, 70], [60, 120, 180], [190, 120, 90]], float)
+# Each class has one saturated signature colour on one part of its shape (the sail, the cab, the head,
+# the wings, the wheels, the head: indices into _toy_polygon's parts). It is the easiest cue, so a
+# classifier's CAM fires on it first: the partial activation of large objects that WSSS methods attack.
+TOY_SIGNATURE = np.array([[235, 40, 40], [250, 210, 30], [150, 60, 230], [30, 200, 230], [40, 220, 70],
+                          [250, 120, 200]], float)
+TOY_SIGNATURE_PARTS = {1: {1}, 2: {1}, 3: {1}, 4: {1, 2}, 5: {2, 3}, 6: {1}}
+# Body colour of each class; with probability body_shared a body takes another class's colour instead,
+# so that the body alone does not always say the class (the segmentation network sees the whole shape).
+TOY_BODY = np.array([[175, 105, 80], [95, 110, 165], [130, 100, 70], [150, 140, 90], [80, 150, 150],
+                     [185, 150, 120]], float)
+# The knobs that calibrate the toy (data/README.md says what each does to the measured numbers).
+TOY_KNOBS = {
+    "size": (0.3, 0.55),      # object scale as a fraction of the shorter side (trains, cows x 0.75)
+    "body_shared": 0.3,       # probability that a body takes another class's body colour
+    "colour_spread": 18.0,    # std of the per-object colour jitter
+    "context_p": 0.9,         # probability that a class's context is painted when the class is present
+    "stray_context_p": 0.08,  # probability of one context without its class
+    "distractors": (0, 2),    # low-saturation strokes on the background (min, max)
+    "noise": 5.0,             # pixel noise std
+    "sal_miss": 0.1,          # stand-in saliency: probability that an object is missing from it
+    "sal_blobs": 0.35,        # stand-in saliency: probability of a false blob
+}
 
 
-def _toy_polygon(cls: int, rng, size: float) -> list[list[np.ndarray]]:
-    """Shape family of a class as polygons (unit-free points around the origin, before rotation)."""
+def _toy_polygon(cls: int, rng, size: float) -> list[np.ndarray]:
+    """Parts of a class's shape as polygons around the origin (before rotation); see TOY_SIGNATURE_PARTS."""
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     ellipse = lambda a, b, cx=0.0, cy=0.0: np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1)
     jitter = lambda: rng.uniform(0.85, 1.15)
@@ -509,11 +529,11 @@ def _toy_polygon(cls: int, rng, size: float) -> list[list[np.ndarray]]:
         body = np.array([[-length, -height], [length, -height], [length, height], [-length, height]])
         cab = np.array([[length * 0.55, -height * 1.8], [length, -height * 1.8], [length, -height], [length * 0.55, -height]])
         return [body, cab]
-    if cls == 3:  # cow: a big body, four legs, a head
+    if cls == 3:  # cow: a big body, a head, four legs
         body = ellipse(size, 0.55 * size * jitter())
+        head = ellipse(0.3 * size, 0.25 * size, cx=1.05 * size, cy=-0.35 * size)
         legs = [np.array([[x - 0.08 * size, 0.3 * size], [x + 0.08 * size, 0.3 * size],
                           [x + 0.08 * size, 0.95 * size], [x - 0.08 * size, 0.95 * size]]) for x in (-0.7 * size, -0.4 * size, 0.4 * size, 0.7 * size)]
-        head = ellipse(0.3 * size, 0.25 * size, cx=1.05 * size, cy=-0.35 * size)
         return [body, head, *legs]
     if cls == 4:  # bird: a small body with two swept wings
         body = ellipse(0.45 * size, 0.22 * size)
@@ -531,76 +551,51 @@ def _toy_polygon(cls: int, rng, size: float) -> list[list[np.ndarray]]:
     return [body, head]
 
 
-def _toy_texture(cls: int, rng, shape: tuple[int, int], colour: np.ndarray) -> np.ndarray:
-    """Per-class texture around the object's colour: stripes, spots, checks or plain noise."""
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    angle, period = rng.uniform(0, np.pi), rng.uniform(4, 8)
-    wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
-    if cls == 2:  # train: strong stripes (windows)
-        shade = 0.35 * (wave > 0.3)
-    elif cls == 3:  # cow: dark spots
-        spots = np.zeros(shape, np.float32)
-        for _ in range(6):
-            cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(3, 7)
-            spots += ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
-        shade = 0.55 * np.clip(spots, 0, 1)
-    elif cls == 5:  # car: glossy checks
-        shade = 0.2 * (((xx // 5) + (yy // 5)) % 2)
-    elif cls == 4:  # bird: fine feather stripes
-        shade = 0.15 * (wave > 0)
-    else:
-        shade = 0.1 * wave
-    noise = rng.normal(0, 10, (h, w, 1))
-    return np.clip(colour[None, None] * (1 - shade[..., None]) + noise, 0, 255)
+def _toy_background(rng, shape: tuple[int, int], knobs: dict) -> np.ndarray:
+    """Low-saturation background: a grey-ish colour gradient, soft blobs and a few grey strokes.
 
-
-def _toy_background(rng, shape: tuple[int, int]) -> np.ndarray:
-    """Cluttered, textured background: a colour gradient, low-frequency blobs and distractor strokes."""
+    Unlike the objects it holds no saturated colour, so recognising an object is easy; what stays hard is
+    what image labels cannot say (where an object ends, what belongs to its context)."""
     h, w = shape
-    base = rng.uniform(60, 200, 3)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    grad = rng.uniform(-0.4, 0.4, 3)[None, None] * ((yy / h)[..., None] - 0.5) * 100
-    low = np.asarray(Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
-    image = np.clip(base[None, None] + grad + 0.35 * (low - 128) + rng.normal(0, 8, (h, w, 3)), 0, 255)
-    canvas = Image.fromarray(image.astype(np.uint8))
+    grey = rng.uniform(70, 190)
+    base = grey + rng.normal(0, 8, 3)
+    yy = np.arange(h, dtype=np.float32)[:, None, None] / h - 0.5
+    low = np.asarray(Image.fromarray(rng.integers(0, 255, (5, 5), dtype=np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
+    image = base[None, None] + rng.uniform(-40, 40) * yy + 0.2 * (low[..., None] - 128)
+    canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.integers(2, 6)):  # distractors: strokes and boxes in object-like colours
-        colour = tuple(int(c) for c in np.clip(TOY_COLOURS[rng.integers(0, 6)] + rng.normal(0, 40, 3), 0, 255))
+    for _ in range(int(rng.integers(knobs["distractors"][0], knobs["distractors"][1] + 1))):
+        colour = tuple(int(v) for v in np.clip(rng.uniform(40, 220) + rng.normal(0, 6, 3), 0, 255))
         x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
-        x1, y1 = x0 + rng.uniform(-40, 40), y0 + rng.uniform(-40, 40)
-        if rng.random() < 0.5:
-            draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 4)))
-        else:
-            draw.rectangle([min(x0, x1), min(y0, y1), min(x0, x1) + rng.uniform(3, 10), min(y0, y1) + rng.uniform(3, 10)], fill=colour)
+        draw.line([(x0, y0), (x0 + rng.uniform(-40, 40), y0 + rng.uniform(-40, 40))], fill=colour, width=int(rng.integers(2, 5)))
     return np.asarray(canvas, np.float32)
 
 
-def _toy_context(kind: str, rng, image: np.ndarray, top: float) -> None:
-    """Paint a class's unlabeled context from row `top` downwards, in place."""
+def _toy_context(kind: str, rng, image: np.ndarray, top: float) -> int:
+    """Paint a class's unlabeled context from row `top` downwards, in place; returns that row."""
     h, w, _ = image.shape
     y0 = int(np.clip(top, h * 0.35, h - 6))
     yy, xx = np.mgrid[y0:h, 0:w].astype(np.float32)
     if kind == "water":  # blue with wave ripples
-        colour = np.array([40, 90, 170]) + rng.normal(0, 12, 3)
+        colour = np.array([40, 90, 170]) + rng.normal(0, 10, 3)
         ripple = 18 * np.sin(xx / rng.uniform(3, 6) + yy * 0.8)[..., None]
-        image[y0:] = np.clip(colour[None, None] + ripple + rng.normal(0, 6, (h - y0, w, 3)), 0, 255)
+        image[y0:] = colour[None, None] + ripple
     elif kind == "grass":  # green with vertical blades
-        colour = np.array([70, 140, 50]) + rng.normal(0, 12, 3)
-        blades = 25 * (np.sin(xx * 1.7 + rng.uniform(0, 6)) > 0.6)[..., None]
-        image[y0:] = np.clip(colour[None, None] - blades + rng.normal(0, 10, (h - y0, w, 3)), 0, 255)
+        colour = np.array([70, 140, 50]) + rng.normal(0, 10, 3)
+        image[y0:] = colour[None, None] - 25 * (np.sin(xx * 1.7 + rng.uniform(0, 6)) > 0.6)[..., None]
     else:  # rails: two dark lines with sleepers on gravel
-        gravel = np.array([120, 110, 100]) + rng.normal(0, 10, 3)
-        image[y0:] = np.clip(gravel[None, None] + rng.normal(0, 14, (h - y0, w, 3)), 0, 255)
+        image[y0:] = (np.array([120, 110, 100]) + rng.normal(0, 8, 3))[None, None] + rng.normal(0, 12, (h - y0, w, 1))
         band = min(10, h - y0)
         for x in range(int(rng.integers(0, 6)), w, 7):
             image[y0:y0 + band, x:x + 2] = (80, 55, 35)
         image[y0 + 1:y0 + 3] = (45, 45, 50)
         image[min(h - 1, y0 + band - 3):min(h, y0 + band - 1)] = (45, 45, 50)
+    return y0
 
 
-def _toy_sample(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One toy image, its mask (with the 255 outline band) and a GT-derived stand-in saliency map."""
+def _toy_sample(rng, knobs: dict = TOY_KNOBS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One toy image, its mask (with the 255 outline band), a GT-derived stand-in saliency map and the
+    context map (0 none, then 1, 2, 3 in TOY_CONTEXT order, 0 under objects)."""
     h, w = int(rng.integers(96, 129)), int(rng.integers(96, 129))
     num = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     first = int(rng.choice(6, p=TOY_PRIOR))
@@ -615,37 +610,43 @@ def _toy_sample(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         classes.append(int(rng.choice(6, p=p / p.sum())))
     labels = [c + 1 for c in classes]
 
-    image = _toy_background(rng, (h, w))
+    image = _toy_background(rng, (h, w), knobs)
+    context = np.zeros((h, w), np.uint8)
     # Context of each present class (and rarely without it, so it is a strong but not perfect cue).
-    contexts = {TOY_CONTEXT[c] for c in labels if c in TOY_CONTEXT and rng.random() < 0.9}
-    if rng.random() < 0.08:
-        contexts.add(rng.choice(list(TOY_CONTEXT.values())))
-    horizon = rng.uniform(0.5, 0.75) * h
-    for kind in sorted(contexts):
-        _toy_context(kind, rng, image, horizon + rng.uniform(-6, 6))
+    kinds = {TOY_CONTEXT[c] for c in labels if c in TOY_CONTEXT and rng.random() < knobs["context_p"]}
+    # A stray context only on an image without one: two painted contexts would overwrite each other.
+    if rng.random() < knobs["stray_context_p"] and not kinds:
+        kinds.add(rng.choice(list(TOY_CONTEXT.values())))
+    horizon = rng.uniform(0.55, 0.75) * h
+    for kind in sorted(kinds):
+        y0 = _toy_context(kind, rng, image, horizon + rng.uniform(-6, 6))
+        context[y0:] = list(TOY_CONTEXT.values()).index(kind) + 1
 
     mask = np.zeros((h, w), np.uint8)
-    instances = [c for c in labels for _ in range(1 if rng.random() < 0.7 else 2)]
+    instances = [c for c in labels for _ in range(1 if rng.random() < 0.75 else 2)]
     rng.shuffle(instances)
     for cls in instances:
-        size = rng.uniform(0.25, 0.45) * min(h, w)
+        size = rng.uniform(*knobs["size"]) * min(h, w) * (0.75 if cls in (2, 3) else 1.0)
         # Objects with ground context stand on it; the others float anywhere.
-        cx = rng.uniform(0.2, 0.8) * w
-        cy = horizon - 0.2 * size if cls in TOY_CONTEXT else rng.uniform(0.2, 0.8) * h
-        angle = rng.normal(0, 0.15) if cls in TOY_CONTEXT else rng.uniform(-0.6, 0.6)
+        cx = rng.uniform(0.25, 0.75) * w
+        cy = horizon - 0.2 * size if cls in TOY_CONTEXT else rng.uniform(0.3, 0.7) * h
+        angle = rng.normal(0, 0.12) if cls in TOY_CONTEXT else rng.uniform(-0.5, 0.5)
         rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         flip = -1.0 if rng.random() < 0.5 else 1.0
-        shape = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(shape)
-        for poly in _toy_polygon(cls, rng, size):
+        body_cls = cls if rng.random() >= knobs["body_shared"] else int(rng.integers(1, 7))
+        body = np.clip(TOY_BODY[body_cls - 1] + rng.normal(0, knobs["colour_spread"], 3), 0, 255)
+        sign = np.clip(TOY_SIGNATURE[cls - 1] + rng.normal(0, knobs["colour_spread"] / 2, 3), 0, 255)
+        parts = Image.new("L", (w, h), 0)  # 1 body, 2 signature part
+        draw = ImageDraw.Draw(parts)
+        for k, poly in enumerate(_toy_polygon(cls, rng, size)):
             pts = (poly * [flip, 1.0]) @ rot.T + [cx, cy]
-            draw.polygon([tuple(p) for p in pts], fill=255)
-        region = np.asarray(shape) > 0
-        colour = np.clip(TOY_COLOURS[cls - 1] + rng.normal(0, 35, 3), 0, 255)
-        texture = _toy_texture(cls, rng, (h, w), colour)
-        image[region] = texture[region]
-        mask[region] = cls  # later objects occlude earlier ones
-    image = np.clip(image, 0, 255).astype(np.uint8)
+            draw.polygon([tuple(p) for p in pts], fill=2 if k in TOY_SIGNATURE_PARTS[cls] else 1)
+        parts = np.asarray(parts)
+        image[parts == 1] = body
+        image[parts == 2] = sign
+        mask[parts > 0] = cls  # later objects occlude earlier ones
+    context[mask > 0] = 0
+    image = np.clip(image + rng.normal(0, knobs["noise"], image.shape), 0, 255).astype(np.uint8)
 
     # VOC-style void band: pixels whose 3x3 neighbourhood holds another label.
     padded = np.pad(mask, 1, mode="edge")
@@ -658,56 +659,64 @@ def _toy_sample(rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     # Stand-in saliency (GT-derived): blurred foreground, some objects missed, false blobs, noise.
     present = [c for c in np.unique(mask) if c > 0]
-    sal = np.isin(mask, [c for c in present if rng.random() > 0.1]).astype(np.float32)
+    sal = np.isin(mask, [c for c in present if rng.random() >= knobs["sal_miss"]]).astype(np.float32)
     blobs = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(blobs)
-    for _ in range(int(rng.random() < 0.35) + int(rng.random() < 0.1)):
+    for _ in range(int(rng.random() < knobs["sal_blobs"]) + int(rng.random() < knobs["sal_blobs"] / 3)):
         x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 14)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.uniform(120, 230)))
     sal = np.maximum(sal, np.asarray(blobs, np.float32) / 255.0)
     sal_img = Image.fromarray((sal * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 2.5)))
     sal = np.clip(np.asarray(sal_img, np.float32) + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
-    return image, out_mask, sal
+    return image, out_mask, sal, context
 
 
-TOY_README = """Toy dataset generated by common.data.make_toy (version {version}, seed {seed}).
+TOY_README = """Toy dataset generated by common.data.make_toy (version {version}, seed {seed}, knobs {knobs}).
 VOC layout: JPEGImages/, SegmentationClass/ (P-mode, 255 = outline band), ImageSets/Segmentation/,
 classes.txt. Image labels come from the masks (there is no Annotations/).
 saliency/<id>.png are STAND-IN saliency maps DERIVED FROM THE GROUND-TRUTH MASKS (blurred, with missed
 objects, false blobs and noise) so that AuxSegNet can run; they are not the output of a saliency model.
-Unlabeled context: water comes with boats, rails with trains, grass with cows (pixels stay background).
+Unlabeled context: water comes with boats, rails with trains, grass with cows (pixels stay background);
+context/<id>.png marks it (1 water, 2 rails, 3 grass, 0 elsewhere and under objects) for tests/bench/toy_errors.py.
 """
 
 
-def _toy_stamp(num_train: int, num_val: int, seed: int) -> str:
-    return f"version={TOY_VERSION} num_train={num_train} num_val={num_val} seed={seed}\n"
+def _toy_stamp(num_train: int, num_val: int, seed: int, knobs: dict) -> str:
+    changed = {k: v for k, v in knobs.items() if TOY_KNOBS[k] != v}
+    return f"version={TOY_VERSION} num_train={num_train} num_val={num_val} seed={seed} knobs={changed}\n"
 
 
-def make_toy(root, *, num_train: int = 1000, num_val: int = 200, seed: int = 0) -> Path:
-    """Generate the toy dataset in VOC layout at `root` (deterministic in `seed`).
+def make_toy(root, *, num_train: int = 1000, num_val: int = 200, seed: int = 0, knobs: dict | None = None) -> Path:
+    """Generate the toy dataset in VOC layout at `root` (deterministic in `seed` and `knobs`).
 
-    Reuses an existing folder whose `toy_version.txt` matches the generator version and the
-    arguments; otherwise writes a fresh one into a temporary folder and renames it into place, so
-    an interrupted or concurrent generation never leaves a half-written dataset behind.
+    `knobs` overrides entries of TOY_KNOBS (data/README.md: what each does). Reuses an existing folder whose
+    `toy_version.txt` matches the generator version and the arguments; otherwise writes a fresh one into a
+    temporary folder and renames it into place, so an interrupted or concurrent generation never leaves a
+    half-written dataset behind.
     """
+    unknown = set(knobs or {}) - set(TOY_KNOBS)
+    if unknown:
+        raise ValueError(f"unknown toy knobs {sorted(unknown)}; known: {sorted(TOY_KNOBS)}")
+    knobs = {**TOY_KNOBS, **(knobs or {})}
     root = Path(root)
-    stamp = _toy_stamp(num_train, num_val, seed)
+    stamp = _toy_stamp(num_train, num_val, seed, knobs)
     stamp_path = root / "toy_version.txt"
     if stamp_path.is_file() and stamp_path.read_text() == stamp:
         return root
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("JPEGImages", "SegmentationClass", "saliency", "ImageSets/Segmentation"):
+    for sub in ("JPEGImages", "SegmentationClass", "saliency", "context", "ImageSets/Segmentation"):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
     (tmp / "classes.txt").write_text("\n".join(TOY_CLASSES) + "\n")
-    (tmp / "README.txt").write_text(TOY_README.format(version=TOY_VERSION, seed=seed))
+    (tmp / "README.txt").write_text(TOY_README.format(version=TOY_VERSION, seed=seed, knobs=knobs))
     splits = {"train": [f"train_{i:05d}" for i in range(num_train)], "val": [f"val_{i:05d}" for i in range(num_val)]}
     for split_index, (split, ids) in enumerate(splits.items()):
         for index, name in enumerate(ids):
-            image, mask, sal = _toy_sample(np.random.default_rng((seed, split_index, index)))
+            image, mask, sal, context = _toy_sample(np.random.default_rng((seed, split_index, index)), knobs)
             Image.fromarray(image).save(tmp / "JPEGImages" / f"{name}.jpg", quality=92)
             save_mask(tmp / "SegmentationClass" / f"{name}.png", mask)
             Image.fromarray(sal).save(tmp / "saliency" / f"{name}.png")
+            Image.fromarray(context).save(tmp / "context" / f"{name}.png")
     lists = {"train": splits["train"], "val": splits["val"], "train_aug": splits["train"],
              "trainval": splits["train"] + splits["val"]}
     for split, ids in lists.items():

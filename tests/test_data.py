@@ -261,3 +261,38 @@ def test_toy_full_size_speed_and_statistics(tmp_path):
     assert 96 <= s["image"].shape[0] <= 128 and (s["mask"] == 255).any()
     assert data.split_ids(root, "train_aug") == train.ids
 
+    # Object sizes, context placement and the signature colours, over the first 300 train images.
+    largest, background, with_class, painted, signature = [], [], 0, 0, []
+    for i in range(300):
+        mask = train.load(i)["mask"]
+        image = np.asarray(Image.open(root / "JPEGImages" / f"{train.ids[i]}.jpg").convert("RGB"), float)
+        context = data.read_mask(root / "context" / f"{train.ids[i]}.png")
+        present = [c for c in np.unique(mask) if 0 < c < 255]
+        largest.append(max((mask == c).mean() for c in present))
+        background.append((mask == 0).mean())
+        assert not ((context > 0) & (mask > 0) & (mask < 255)).any()  # context is never under an object
+        for k, cls in enumerate(data.TOY_CONTEXT, start=1):
+            if (context == k).any():
+                painted += 1
+                with_class += cls in present
+                assert (context == k).mean() > 0.05 and ((context[-1] == k) | (mask[-1] > 0)).all()  # a bottom band
+        for c in present:  # the signature colour is on the object and nowhere on the background
+            near = np.abs(image - data.TOY_SIGNATURE[c - 1]).max(-1) < 40
+            signature.append((near & (mask == c)).sum() > 0.3 * near.sum() and (near & (mask == c)).any())
+    largest = np.array(largest)
+    assert 0.14 < largest.mean() < 0.24 and 0.45 < (largest >= 0.15).mean() < 0.75  # large objects are common
+    assert 0.6 < np.mean(background) < 0.8
+    assert 0.85 < with_class / painted < 0.97  # context comes with its class, rarely without it
+    assert np.mean(signature) > 0.9
+
+
+def test_toy_knobs(tmp_path):
+    with pytest.raises(ValueError, match="unknown toy knobs"):
+        data.make_toy(tmp_path / "x", num_train=2, num_val=1, knobs={"sizes": (0.1, 0.2)})
+    plain = data.make_toy(tmp_path / "a", num_train=4, num_val=1)
+    blind = data.make_toy(tmp_path / "b", num_train=4, num_val=1, knobs={"sal_miss": 1.0, "sal_blobs": 0.0})
+    assert (plain / "JPEGImages/train_00003.jpg").read_bytes() == (blind / "JPEGImages/train_00003.jpg").read_bytes()
+    assert "sal_miss" in (blind / "toy_version.txt").read_text() and "knobs={}" in (plain / "toy_version.txt").read_text()
+    for i in range(4):  # every object missed, no false blob: the stand-in saliency is only blur of nothing + noise
+        sal = np.asarray(Image.open(blind / "saliency" / f"train_{i:05d}.png"), float)
+        assert sal.mean() < 15

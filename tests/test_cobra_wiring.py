@@ -733,3 +733,27 @@ def test_evaluate_seeds_wiring(monkeypatch, seed_bg):
     cm = cobra.miou.ConfusionMatrix(3)
     cm.update(label, mask)
     assert entry["miou"] == pytest.approx(100 * cm.compute()["miou"], abs=0.01)  # the reported score is of these seeds
+
+
+@pytest.mark.parametrize("supervision", ["image", "full"])
+def test_train_seg_targets_are_the_masks_or_the_ground_truth(monkeypatch, toy_root, tmp_path, supervision):
+    """--supervision full trains the segmentation network on the ground truth, the method on its final masks.
+    Pseudo labels here are all background: fails if full reads them, or if image reads the ground truth."""
+    from common import data
+    args = args_for(supervision=supervision, seg_crop=64)
+    pseudo = tmp_path / "pseudo"
+    pseudo.mkdir()
+    for name in data.split_ids(toy_root, "train"):
+        gt = data.read_mask(toy_root / "SegmentationClass" / f"{name}.png")
+        data.save_mask(pseudo / f"{name}.png", np.zeros_like(gt))
+    seen = {}
+    monkeypatch.setattr(cobra, "train_loop", lambda ctx, stage, ds, *a, **kw: seen.update(ds=ds))
+    monkeypatch.setattr(cobra, "seg_label_dir", lambda ctx: pseudo)
+    ctx = _ctx(args)
+    ctx.spec, ctx.splits = SimpleNamespace(root=toy_root, dataset="voc"), {"train": "train"}
+    seg = nn.Module()
+    seg.backbone, seg.head = nn.Linear(1, 1), nn.Linear(1, 1)
+    cobra.train_seg(ctx, seg)
+    targets = torch.stack([seen["ds"][i]["target"] for i in range(8)])
+    foreground = ((targets > 0) & (targets != 255)).any().item()
+    assert foreground == (supervision == "full")

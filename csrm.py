@@ -125,7 +125,7 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
         Fig. 2 (delta_fg curve)                           -> cam/train "curve" (Deviation 14)
         Tables 3-4 DeepLabV3+ val                         -> seg/val (single scale, no CRF), seg_ms/val (TTA);
                                                              neither uses SEPL labels or a test-time CRF, and
-                                                             the 69.8 of Table 4 is DeepLabV2, not comparable.
+                                                             the 69.8 of Table 3 is DeepLabV2, not comparable.
       pseudo/{train,val} (t = 0.4, no CRF) has no number in the paper; log.jsonl val/cam_miou is swept on GT too.
 Run:
   python csrm.py                                   (toy data, CPU, minutes)

@@ -33,7 +33,7 @@ Equation map:
   Eq. (4)  R = R(F(x)) (256-d)                            -> CSRMNet.forward()
   Eq. (5)  L_c multi-label soft-margin                    -> loss_cls()
   Eq. (6)  I = dCRF(psi(A)), mask outside (d_bg, d_fg]    -> cam_pseudo_labels() (threshold, then two label
-                                                             dCRFs: Deviation 18)
+                                                             dCRFs: Deviation 18; on the device: Dev. 27)
   Eq. (7)  L_s masked cross-entropy                       -> loss_seg()
   Eq. (8)  M^s = 1[max_c s^t > sigma_s2c]                 -> loss_s2c()
   Eq. (9)  Q = softmax([S_bg | up(A)]), L_s2c             -> loss_s2c()
@@ -127,6 +127,14 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
                                                              neither uses SEPL labels or a test-time CRF, and
                                                              the 69.8 of Table 3 is DeepLabV2, not comparable.
       pseudo/{train,val} (t = 0.4, no CRF) has no number in the paper; log.jsonl val/cam_miou is swept on GT too.
+  27. The per-step label dCRFs of Eq. (6) run in torch on the training device with --train-crf torch, or
+      auto on CUDA (common/crf.py refine_labels_torch: pydensecrf's energy and mean-field updates, the
+      bilateral kernel on a sparse bilateral grid instead of the permutohedral lattice). On the host they cost
+      ~24 s per paper-size step (tests/bench/paper_step.py, 2 CPU threads) while the GPU waits. Measured
+      (tests/test_crf.py): 99.8-100% of pixels as pydensecrf on noisy toy labels, and closer than pydensecrf
+      to the exact (N^2) CRF on labels that ignore the image. --train-crf pydensecrf is the official host CRF;
+      auto keeps it on CPU, where it is ~3x faster than the torch version. Pseudo-label PNGs and the
+      inference CRF always use pydensecrf.
 Run:
   python csrm.py                                   (toy data, CPU, minutes)
   python csrm.py --data VOC2012                    (paper settings, CUDA)
@@ -234,7 +242,8 @@ class Args:
     bg_thr: float = 0.05  # Sec. 4: delta_bg
     fg_thr: float = 0.30  # official VOC runner (paper 0.35)
     crf_iters: int = 10  # irn label dCRF
-    crf_workers: int = 8  # CPU threads for the per-step dCRFs (official: a CPU pool)
+    crf_workers: int = 8  # CPU threads for the per-step dCRFs on the host (official: a CPU pool)
+    train_crf: str = "auto"  # per-step dCRFs: torch (training device; Deviation 27) | pydensecrf (host) | auto: torch on CUDA
     mix_prob: float = 0.5  # Sec. 4: ClassMix with p 0.5
     unreliable: float = 0.20  # Sec. 4: alpha_0 = 20%, linearly to 0
     # --- contrastive (Sec. 3.2.5, Eq. (13); official cfg_contra) ---
@@ -277,7 +286,7 @@ PRESETS = {
         lr=0.002, queries=32, negatives=16, bank=2000, bank_bg=4000, crf_iters=5, crf_workers=0, tta_scales=(1.0,),
         val_images=100, seg_backbone="resnet18", seg_epochs=3, seg_batch=16, seg_lr=0.001, seg_wd=1e-4, seg_init="cam"),
 }
-CHOICES = {"seg_init": ("imagenet", "cam")}
+CHOICES = {"seg_init": ("imagenet", "cam"), "train_crf": ("auto", "torch", "pydensecrf")}
 LIMITS = {**dict.fromkeys(("cam_epochs", "cam_batch", "epochs", "steps_per_epoch", "batch_size", "crop", "width",
                            "low_width", "rep_dim", "queries", "negatives", "bank", "bank_bg", "seg_epochs", "seg_batch",
                            "rank_low"), ">=1"),
@@ -545,21 +554,52 @@ def loss_unsup(S_u, Yhat_u, H_u, rho):
 
 
 class MemoryBank:
-    """Per-class FIFO queues of negative keys (U2PL memobank), on CPU: the oldest keys leave first."""
+    """Per-class FIFO queues of negative keys (U2PL memobank): the oldest keys leave first.
+
+    Each queue is a ring buffer on the keys' device, so a push costs its own keys only: U2PL's CPU queues
+    (torch.cat of the whole queue each push, then a copy to the GPU to sample) move ~0.7 GB per step at the
+    paper's bank sizes (tests/bench/paper_step.py). The contents and the FIFO order are U2PL's."""
 
     def __init__(self, num_classes, dim, cap, cap_bg):
-        self.caps = [cap_bg] + [cap] * (num_classes - 1)
-        self.queues = [torch.zeros(0, dim) for _ in range(num_classes)]
+        self.caps, self.dim = [cap_bg] + [cap] * (num_classes - 1), dim
+        self.buffers = [None] * num_classes  # (cap, dim), allocated at the first push
+        self.heads = [0] * num_classes  # next row to overwrite = the oldest key once full
+        self.sizes = [0] * num_classes
 
     def push(self, c, keys):
-        queue = torch.cat([self.queues[c], keys.detach().float().cpu()])  # newest at the end
-        self.queues[c] = queue[-self.caps[c]:]
+        keys = keys.detach().float()[-self.caps[c]:]  # (n, dim); only the newest cap keys can stay
+        if self.buffers[c] is None or self.buffers[c].device != keys.device:
+            old = self._ordered(c)
+            self.buffers[c] = keys.new_zeros(self.caps[c], self.dim)
+            self.heads[c] = self.sizes[c] = 0
+            if len(old):
+                self.push(c, old.to(keys.device))
+        first = min(len(keys), self.caps[c] - self.heads[c])  # up to the end of the buffer, then from row 0
+        self.buffers[c][self.heads[c]:self.heads[c] + first] = keys[:first]
+        self.buffers[c][:len(keys) - first] = keys[first:]
+        self.heads[c] = (self.heads[c] + len(keys)) % self.caps[c]
+        self.sizes[c] = min(self.sizes[c] + len(keys), self.caps[c])
+
+    def keys(self, c):
+        """The queue's keys in storage order (n, dim), without a copy: what L_m samples from."""
+        return self.buffers[c][: self.sizes[c]] if self.sizes[c] else torch.zeros(0, self.dim)
+
+    def _ordered(self, c):
+        return torch.roll(self.keys(c), -self.heads[c] if self.sizes[c] == self.caps[c] else 0, 0)
+
+    @property
+    def queues(self):
+        """Oldest first, one (n, dim) tensor per class (a copy)."""
+        return [self._ordered(c) for c in range(len(self.caps))]
 
     def state_dict(self):
-        return {"queues": [q.clone() for q in self.queues]}
+        return {"queues": [q.cpu() for q in self.queues]}
 
     def load_state_dict(self, state):
-        self.queues = [q.clone() for q in state["queues"]]
+        self.buffers, self.heads, self.sizes = [None] * len(self.caps), [0] * len(self.caps), [0] * len(self.caps)
+        for c, q in enumerate(state["queues"]):
+            if len(q):
+                self.push(c, q)
 
 
 def gather_rows(t, mask, index=None):
@@ -619,11 +659,11 @@ def loss_contrast(rep, rep_t, prob4, labels4, low, high, present_u, n_l, bank, a
         # Impl. (lucasdavid/wsss-csrm, csrm/u2pl.py): U2PL indexes queries/prototypes by loop position
         qi = i if args.u2pl_index_quirk else c
         n_q = int(query_pools[qi].sum())
-        keys = bank.queues[c]
+        keys = bank.keys(c)
         if n_q == 0 or len(keys) == 0:
             continue
         anchor = gather_rows(rep, query_pools[qi], torch.randint(n_q, (args.queries,), device=rep.device))  # (P, D)
-        negs = keys[torch.randint(len(keys), (args.queries * args.negatives,))].to(rep.device)
+        negs = keys[torch.randint(len(keys), (args.queries * args.negatives,), device=keys.device)].to(rep.device)
         negs = negs.view(args.queries, args.negatives, -1)  # (P, N, D)
         keys_all = torch.cat([protos[qi].view(1, 1, -1).expand(args.queries, 1, -1), negs], 1)  # (P, 1+N, D)
         # Eq. (13)  -log e^{<r, r+>/tau} / (e^{<r, r+>/tau} + sum_j e^{<r, r-_j>/tau}), cosine <.,.>
@@ -646,40 +686,46 @@ def normalize_cam(A):
 
 
 def _crf_pair(job):
-    rgb, fg, bg, n_labels, params = job
-    return (crf.refine_labels(rgb, fg, n_labels, gt_prob=0.7, **params),
-            crf.refine_labels(rgb, bg, n_labels, gt_prob=0.7, **params))
+    rgb, maps, n_labels, params = job
+    return np.stack([crf.refine_labels(rgb, m, n_labels, gt_prob=0.7, **params) for m in maps])
 
 
-def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None):
+def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_device=False):
     """Eq. (6) in the official order (Deviation 18): teacher CAMs -> psi -> two thresholds -> two label dCRFs ->
     {class, background, 255} pseudo labels.
 
     rgb: the augmented crops, uint8 (B, H, W, 3); y: image labels (B, C); A_t: teacher CAM logits
-    (B, C, h, w); crf_params None runs Eq. (6) without the CRF. Returns int64 (B, H, W)."""
+    (B, C, h, w); crf_params None runs Eq. (6) without the CRF; on_device runs the CRFs in torch on A_t's
+    device (Deviation 27), else pydensecrf on the host (official), through `pool` when given.
+    Returns int64 (B, H, W) on A_t's device."""
     H, W = rgb.shape[1:3]
-    # Eq. (2) at stride 16 on the label-masked CAMs, then bilinear (align_corners) to the crop
-    psi = normalize_cam(A_t * y[:, :, None, None])
-    psi = F.interpolate(psi, size=(H, W), mode="bilinear", align_corners=True).cpu().numpy()  # (B, C, H, W)
-    jobs, keys_all = [], []
-    for i in range(len(rgb)):
-        keys = np.nonzero(y[i].cpu().numpy() > 0.5)[0]
-        s = psi[i, keys]  # (m, H, W) present classes only
-        # Eq. (6)  argmax[delta, psi_k1..psi_km]: ties go to index 0, so "> delta_fg" is foreground
-        fg = np.concatenate([np.full((1, H, W), fg_thr, np.float32), s]).argmax(0)
-        bg = np.concatenate([np.full((1, H, W), bg_thr, np.float32), s]).argmax(0)
-        jobs.append((np.array(rgb[i]), fg, bg, len(keys) + 1, crf_params))
-        keys_all.append(np.concatenate([[0], keys + 1]))
-    if crf_params is not None:
-        results = pool.map(_crf_pair, jobs) if pool is not None else [_crf_pair(j) for j in jobs]
-    else:
-        results = [(j[1], j[2]) for j in jobs]
-    PL = np.empty((len(rgb), H, W), np.int64)
-    for i, ((fg, bg), ids) in enumerate(zip(results, keys_all)):
+    psi = normalize_cam(A_t * y[:, :, None, None])  # Eq. (2) at stride 16 on the label-masked CAMs
+    maps, keys_all = [], []
+    for i in range(len(psi)):
+        keys = torch.nonzero(y[i] > 0.5)[:, 0]  # present classes (m,)
+        # bilinear (align_corners) to the crop, the present classes only: (m, H, W)
+        s = F.interpolate(psi[i:i + 1, keys], size=(H, W), mode="bilinear", align_corners=True)[0]
+        # Eq. (6)  argmax[delta, psi_k1..psi_km]: ties go to index 0, so "> delta" is foreground, labelled with
+        # the first most active class (torch.max returns the first maximum; 10x faster than argmax on CPU)
+        best, top = s.max(0) if len(keys) else (s.new_zeros(H, W), keys.new_zeros(H, W))
+        top = (top + 1).to(torch.uint8)  # label indices < 256: a quarter of the memory traffic of int64
+        maps.append(torch.stack([torch.where(best > thr, top, 0)
+                                 for thr in (fg_thr, bg_thr)]))  # (2, H, W): 0 = background, j = keys[j - 1]
+        keys_all.append(torch.cat([keys.new_zeros(1), keys + 1]))  # label index -> class id
+    if crf_params is not None and on_device:
+        rgb = torch.as_tensor(rgb).to(A_t.device)
+        maps = [crf.refine_labels_torch(rgb[i], m, len(ids), gt_prob=0.7, **crf_params)
+                for i, (m, ids) in enumerate(zip(maps, keys_all))]
+    elif crf_params is not None:
+        rgb = np.asarray(rgb)
+        jobs = [(np.array(rgb[i]), m.cpu().numpy(), len(ids), crf_params) for i, (m, ids) in enumerate(zip(maps, keys_all))]
+        maps = [torch.from_numpy(r).to(A_t.device) for r in (pool.map if pool is not None else map)(_crf_pair, jobs)]
+    PL = torch.empty(len(psi), H, W, dtype=torch.long, device=A_t.device)
+    for i, ((fg, bg), ids) in enumerate(zip(maps, keys_all)):
         # Eq. (6)  M^p: class where the fg map says so; background where both say background;
         # the uncertainty band (delta_bg, delta_fg] is 255
-        PL[i] = np.where(fg == 0, np.where(bg == 0, 0, 255), ids[fg])
-    return torch.from_numpy(PL).to(A_t.device)
+        PL[i] = torch.where(fg == 0, torch.where(bg == 0, 0, 255), ids[fg.long()])
+    return PL
 
 
 def classmix(x, y, PL, S_t):
@@ -694,7 +740,8 @@ def classmix(x, y, PL, S_t):
         b = int(partner[a])
         if b == a:
             continue
-        classes = [int(c) for c in torch.unique(PL[b]) if 0 < int(c) < 255]
+        counts = torch.bincount(PL[b].flatten(), minlength=256)  # cheaper than sorting for torch.unique
+        classes = counts[1:255].nonzero()[:, 0].add(1).tolist()  # b's foreground PL classes
         if not classes:
             continue
         order = torch.randperm(len(classes))[: max(len(classes) // 2, 1)]
@@ -859,7 +906,7 @@ def train_step(args, student, teacher, optimizer, bank, batch_l, batch_u, step, 
     B = batch_l["image"].shape[0]
     x = torch.cat([batch_l["image"], batch_u["image"]])  # (2B, 3, H, W)
     y = torch.cat([batch_l["label"], batch_u["label"]]).float()  # (2B, C)
-    rgb = torch.cat([batch_l["rgb"], batch_u["rgb"]]).cpu().numpy()  # (2B, H, W, 3) uint8 crops for the dCRF
+    rgb = torch.cat([batch_l["rgb"], batch_u["rgb"]])  # (2B, H, W, 3) uint8 crops for the dCRF
     epoch = step // args.steps_per_epoch
     w_s2c, w_u, w_m = aux_weights(args, epoch)
     crf_params = {**crf.PRESETS["irn"], "n_iters": args.crf_iters} if args.crf_iters > 0 else None
@@ -869,7 +916,8 @@ def train_step(args, student, teacher, optimizer, bank, batch_l, batch_u, step, 
     with torch.no_grad(), autocast():
         out_t = teacher(x, seg=True, rep=False)
     A_t, S_t = out_t["cam"].float(), out_t["seg"].float()
-    PL = cam_pseudo_labels(rgb, y, A_t, args.bg_thr, args.fg_thr, crf_params, pool)  # (2B, H, W)
+    on_device = args.train_crf == "torch" or (args.train_crf == "auto" and A_t.is_cuda)
+    PL = cam_pseudo_labels(rgb, y, A_t, args.bg_thr, args.fg_thr, crf_params, pool, on_device)  # (2B, H, W)
     present_u = torch.cat([torch.ones_like(y[B:, :1]), y[B:]], 1) > 0.5  # un-mixed loader labels (B, K)
     mixed = bool(torch.rand(()) < args.mix_prob)  # one draw per step for the whole batch
     if mixed:

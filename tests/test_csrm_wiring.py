@@ -266,6 +266,13 @@ def test_no_crf_iterations_run_eq6_without_the_crf(monkeypatch):
     assert run.call("cam_pseudo_labels")["crf_params"] is None
 
 
+@pytest.mark.parametrize("train_crf, on_device", [("torch", True), ("pydensecrf", False), ("auto", False)])
+def test_train_crf_picks_where_the_per_step_crfs_run(monkeypatch, train_crf, on_device):
+    """Deviation 27. Catches: --train-crf ignored; auto running the torch CRF on a CPU run (the stubs' tensors
+    are on the CPU), where pydensecrf is ~3x faster."""
+    assert Run(monkeypatch, train_crf=train_crf).call("cam_pseudo_labels")["on_device"] is on_device
+
+
 def test_classmix_gets_the_unmixed_images_labels_pl_and_eval_teacher_logits(monkeypatch):
     """Catches: ClassMix of the train-mode teacher's or the student's logits, of the CAMs, of other labels."""
     run = Run(monkeypatch)

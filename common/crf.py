@@ -14,7 +14,7 @@ Unaries:  refine_probs   U = -log p from soft probabilities (``unary_from_softma
                          given label, -log((1 - gt_prob) / (n_labels - 1)) on the others
           refine_unary   a caller-built U (e.g. AuxSegNet's saliency energy in auxsegnet.py)
           refine_labels_torch  refine_labels in torch on the training device, for CRFs inside a training
-                         step (CSRM); needs no pydensecrf (see the section above it for its approximation)
+                         step (CSRM); needs no pydensecrf (the comment block above it gives its approximation)
 Parameters (every function): n_iters, pos_xy_std, pos_w, bi_xy_std, bi_rgb_std, bi_w; pass
 ``**PRESETS[name]`` to use a repository's values. Defaults: ``deeplab_v2`` for refine_probs and
 refine_unary, ``irn`` for refine_labels.

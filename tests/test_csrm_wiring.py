@@ -273,6 +273,13 @@ def test_train_crf_picks_where_the_per_step_crfs_run(monkeypatch, train_crf, on_
     assert Run(monkeypatch, train_crf=train_crf).call("cam_pseudo_labels")["on_device"] is on_device
 
 
+def test_auto_train_crf_is_torch_on_cuda_only():
+    """Catches auto choosing by anything but the device type (the CPU stubs above never reach the CUDA case)."""
+    pick = {c: csrm.Args(train_crf=c) for c in ("auto", "torch", "pydensecrf")}
+    assert [csrm.crf_on_device(pick[c], "cuda:0") for c in pick] == [True, True, False]
+    assert [csrm.crf_on_device(pick[c], torch.device("cpu")) for c in pick] == [False, True, False]
+
+
 def test_classmix_gets_the_unmixed_images_labels_pl_and_eval_teacher_logits(monkeypatch):
     """Catches: ClassMix of the train-mode teacher's or the student's logits, of the CAMs, of other labels."""
     run = Run(monkeypatch)

@@ -27,7 +27,7 @@ net = cosa.build_model(args, C, init_weights=False)
 net.load_state_dict(ck["weights"]["assign"]); net.eval()
 ds = data.SegDataset(spec.root, "train")
 nus, fgs = [], []
-g = args.crop // 8
+g = args.crop // net.backbone.patch_embed.patch_size[0]  # the token grid of the queue
 with torch.no_grad():
     for i in range(0, 400):
         s = ds.load(i)

@@ -7,6 +7,8 @@ fully supervised upper bound (--supervision full), over several seeds, as mean +
 Runs go to --out (default runs/toy_table/<method>/<row>-s<seed>/); a finished run (metrics.json present) is
 reused, so the table can be built up over several sessions. Every run uses --threads threads per process
 (default 1; float results change slightly with the thread count, so compare tables made with the same one).
+--knobs '{"sal_miss": 0.4}' runs every row on a toy generated with other knobs (common.data.TOY_KNOBS), made
+once under --out/data-<knobs> and run with --preset toy; give such a table its own --out.
 Printed: one markdown table per method, with the seconds per run and the keys of KEYS; the column "vs oracle"
 is the default row's seg/val as a percentage of the oracle's. The captioned visual grids of each run are in
 its vis/ folder (the table names the seed-0 grid of the default row).
@@ -31,7 +33,11 @@ ROWS = {
     "csrm": {"baseline": ["--no-s2c", "--no-u", "--no-m"], "s2c": ["--no-u", "--no-m"], "s2c_u": ["--no-m"]},
     "cobra": {"baseline": ["--branches", "cnn", "--until", "seed"], "vit": ["--branches", "vit", "--until", "seed"],
               "seed": ["--until", "seed"]},
-    "auxsegnet": {"baseline": ["--variant", "baseline"], "mt": ["--variant", "mt"], "mt_ct": ["--variant", "mt_ct"]},
+    "auxsegnet": {"baseline": ["--variant", "baseline"], "mt": ["--variant", "mt"], "mt_ct": ["--variant", "mt_ct"],
+                  # the finer single-stage rows of the paper's Tables 4-5 (auxsegnet.py Deviation 16)
+                  "seg_cls": ["--variant", "mt", "--tasks", "seg+cls"], "seg_sal": ["--variant", "mt", "--tasks", "seg+sal"],
+                  "aff_seg": ["--variant", "mt_ct", "--affinity", "seg"],
+                  "ct_seg": ["--variant", "mt_ct", "--ct-constraint", "seg"]},
     "csd": {"baseline": ["--csd", "off"]},
 }
 KEYS = ("seg/val", "cam/train", "cam/val", "seed/train", "mask/train", "pseudo/train", "cpl/train")
@@ -45,7 +51,7 @@ def run(method, row, seed, args):
             cmd = [sys.executable, str(ROOT / f"{method}.py"), "--resume", str(out)]
         else:
             cmd = [sys.executable, str(ROOT / f"{method}.py"), "--data", args.data, "--seed", str(seed),
-                   "--out", str(out), *flags]
+                   "--out", str(out), *args.preset, *flags]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         t = time.time()
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -61,7 +67,10 @@ def cell(values):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    each = ", ".join(f"{v:.2f}" for v in values)  # per seed, in --seeds order
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({each})"
 
 
 def main():
@@ -73,7 +82,15 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "runs" / "toy_table"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2, help="runs at the same time")
+    ap.add_argument("--knobs", default="", help="JSON dict of toy knobs: run on a toy made with them")
     args = ap.parse_args()
+    args.preset = []
+    if args.knobs:  # a toy with other knobs is a dataset folder to the scripts, so name the preset
+        sys.path.insert(0, str(ROOT))
+        from common import data
+        knobs = json.loads(args.knobs)
+        name = "data-" + "-".join(f"{k}{v}" for k, v in sorted(knobs.items())).replace(" ", "")
+        args.data, args.preset = str(data.make_toy(Path(args.out) / name, knobs=knobs)), ["--preset", "toy"]
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     jobs = [(m, r, s) for m in methods
             for r in (args.rows.split(",") if args.rows else ["default", *ROWS[m], "oracle"])
@@ -86,7 +103,8 @@ def main():
             if m == method:
                 got.setdefault(row, []).append(res)
         keys = [k for k in KEYS if any(k in r for rs in got.values() for r in rs)]
-        print(f"\n### {method} (toy, seeds {args.seeds}, {args.threads} thread(s) per run)\n")
+        print(f"\n### {method} (toy{' ' + args.knobs if args.knobs else ''}, seeds {args.seeds}, "
+              f"{args.threads} thread(s) per run)\n")
         print("| row | " + " | ".join(keys) + " | seconds |\n|---|" + "---|" * (len(keys) + 1))
         for row, rs in got.items():
             errors = [r["error"] for r in rs if "error" in r]

@@ -326,6 +326,25 @@ def test_localization_map_layers_par_and_detached_cam():
     assert cam.grad is None and attn.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("seed_par", [True, False])
+def test_lowres_maps_follow_seed_par(seed_par):
+    """The seeds are the fused map with PAR under --seed-par and without it under --no-seed-par, for the present
+    classes, from the image and its flip, in eval mode. Catches: the flag ignored (PAR always / never), the flag
+    inverted, absent classes kept, the flip view dropped."""
+    net = StubNet().eval()
+    args = args_for(seed_par=seed_par, layer_index=1, seed_scales=(1.0,))
+    image = (np.arange(CROP * CROP * 3).reshape(CROP, CROP, 3) % 251).astype(np.uint8)
+    label = np.array([1, 0, 1], np.float32)
+    (got,) = csd.lowres_maps(net, image, label, args, torch.device("cpu"))
+    with torch.no_grad():
+        out = net(net.calls[0]["x"])  # the stub again on the input lowres_maps gave it
+    want = ref_localization(out, 1, par=seed_par)[:, [0, 2]]
+    assert got.shape == want.shape == (2, 2, CROP // P, CROP // P)
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-3)  # float16 storage
+    assert not torch.allclose(want, ref_localization(out, 1, par=not seed_par)[:, [0, 2]], rtol=1e-2, atol=1e-3)
+    assert torch.equal(net.calls[0]["x"][1], net.calls[0]["x"][0].flip(-1)) and not net.calls[0]["training"]
+
+
 # ------------------------------------------------------------------------------------------------
 # train_step
 # ------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ ROWS = {
                   "seg_cls": ["--variant", "mt", "--tasks", "seg+cls"], "seg_sal": ["--variant", "mt", "--tasks", "seg+sal"],
                   "aff_seg": ["--variant", "mt_ct", "--affinity", "seg"],
                   "ct_seg": ["--variant", "mt_ct", "--ct-constraint", "seg"]},
-    "csd": {"baseline": ["--csd", "off"]},
+    "csd": {"baseline": ["--csd", "off"], "uniform": ["--sampling", "uniform"]},
 }
 KEYS = ("seg/val", "cam/train", "cam/val", "seed/train", "mask/train", "pseudo/train", "cpl/train")
 

@@ -17,6 +17,10 @@ Pipeline of this file (python csd.py runs all of it; stages named as in checkpoi
   classifier  retrain from the same initialisation with CSD (train_classifier) -> seed/train (+ subsets)
   seeds       seeds of the stage-2 classifier + dense CRF                      -> mask/train
   seg         a segmentation network trained on the masks (train_seg)          -> seg/val (primary)
+With --mask-method irn the masks come from IRNet (Ahn et al., CVPR 2019) instead of the CRF:
+  seeds       the same seeds -> IR labels (confident fg / bg / 255)           -> pseudo_labels/ir
+  irn         IRNet's boundary branch trained on them (train_irn)
+  masks       random walk of the seeds on the IRN's boundary map (irn_masks)  -> mask/train
 With --csd off, stage 1 and the prior are skipped and stage 2 is the plain baseline. With --supervision
 full (the fully supervised upper bound) only `seg` runs, on the ground-truth masks: the stages before it
 produce nothing the oracle uses.
@@ -30,6 +34,8 @@ Reading guide:
   Sec. 3.2 "Dual Semantic Consistency Learning" -> background_distribution(), loss_bg()
   Sec. 3.2 "Loss Function"                      -> csd_losses(), train_step()
   Baseline (MCTformer-V2, CVPR 2022)           -> MCTformerV2, localization_map(), seed_map()
+  Table 1 IRN mask method (IRNet, CVPR 2019)    -> make_ir_label(), IRNEdge, loss_irn_affinity(), train_irn(),
+                                                   infer_edge(), random_walk(), final_mask(), irn_masks()
 
 Equation map:
   Eq. (1) co-occurrence prior P_ij = N_ij / sum_k N_ik and P_j = sum_k P_{c_k, j}
@@ -42,6 +48,13 @@ Equation map:
   Eq. (5) L_bg = sum_hw 1[(h,w) in M_bg] KL(b(M_s) || b(M_sm^bg))        -> loss_bg()
           (M_bg = the source background, the paste region of x_sm^bg; --bg-paste intersect: Deviation 15)
   Eq. (6) L_total = L_cls + lambda1 L_fg + lambda2 L_bg                   -> csd_losses()
+  Unnumbered (IRNet, --mask-method irn; M: the seeds, B: the IRN's boundary map):
+          IR label = argmax [0.30, M] where that is a class; else bg where argmax [0.05, M] is bg; else 255
+                                                                           -> make_ir_label()
+          a_ij = 1 - max of B on the line i-j; the affinity loss on IR-label pairs
+                                                                           -> pair_affinity(), loss_irn_affinity()
+          r = (M (1 - B)) T^(2^8), T = column-normalise(a^beta)           -> random_walk()
+          mask = argmax [0.25, r / max r]                                  -> final_mask()
 
 Deviations (also marked `Deviation:` at the code):
   1. Eq. (4) is missing from the paper text; it is reconstructed as the card (methods/csd.md 4.6)
@@ -58,15 +71,17 @@ Deviations (also marked `Deviation:` at the code):
      seed evaluation does), optionally CRF'd (--prior-crf); --prior dir:PATH loads PSA/IRN output.
      The final masks (mask/train, the segmentation network's labels) use the same GT-swept threshold t* of
      the stage-2 seeds (seed_results()); the paper's PSA masks use fixed thresholds (bg 0.39).
-  6. Masks are seeds + dense CRF (label unary, MCTformer's PSA pairwise parameters, crf.PRESETS["psa"]),
-     not PSA's AffinityNet random walk (out of scope). mask/train is therefore NOT the paper's
-     "Mask" column.
+  6. --mask-method crf (default): masks are seeds + dense CRF (label unary, MCTformer's PSA pairwise parameters,
+     crf.PRESETS["psa"]), not PSA's AffinityNet random walk (out of scope). mask/train is therefore NOT the
+     paper's "Mask" column. --mask-method irn: IRNet's masks (the mask method of Table 1's IRN rows) on the
+     MCTformer-V2 seeds (Deviation 18) - a combination Table 1 does not report.
   7. Segmentation network: the paper uses MCTformer's DeepLab with a ResNet-38 backbone (not in timm).
      Paper preset: DeepLab-v2 (ASPP, rates 6/12/18/24) on timm ResNet-101 at output stride 8,
      SGD poly schedule (DeepLab-v2 VOC defaults). Toy preset: the same ASPP head on a tiny
      randomly initialised ViT (timm deit_small_patch16_224 with patch 8, dim 96, depth 4).
      Single-scale inference, no CRF.
-  8. Baseline: MCTformer-V2 only (V1 and the IRN ResNet-50 CAM baseline are not implemented).
+  8. Baseline: MCTformer-V2 only (V1 and the IRN ResNet-50 CAM classifier baseline are not implemented;
+     --mask-method irn borrows only IRN's mask refinement).
   9. Classification-stream augmentation for the toy preset is the weak CSD augmentation (no
      RandAugment / erasing, card Sec. 9); the paper preset uses the timm ImageNet recipe.
  10. --amp on CPU is ignored (a note is printed); on CUDA it is bf16 autocast (MCTformer: fp16 with
@@ -76,8 +91,9 @@ Deviations (also marked `Deviation:` at the code):
      minutes (15 epochs gave worse seeds: toy v3, seed 0, --csd off, seed/train 27.57 vs 30.20), and seeds
      at scale 0.64 (the training scale). No PAR on the seeds (Deviation 17).
  13. Not implemented: --stage (the pipeline always runs whole; --resume continues it), MCTformer-V1,
-     the IRN baseline and the IRN rows of Table 1, paste rescaling, the ignore band, the CDA area filter
-     (card "optional"), and Table 1's "Test" column (no VOC test-server export).
+     the IRN *classifier* baseline (IRN's ResNet-50 CAM: Table 1 rows "IRN (ResNet-50)" and "IRN w/ CSD"; the
+     IRN mask refinement of those rows exists as --mask-method irn), paste rescaling, the ignore band, the CDA
+     area filter (card "optional"), and Table 1's "Test" column (no VOC test-server export).
  14. Eq. (1)'s diagonal N_ii is read as the number of SINGLE-label images of class i (the literal reading
      is "images containing i"): the reading under which the paper's remark "classes with more single-label
      samples are sampled more" holds, and the dev code's (cooccurrence_counts()).
@@ -92,6 +108,12 @@ Deviations (also marked `Deviation:` at the code):
      patches; the toy preset's from-scratch 4-block ViT has no such attention after 372 iterations, and PAR
      then spreads every map over the image (toy v3, seed 0, --csd off: seed/train 14.26 with PAR, 30.20
      without; README, CSD section). The paper preset keeps PAR, as MCTformer-V2 does.
+ 18. --mask-method irn follows IRNet (jiwoon-ahn/irn, run_sample.py defaults) with cobra.py's IRN code: only the
+     boundary (edge) branch is trained (the displacement branch shares nothing with it beyond the frozen
+     backbone and gives instance masks only); pairs whose destination falls outside the crop are ignored instead
+     of cropping the source region; the IR labels and the walk start from the MCTformer-V2 seeds (present
+     classes, min-max normalised; the walk's at stride 4, ceil(H/4) x ceil(W/4)) where IRNet uses its own
+     max-normalised CAMs. Toy preset: a random-init frozen resnet18 (cobra.py's toy IRN).
 
 Run:
   python csd.py                                            (toy data, CPU, minutes)
@@ -99,6 +121,7 @@ Run:
   python csd.py --data COCO2014                            (MCTformer's settings, C = 80)
   python csd.py --csd off | --sampling uniform | --sampling cor   (ablation rows 61.7 / 63.1 / 63.8)
   python csd.py --supervision full                         (upper bound: ground-truth masks train the seg network)
+  python csd.py --mask-method irn                          (masks from IRN's random walk, Table 1 IRN mask method)
   torchrun --nproc_per_node=2 csd.py --data VOC2012
 """
 import argparse
@@ -205,7 +228,23 @@ class Args:
     teacher_conf_thr: float = -1.0  # dev code gate of L_fg (spatially normalised teacher > thr); < 0: off
     csd_resize: int = 256  # short side before the crop in the CSD stream (dev code: 256)
     # --- masks and segmentation (card Sec. 6) ---
-    mask_crf: bool = True  # seeds + dense CRF (PSA/IRN are out of scope)
+    mask_method: str = "crf"  # crf: seeds + dense CRF (Deviation 6) | irn: IRNet (Ahn et al. 2019) boundary branch + random walk from the seeds (the mask method of Table 1's IRN rows; Deviation 18)
+    mask_crf: bool = True  # the dense CRF on the seeds (crf) or on the IR labels (irn, as IRNet's cam_to_ir_label.py)
+    # --- IRN masks (--mask-method irn): IRNet run_sample.py defaults ---
+    ir_fg: float = 0.30  # IRNet conf_fg_thres: confident foreground of the IR labels
+    ir_bg: float = 0.05  # IRNet conf_bg_thres: confident background of the IR labels
+    irn_backbone: str = "resnet50.tv_in1k"  # Table 1 "IRN (ResNet-50)": IRNet's torchvision ResNet-50 v1 weights (timm's untagged resnet50 is a1_in1k)
+    irn_crop: int = 512  # IRNet irn_crop_size
+    irn_batch: int = 32  # IRNet README (irn_batch_size), global over processes
+    irn_epochs: int = 3  # IRNet irn_num_epoches
+    irn_lr: float = 0.1  # IRNet README (irn_learning_rate); poly decay
+    irn_momentum: float = 1e-4  # IRNet: PolyOptimizer passes the weight decay into SGD's momentum slot
+    irn_weight_decay: float = 1e-4  # IRNet irn_weight_decay
+    irn_radius: int = 10  # IRNet path radius for training pairs (step/train_irn.py)
+    rw_radius: int = 5  # IRNet: radius of the random-walk affinity (step/make_sem_seg_labels.py)
+    rw_beta: float = 10.0  # IRNet beta
+    rw_exp_times: int = 8  # IRNet: T squared 8 times = 256 steps
+    mask_bg: float = 0.25  # IRNet sem_seg_bg_thres: background score against the max-normalised walk
     seg_backbone: str = "resnet101"  # paper: ResNet-38 DeepLab, see Deviation 7
     seg_crop: int = 321  # DeepLab-v2 VOC
     seg_batch: int = 10  # DeepLab-v2 VOC, global over processes
@@ -229,19 +268,23 @@ PRESETS = {
         seed_par=False,  # Deviation 17: a from-scratch ViT's patch attention is no affinity, PAR only blurs the seeds
         seed_scales=(0.64,),  # ~72/112: the scale the toy classifier is trained at (and 2.4x fewer tokens)
         seg_backbone="deit_small_patch16_224", seg_crop=64, seg_batch=16, seg_iters=250, seg_lr=1e-3,
-        seg_optimizer="adamw", seg_rates=(1, 2)),
+        seg_optimizer="adamw", seg_rates=(1, 2),
+        # IRN: cobra.py's toy values (random-init frozen resnet18; momentum 0.9: momentum-free SGD barely moves in 120 steps)
+        irn_backbone="resnet18", irn_crop=128, irn_batch=16, irn_epochs=2, irn_momentum=0.9, irn_radius=5, rw_exp_times=5),
 }
 CHOICES = dict(csd=("on", "off"), sampling=("cor", "uniform", "uniform_image"), consistency=("dual", "fg", "bg"),
                csd_map=("patchcam", "fused_par"), bg_kl=("saliency", "full", "bgterm", "rawsum"),
                kl_classes=("all", "present"), token_mask=("full", "majority"), reduce=("sum", "mean"),
                target_pool=("multi", "all"), bg_paste=("source", "intersect"), cor_norm=("row", "softmax"),
-               cls_aug=("timm", "weak"), seg_optimizer=("sgd", "adamw"))
+               cls_aug=("timm", "weak"), seg_optimizer=("sgd", "adamw"), mask_method=("crf", "irn"))
 LIMITS = {"patch_size": ">=1", "embed_dim": ">=1", "depth": ">=1", "num_heads": ">=1", "drop_path": ">=0",
           "crop_size": ">=1", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "min_lr": ">=0", "warmup_epochs": ">=0",
           "warmup_lr": ">=0", "weight_decay": ">=0", "layer_index": ">=1", "seed_scales": "(0,4]", "sweep_max": "[0,1)",
           "lambda_fg": ">=0", "lambda_bg": ">=0", "kl_temp": ">0", "cor_smoothing": ">=0", "csd_warmup": ">=0",
           "teacher_conf_thr": "(-inf,1)", "csd_resize": ">=1", "seg_crop": ">=1", "seg_batch": ">=1", "seg_iters": ">=1",
-          "seg_lr": ">0", "seg_rates": ">=1", "num_vis": ">=0"}
+          "seg_lr": ">0", "seg_rates": ">=1", "num_vis": ">=0", "ir_fg": "[0,1]", "ir_bg": "[0,1]", "irn_crop": ">0",
+          "irn_batch": ">0", "irn_epochs": ">0", "irn_lr": ">0", "irn_momentum": ">=0", "irn_weight_decay": ">=0",
+          "irn_radius": ">=2", "rw_radius": ">=2", "rw_beta": ">0", "rw_exp_times": ">=0", "mask_bg": "[0,1]"}
 
 
 def validate(args):
@@ -260,7 +303,12 @@ def validate(args):
           f"--prior {args.prior}: folder {args.prior[4:]} does not exist; give a folder of VOC-format <id>.png masks")
     check(not (args.mask_crf or args.prior_crf) or crf.available(),
           "dense CRF needs pydensecrf (pip install pydensecrf2); or pass --no-mask-crf --no-prior-crf")
-    for k in ("batch_size", "seg_batch"):
+    check(args.irn_backbone.startswith(("resnet", "resnext", "wide_resnet", "seresnet")),
+          "--irn-backbone must be a timm ResNet (IRNet-style stride change on layer4)")
+    check(args.irn_crop % 16 == 0, f"--irn-crop {args.irn_crop} must be a multiple of 16")
+    check(args.irn_radius <= args.irn_crop // 8, f"--irn-radius must be <= irn_crop/8 ({args.irn_crop // 8})")
+    check(args.ir_bg <= args.ir_fg, f"--ir-bg {args.ir_bg} must not exceed --ir-fg {args.ir_fg}")
+    for k in ("batch_size", "seg_batch", "irn_batch"):
         check(getattr(args, k) % env_world() == 0, f"--{k.replace('_', '-')} {getattr(args, k)} (global) is not divisible by the "
               f"{env_world()} processes")
 
@@ -408,6 +456,70 @@ def build_segnet(args, num_classes, *, init_weights):
     return SegNet(backbone, num_classes, args.seg_rates)
 
 
+def set_layer4_stride1(backbone):
+    """IRNet strides (2, 2, 2, 1): layer4 keeps stride 16 WITHOUT dilation (timm's output_stride=16 dilates)."""
+    block = backbone.layer4[0]
+    conv = block.conv2 if hasattr(block, "conv3") else block.conv1  # Bottleneck strides its 3x3 conv2
+    conv.stride = (1, 1)
+    for m in block.downsample or []:
+        if isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
+        elif isinstance(m, nn.AvgPool2d):
+            m.stride, m.kernel_size = 1, 1
+
+
+def create_resnet(name, pretrained):
+    # zero_init_last=False: with random init and frozen/detached early stages, zeroed last-BN gammas
+    # would keep every residual branch shut (methods/cobra.md Sec. 10); pretrained weights overwrite it anyway.
+    m = timm_model(name, pretrained, num_classes=0, global_pool="", zero_init_last=False)
+    set_layer4_stride1(m)
+    return m
+
+
+class IRNEdge(nn.Module):
+    """IRN (Ahn et al., CVPR 2019): frozen ImageNet ResNet + IRNet's boundary branch.
+    x (B, 3, H, W) -> edge logits (B, 1, H/4, W/4).
+
+    Deviation 18: no displacement branch - it shares only the frozen backbone with the edge branch and does
+    not change the semantic masks (instance masks are out of scope).
+    """
+
+    def __init__(self, name, pretrained):
+        super().__init__()
+        self.backbone = create_resnet(name, pretrained).eval().requires_grad_(False)
+        chans = [f["num_chs"] for f in self.backbone.feature_info]  # 64/256/512/1024/2048 for R50/152
+        self.edge = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, 32, 1, bias=False), nn.GroupNorm(4, 32)) for c in chans)
+        self.fuse = nn.Conv2d(32 * len(chans), 1, 1, bias=True)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()  # fully frozen, BN included (methods/cobra.md Sec. 5)
+        return self
+
+    def forward(self, x):
+        b = self.backbone
+        with torch.no_grad():
+            x1 = b.maxpool(b.act1(b.bn1(b.conv1(x))))  # stride 4
+            feats = [x1]
+            for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
+                feats.append(layer(feats[-1]))  # strides 4, 8, 16, 16
+        size = feats[1].shape[2:]
+        outs = []
+        for f, head in zip(feats, self.edge):
+            e = head(f)
+            if e.shape[2:] != size:  # Impl. (IRNet net/resnet50_irn.py): upsample x2 / x4, crop, then ReLU
+                e = F.interpolate(e, scale_factor=math.ceil(size[0] / e.shape[2]), mode="bilinear", align_corners=False)
+                e = e[:, :, : size[0], : size[1]]
+            outs.append(F.relu(e))
+        return self.fuse(torch.cat(outs, 1))
+
+
+def build_irn(args, *, init_weights):
+    """The IRN of --mask-method irn: ImageNet weights for its frozen ResNet with --pretrained and init_weights."""
+    return IRNEdge(args.irn_backbone, init_weights and args.pretrained)
+
+
 # ==================================================================================================
 # Losses
 # ==================================================================================================
@@ -531,6 +643,61 @@ def csd_losses(model, batch, args, num_classes: int, csd_active: bool):
             "tokens_fg": T_fg.float().sum((1, 2)).mean(), "tokens_bg": T_bg.float().sum((1, 2)).mean()}
 
 
+# --- IRN (Ahn et al., CVPR 2019): pair affinities from the boundary map (--mask-method irn) ---
+def path_offsets(radius: int):
+    """IRNet's forward half-disk of displacements d and, per d, the line pixels from 0 to d:
+    pixels in the bounding box whose squared perpendicular distance to the segment is < 1."""
+    dirs = [(0, dx) for dx in range(1, radius)]
+    dirs += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dx * dx + dy * dy < radius * radius]
+    paths = []
+    for dy, dx in dirs:
+        n2 = dx * dx + dy * dy
+        paths.append([(oy, ox) for oy in range(0, dy + 1) for ox in range(min(0, dx), max(0, dx) + 1)
+                      if (oy * dx - ox * dy) ** 2 < n2])
+    return dirs, paths
+
+
+def pair_affinity(edge, radius, pad_value):
+    """a_ij = 1 - max of the edge probability on the line from i to j, for every i and displacement d.
+
+    edge (B, h, w) in [0, 1] -> aff (B, D, h, w), D = number of displacements; destinations outside the
+    map read `pad_value` (1.0 for the random walk: no affinity leaves the image).
+    """
+    dirs, paths = path_offsets(radius)
+    h, w = edge.shape[1:]
+    ep = F.pad(edge, (radius, radius, 0, radius), value=pad_value)
+    affs = []
+    for path in paths:
+        m = torch.stack([ep[:, oy: oy + h, radius + ox: radius + ox + w] for oy, ox in path]).amax(0)
+        affs.append(1 - m)
+    return torch.stack(affs, 1)
+
+
+def pair_labels(label, radius):
+    """bg-positive, fg-positive and negative pairs (B, D, h, w) from a label map (B, h, w) (255 = ignore)."""
+    dirs, _ = path_offsets(radius)
+    h, w = label.shape[1:]
+    lp = F.pad(label, (radius, radius, 0, radius), value=255)
+    src = label[:, None]
+    # Deviation 18: destinations outside the map read 255 and are ignored (IRNet crops the source region instead).
+    dst = torch.stack([lp[:, dy: dy + h, radius + dx: radius + dx + w] for dy, dx in dirs], 1)
+    valid = (src != 255) & (dst != 255)
+    bg_pos = valid & (src == 0) & (dst == 0)
+    fg_pos = valid & (src == dst) & (src != 0)
+    neg = valid & (src != dst)
+    return bg_pos, fg_pos, neg
+
+
+def loss_irn_affinity(edge_logits, label, radius):
+    """IRNet's inter-pixel affinity loss: 1/2 (1/2 L_bg+ + 1/2 L_fg+) + 1/2 L_neg (IRNet step/train_irn.py)."""
+    aff = pair_affinity(torch.sigmoid(edge_logits[:, 0]), radius, pad_value=0.0)  # (B, D, h, w)
+    bg_pos, fg_pos, neg = pair_labels(label, radius)
+    mean = lambda l, m: (l * m).sum() / (m.sum() + 1e-5)
+    pos_loss = -torch.log(aff + 1e-5)
+    neg_loss = -torch.log(1.0 + 1e-5 - aff)
+    return (mean(pos_loss, bg_pos) / 2 + mean(pos_loss, fg_pos) / 2) / 2 + mean(neg_loss, neg) / 2
+
+
 # ==================================================================================================
 # Pseudo labels
 # ==================================================================================================
@@ -603,15 +770,19 @@ def compute_maps(ctx, model, datasets, desc):
     return cache
 
 
-def write_labels(ctx, cache, ds, t, out_dir: Path, use_crf, desc, score_ids=(), cm=None, indices=None):
+def write_labels(ctx, cache, ds, t, out_dir: Path, use_crf, desc, score_ids=(), cm=None, indices=None, ir=False):
     """Seeds at threshold t (+ dense CRF, in the loader workers) for the images of ds (all, or `indices`)
-    -> out_dir/<id>.png; the labels of images in score_ids are scored against their GT in cm."""
+    -> out_dir/<id>.png; the labels of images in score_ids are scored against their GT in cm. ir: IRNet's
+    IR labels (--ir-fg / --ir-bg, + CRF) from the same seeds instead; t is not used."""
     out_dir.mkdir(parents=True, exist_ok=True)
     score_ids = set(score_ids)
 
     def to_label(sample):
-        lab = seeds_to_label(seed_from_lowres(cache[sample["name"]], sample["label"], sample["image"].shape[:2]),
-                             sample["label"], t)
+        cam = seed_from_lowres(cache[sample["name"]], sample["label"], sample["image"].shape[:2])  # (C-1, H, W)
+        if ir:
+            keys = np.flatnonzero(sample["label"] > 0) + 1  # class ids of the present classes
+            return sample, make_ir_label(sample["image"], cam[keys - 1], keys, ctx.args.ir_fg, ctx.args.ir_bg, use_crf)
+        lab = seeds_to_label(cam, sample["label"], t)
         return sample, crf_labels(sample["image"], lab, sample["label"], "psa") if use_crf else lab
 
     for sample, lab in each_sample(ctx, ds if indices is None else torch.utils.data.Subset(ds, indices), desc, fn=to_label):
@@ -623,7 +794,8 @@ def write_labels(ctx, cache, ds, t, out_dir: Path, use_crf, desc, score_ids=(), 
 def make_labels(ctx, model, train_set, seed_set, stage, t, use_crf, out_dir):
     """Seeds of `model` -> labels at background threshold t (+ dense CRF) for every training image, in out_dir.
     t = "best": the argmax of the full seed sweep on the seed split (Deviation 5). stage "prior": the stage-1
-    prior (Sec. 3.2); "mask": the final masks, scored on the seed split. Rank 0 only. -> (results, t)."""
+    prior (Sec. 3.2); "mask": the final masks, scored on the seed split; "ir": the IR labels of --mask-method irn
+    (IRNet's fixed thresholds; the sweep still gives seed/train). Rank 0 only. -> (results, t)."""
     split, names = ctx.splits["seed"], seed_set.class_names
     cache = compute_maps(ctx, model, [train_set] + ([seed_set] if t == "best" else []), f"{stage} maps")
     res = {}
@@ -633,7 +805,7 @@ def make_labels(ctx, model, train_set, seed_set, stage, t, use_crf, out_dir):
         t = sweep["all"]["best_threshold"]
     t, cm = float(t), miou.ConfusionMatrix(seed_set.num_classes)
     scored = seed_set.ids if stage == "mask" else ()
-    write_labels(ctx, cache, train_set, t, out_dir, use_crf, f"{stage} labels", scored, cm)
+    write_labels(ctx, cache, train_set, t, out_dir, use_crf, f"{stage} labels", scored, cm, ir=stage == "ir")
     if stage == "mask":
         rest = [i for i, name in enumerate(seed_set.ids) if name not in set(train_set.ids)]
         if rest:  # seed-split images outside the training split (not the case for VOC train / train_aug)
@@ -641,6 +813,127 @@ def make_labels(ctx, model, train_set, seed_set, stage, t, use_crf, out_dir):
                          "masks (seed split)", scored, cm, indices=rest)
         res[f"mask/{split}"] = miou_entry(cm.compute(), names, threshold=t, crf=bool(use_crf))
     return res, t
+
+
+# --- --mask-method irn: IRNet's IR labels, random walk and masks (Ahn et al., CVPR 2019) ---
+def make_ir_label(image, cam, keys, tau_fg, tau_bg, use_crf=True) -> np.ndarray:
+    """IRNet's confident labels: fg from the high threshold, bg where both maps say bg, 255 in between.
+
+    cam (K, H, W) -> uint8 (H, W) in {0, 255} u keys. CRF: IRN preset on the label maps (common.crf).
+    """
+    keys_all = np.concatenate([[0], keys]).astype(np.uint8)
+    maps = []
+    for tau in (tau_fg, tau_bg):
+        idx = np.concatenate([np.full((1, *cam.shape[1:]), tau, cam.dtype), cam]).argmax(0)
+        if use_crf and len(keys):
+            idx = crf.refine_labels(np.array(image), idx, len(keys_all), gt_prob=0.7, **crf.PRESETS["irn"])
+        maps.append(keys_all[idx])
+    fg_conf, bg_conf = maps
+    label = fg_conf.copy()
+    label[fg_conf == 0] = 255
+    label[(fg_conf == 0) & (bg_conf == 0)] = 0
+    return label
+
+
+def transition_weights(edge, radius, beta):
+    """Symmetric sparse affinity W (diagonal 1) of the random walk and its column sums.
+
+    edge (h, w) -> W sparse (hw, hw) with entries a_ij^beta, colsum (hw,). T = W / colsum (column-stochastic).
+    """
+    h, w = edge.shape
+    dirs, _ = path_offsets(radius)
+    aff = pair_affinity(edge[None], radius, pad_value=1.0)[0].pow(beta)  # (D, h, w)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    rows, cols, vals = [torch.arange(h * w)], [torch.arange(h * w)], [torch.ones(h * w)]
+    for d, (dy, dx) in enumerate(dirs):
+        ok = (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+        src = (ys * w + xs)[ok]
+        dst = ((ys + dy) * w + xs + dx)[ok]
+        a = aff[d][ok].float().cpu()
+        rows += [src, dst]
+        cols += [dst, src]
+        vals += [a, a]
+    W = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (h * w, h * w),
+                                check_invariants=False).coalesce()
+    colsum = torch.sparse.sum(W, 0).to_dense()
+    return W, colsum
+
+
+def random_walk(x, edge, radius=5, beta=10.0, exp_times=8, dense=False):
+    """IRNet's propagation r = (x (1 - e)) T^(2^exp_times), T = column-normalise(W).
+
+    x (K, h, w) seed maps, edge (h, w) boundary probability -> (K, h, w). The sparse form applies T
+    2^exp_times times (x T = (W x^T)^T / colsum, W symmetric) instead of squaring a dense (hw)^2 matrix.
+    """
+    K, h, w = x.shape
+    W, colsum = transition_weights(edge.cpu(), radius, beta)
+    v = (x.cpu().float() * (1 - edge.cpu().float())).reshape(K, h * w)  # (K, hw)
+    if dense:  # IRNet's form: square T exp_times times, then one product
+        T = W.to_dense() / colsum[None]
+        for _ in range(exp_times):
+            T = T @ T
+        return (v @ T).reshape(K, h, w)
+    # Small maps (toy): a dense T with 2^exp_times mat-vec steps is faster than sparse kernels; same steps.
+    step = W.to_dense() if h * w <= 4096 else W
+    vt = v.t().contiguous()  # (hw, K)
+    for _ in range(2 ** exp_times):
+        vt = (step @ vt) / colsum[:, None]
+    return vt.t().reshape(K, h, w)
+
+
+def final_mask(rw, keys, H, W, bg):
+    """Impl. (jiwoon-ahn/irn, step/make_sem_seg_labels.py): the walk upsampled x4 and cropped to (H, W), divided by
+    its maximum over all classes and pixels, then argmax over [bg, r] (sem_seg_bg_thres; CoBra's alpha rule differs).
+
+    rw (K, h4, w4) -> uint8 (H, W) in {0} u keys.
+    """
+    if len(keys) == 0:
+        return np.zeros((H, W), np.uint8)
+    up = F.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :H, :W]  # (K, H, W)
+    up = up / up.max().clamp_min(1e-5)  # an all-zero walk stays background (IRNet would divide by 0)
+    scores = torch.cat([torch.full((1, H, W), float(bg)), up.float().cpu()])  # (1 + K, H, W)
+    return np.concatenate([[0], keys]).astype(np.uint8)[scores.argmax(0).numpy()]
+
+
+@torch.no_grad()
+def infer_edge(irn: IRNEdge, image, crop, device):
+    """Edge probability at stride 4 (ceil(H/4), ceil(W/4)): flip-averaged logits, then sigmoid.
+    Impl. (methods/cobra.md Sec. 5): the normalised image is zero-padded to (at least) the training crop."""
+    H, W = image.shape[:2]
+    x = augment.to_tensor(image).to(device)
+    Hp, Wp = max(crop, math.ceil(H / 16) * 16), max(crop, math.ceil(W / 16) * 16)
+    pad = lambda t: F.pad(t, (0, Wp - W, 0, Hp - H))
+    logits = irn(torch.stack([pad(x), pad(x.flip(-1))]))  # (2, 1, Hp/4, Wp/4)
+    h4, w4 = (H - 1) // 4 + 1, (W - 1) // 4 + 1
+    logits = logits[:, 0, :h4, :w4]
+    return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
+
+
+def irn_masks(ctx, model, irn, train_set, seed_set, out_dir):
+    """--mask-method irn: IRNet's masks for every training image -> out_dir, scored on the seed split. The seeds of
+    `model` at stride 4 (IRNet's strided `cam`: present classes, min-max normalised as seed_map()) walk on the IRN's
+    boundary map (random_walk()), then IRNet's background rule (final_mask()). Rank 0 only. -> results."""
+    args, split, names = ctx.args, ctx.splits["seed"], seed_set.class_names
+    rest = [i for i, name in enumerate(seed_set.ids) if name not in set(train_set.ids)]
+    cache = compute_maps(ctx, model, [train_set] + ([seed_set] if rest else []), "mask maps")
+    cm, scored = miou.ConfusionMatrix(seed_set.num_classes), set(seed_set.ids)
+    # seed-split images outside the training split (not the case for VOC train / train_aug) go next to them
+    jobs = [(train_set, range(len(train_set)), out_dir)]
+    jobs += [(seed_set, rest, ctx.run_dir / "pseudo_labels" / "mask" / split)] if rest else []
+    irn.eval()
+    for ds, indices, folder in jobs:
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in each_sample(ctx, torch.utils.data.Subset(ds, indices), "irn masks"):
+            H, W = s["image"].shape[:2]
+            keys = np.flatnonzero(s["label"] > 0) + 1  # class ids of the present classes
+            edge = infer_edge(irn, s["image"], args.irn_crop, ctx.device).float().cpu()  # (ceil(H/4), ceil(W/4))
+            seed = torch.from_numpy(seed_from_lowres(cache[s["name"]], s["label"], tuple(edge.shape))[keys - 1])  # (K, h4, w4)
+            rw = random_walk(seed, edge, args.rw_radius, args.rw_beta, args.rw_exp_times) if len(keys) else seed
+            lab = final_mask(rw, keys, H, W, args.mask_bg)
+            data.save_mask(folder / f"{s['name']}.png", lab)
+            if s["name"] in scored:
+                cm.update(lab, s["mask"])
+    return {f"mask/{split}": miou_entry(cm.compute(), names, method="IRN random walk", bg=args.mask_bg)}
 
 
 # ==================================================================================================
@@ -889,6 +1182,46 @@ def train_classifier(ctx, stage, num_classes, train_labels, csd_on, prior_dir=No
     train_loop(ctx, stage, train_set, args.batch_size, total, step, {"model": model, "optimizer": optimizer},
                lr=lambda it: lr_factor(it // ipe, epochs, args), salt=1)
     return model
+
+
+# --- --mask-method irn: the IRN boundary branch on the IR labels (IRNet step/train_irn.py) ---
+def irn_transform(args):
+    def transform(sample, rng):
+        # Impl. (IRNet misc/imutils.py random_scale): bicubic (order 3) image, nearest label
+        image, masks, _ = augment.random_rescale(sample["image"], rng, masks=(sample["ir"],), ratio_range=(0.5, 1.5),
+                                                 interp="bicubic")
+        image, masks, _ = augment.random_hflip(image, rng, masks=masks)
+        image, masks, _, _ = augment.random_crop(image, rng, args.irn_crop, masks=masks)
+        # Impl. (IRNet): label reduced x0.25 with nearest neighbour (PIL picks the centre pixel 4i+2).
+        return {"image": augment.to_tensor(image), "ir": augment.mask_to_tensor(masks[0][2::4, 2::4])}
+    return transform
+
+
+def train_irn(ctx):
+    """The IRN's boundary branch on the IR labels (IRNet's affinity loss; SGD, poly schedule)."""
+    args, spec = ctx.args, ctx.spec
+    ctx.reseed(2)
+    irn = build_irn(args, init_weights=True).to(ctx.device)
+    ds = data.SegDataset(spec.root, ctx.splits["train"], dataset=spec.dataset, transform=irn_transform(args),
+                         extra_dirs={"ir": ctx.run_dir / "pseudo_labels" / "ir" / ctx.splits["train"]}, seed=args.seed)
+    total = args.max_iters or args.irn_epochs * max(len(ds) // args.irn_batch, 1)
+    params = [p for p in irn.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.irn_lr, momentum=args.irn_momentum, weight_decay=args.irn_weight_decay)
+    net = ctx.wrap(irn).train()
+
+    def step(batch, it):
+        with ctx.autocast():
+            logits = net(batch["image"])
+        loss = loss_irn_affinity(logits.float(), batch["ir"], args.irn_radius)
+        check_finite({"losses/irn": loss.item()}, it)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"losses/irn": loss.item()}
+
+    train_loop(ctx, "irn", ds, args.irn_batch, total, step, {"irn": irn, "optimizer": optimizer},
+               lr=lambda it: poly_lr(it, total), salt=2)
+    return irn.eval()
 
 
 # --- Segmentation network (Deviation 7) ---
@@ -1635,18 +1968,21 @@ def save_grid(path, rows, captions, cell=128):
 # Main
 # ==================================================================================================
 def main(argv=None):
-    """stage1 -> prior -> classifier (stage 2) -> seeds and masks -> seg -> seg/val, into metrics.json."""
+    """stage1 -> prior -> classifier (stage 2) -> seeds and masks (irn: seeds and IR labels -> irn -> masks) -> seg
+    -> seg/val, into metrics.json."""
     with run_guard():
         args, spec = parse_args(argv)
         validate(args)
         ctx = Context(args, spec)
         splits, full = ctx.splits, args.supervision == "full"
+        irn_on = args.mask_method == "irn" and not full  # the upper bound needs no masks
         # data and networks are built (and validated) before anything is written
         train_set, seed_set, val_set = (data.SegDataset(spec.root, splits[k], dataset=spec.dataset) for k in ("train", "seed", "val"))
         for k, ds in (("train", train_set), ("seed", seed_set), ("val", val_set)):
             check(len(ds) > 0, f"split '{splits[k]}' of {spec.root} is empty; list image ids in ImageSets/Segmentation/{splits[k]}.txt")
-        check(len(train_set) >= max(args.batch_size, args.seg_batch), f"the training split has {len(train_set)} images, "
-              f"fewer than one batch (--batch-size {args.batch_size}, --seg-batch {args.seg_batch})")
+        check(len(train_set) >= max(args.batch_size, args.seg_batch, args.irn_batch if irn_on else 1), f"the training "
+              f"split has {len(train_set)} images, fewer than one batch (--batch-size {args.batch_size}, --seg-batch "
+              f"{args.seg_batch}{f', --irn-batch {args.irn_batch}' if irn_on else ''})")
         num_classes, train_labels = val_set.num_classes, train_set.labels()
         if args.csd == "on" and not (args.eval_only or full):
             sources, targets = split_domains(train_labels)
@@ -1657,12 +1993,16 @@ def main(argv=None):
         fresh = not (args.resume or args.eval_only)
         classifier = None if full else build_model(args, num_classes - 1, init_weights=fresh).to(ctx.device)
         segnet = build_segnet(args, num_classes, init_weights=fresh).to(ctx.device)
+        irn = build_irn(args, init_weights=fresh).to(ctx.device) if irn_on else None
         if args.eval_only:  # the trained networks of --ckpt
             weights = ctx.final_weights()
             check(full or "classifier" in weights, f"--ckpt {args.ckpt} holds no classifier (a --supervision full run)")
             load_weights(segnet, weights["seg"], f"--ckpt {args.ckpt} (segmentation network)")
             if not full:
                 load_weights(classifier, weights["classifier"], f"--ckpt {args.ckpt} (classifier)")
+            if irn_on:
+                check("irn" in weights, f"--ckpt {args.ckpt} holds no IRN (a --mask-method crf run); drop --mask-method irn")
+                load_weights(irn, weights["irn"], f"--ckpt {args.ckpt} (IRN)")
         ctx.start()
         mask_dir = ctx.run_dir / "pseudo_labels" / "mask" / splits["train"]
         if not (args.eval_only or full):
@@ -1683,13 +2023,23 @@ def main(argv=None):
                 ctx.finish_stage("classifier", weights={"classifier": model.state_dict()})
             load_weights(classifier, ctx.stage_weights("classifier")["classifier"], "the stage-2 classifier")
         if not full and (args.eval_only or not ctx.done("seeds")):  # --- seeds (full sweep), masks (+ dense CRF) ---
-            res = make_labels(ctx, classifier, train_set, seed_set, "mask", "best", args.mask_crf, mask_dir)[0] if ctx.main else {}
+            # irn: the same seeds give IRNet's IR labels instead; the masks come from the random walk below
+            stage, out_dir = ("ir", ctx.run_dir / "pseudo_labels" / "ir" / splits["train"]) if irn_on else ("mask", mask_dir)
+            res = make_labels(ctx, classifier, train_set, seed_set, stage, "best", args.mask_crf, out_dir)[0] if ctx.main else {}
             ctx.finish_stage("seeds", results=res)
+        if irn_on and not args.eval_only:  # --- the IRN on the IR labels ---
+            if not ctx.done("irn"):
+                ctx.finish_stage("irn", weights={"irn": train_irn(ctx).state_dict()})
+            load_weights(irn, ctx.stage_weights("irn")["irn"], "the IRN")
+        if irn_on and (args.eval_only or not ctx.done("masks")):  # --- masks: IRN boundary map + random walk ---
+            res = irn_masks(ctx, classifier, irn, train_set, seed_set, mask_dir) if ctx.main else {}
+            ctx.finish_stage("masks", results=res)
         if not args.eval_only:  # --- the segmentation network on the masks (or the ground truth) ---
             if not ctx.done("seg"):
                 weights = {"seg": train_seg(ctx, num_classes, mask_dir).state_dict()}
-                ctx.finish_stage("seg", weights=weights if full else {**weights, "classifier": classifier.state_dict()},
-                                 final=True)
+                if not full:  # the networks --eval-only needs to rebuild the masks
+                    weights.update(classifier=classifier.state_dict(), **({"irn": irn.state_dict()} if irn_on else {}))
+                ctx.finish_stage("seg", weights=weights, final=True)
             load_weights(segnet, ctx.final_weights()["seg"], "the segmentation network")
         if ctx.main:
             ctx.results["seg/val"] = evaluate(ctx, segnet, val_set)

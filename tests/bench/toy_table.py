@@ -32,7 +32,8 @@ ROWS = {
              "gc_sa_raw": ["--ablation", "gc_sa_raw"], "gc_sa_raw_csc": ["--ablation", "gc_sa_raw_csc"]},
     "csrm": {"baseline": ["--no-s2c", "--no-u", "--no-m"], "s2c": ["--no-u", "--no-m"], "s2c_u": ["--no-m"]},
     "cobra": {"baseline": ["--branches", "cnn", "--until", "seed"], "vit": ["--branches", "vit", "--until", "seed"],
-              "seed": ["--until", "seed"]},
+              "seed": ["--until", "seed"], "no_aux": ["--losses", "none", "--until", "seed"],
+              "no_cam": ["--losses", "cap,sap", "--until", "seed"], "no_cap": ["--losses", "cam,sap", "--until", "seed"]},
     "auxsegnet": {"baseline": ["--variant", "baseline"], "mt": ["--variant", "mt"], "mt_ct": ["--variant", "mt_ct"],
                   # the finer single-stage rows of the paper's Tables 4-5 (auxsegnet.py Deviation 16)
                   "seg_cls": ["--variant", "mt", "--tasks", "seg+cls"], "seg_sal": ["--variant", "mt", "--tasks", "seg+sal"],

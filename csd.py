@@ -1184,6 +1184,16 @@ def train_classifier(ctx, stage, num_classes, train_labels, csd_on, prior_dir=No
     return model
 
 
+def optimizer_step(optimizer, loss, it, name):
+    """One update on a single-loss stage (IRN, segmentation network), after the non-finite guard. -> its log entry."""
+    log = {f"losses/{name}": loss.item()}
+    check_finite(log, it)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return log
+
+
 # --- --mask-method irn: the IRN boundary branch on the IR labels (IRNet step/train_irn.py) ---
 def irn_transform(args):
     def transform(sample, rng):
@@ -1212,12 +1222,7 @@ def train_irn(ctx):
     def step(batch, it):
         with ctx.autocast():
             logits = net(batch["image"])
-        loss = loss_irn_affinity(logits.float(), batch["ir"], args.irn_radius)
-        check_finite({"losses/irn": loss.item()}, it)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"losses/irn": loss.item()}
+        return optimizer_step(optimizer, loss_irn_affinity(logits.float(), batch["ir"], args.irn_radius), it, "irn")
 
     train_loop(ctx, "irn", ds, args.irn_batch, total, step, {"irn": irn, "optimizer": optimizer},
                lr=lambda it: poly_lr(it, total), salt=2)
@@ -1258,11 +1263,7 @@ def train_seg(ctx, num_classes, mask_dir):
     def step(batch, it):
         with ctx.autocast():
             loss = F.cross_entropy(net(batch["image"]).float(), batch["target"], ignore_index=data.IGNORE_INDEX)
-        check_finite({"losses/seg": loss.item()}, it)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"losses/seg": loss.item()}
+        return optimizer_step(optimizer, loss, it, "seg")
 
     train_loop(ctx, "seg", train_set, args.seg_batch, total, step, {"model": model, "optimizer": optimizer},
                lr=lambda it: poly_lr(it, total), salt=3)

@@ -2,7 +2,7 @@
 
     python tests/bench/csd_map_variants.py RUN_DIR [N]      (RUN_DIR: a csd.py run; N train images, default 300)
 
-Loads RUN_DIR/checkpoints/classifier.pt and scores, on the first N train images at the seed scale of the run, the
+Loads RUN_DIR/checkpoints/classifier.pt and scores, on the first N train images at the first seed scale of the run, the
 fused map with PAR (the MCTformer-V2 seed), without PAR, the patch-CAM alone, the class-to-patch attention alone and
 with PAR, each min-max normalised per class and swept over 41 background thresholds (best printed). The README's
 CSD section quotes it for Deviation 17 (a from-scratch ViT's patch attention is no affinity).
@@ -47,8 +47,8 @@ def main():
             def par(m):
                 return (A_pp @ m.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(1, C, h, w)
 
-            fused = A_cp * F.relu(cam)
-            maps = dict(zip(variants, (par(fused), fused, F.relu(cam), A_cp, par(A_cp))))
+            fused = [csd.localization_map(out, args.layer_index, C, par=p) for p in (True, False)]  # the seeds' code
+            maps = dict(zip(variants, (*fused, F.relu(cam), A_cp, par(A_cp))))
             for v, m in maps.items():
                 m = F.interpolate(m[:, keys], size=s["mask"].shape, mode="bilinear", align_corners=False)[0]
                 lo, hi = m.flatten(1).min(1)[0].view(-1, 1, 1), m.flatten(1).max(1)[0].view(-1, 1, 1)

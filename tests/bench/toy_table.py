@@ -52,7 +52,7 @@ def run(method, row, seed, args):
             cmd = [sys.executable, str(ROOT / f"{method}.py"), "--resume", str(out)]
         else:
             cmd = [sys.executable, str(ROOT / f"{method}.py"), "--data", args.data, "--seed", str(seed),
-                   "--out", str(out), *args.preset, *flags]
+                   "--out", str(out), *args.data_flags, *flags]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         t = time.time()
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -85,13 +85,13 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="runs at the same time")
     ap.add_argument("--knobs", default="", help="JSON dict of toy knobs: run on a toy made with them")
     args = ap.parse_args()
-    args.preset = []
+    args.data_flags = []
     if args.knobs:  # a toy with other knobs is a dataset folder to the scripts, so name the preset
         sys.path.insert(0, str(ROOT))
         from common import data
         knobs = json.loads(args.knobs)
         name = "data-" + "-".join(f"{k}{v}" for k, v in sorted(knobs.items())).replace(" ", "")
-        args.data, args.preset = str(data.make_toy(Path(args.out) / name, knobs=knobs)), ["--preset", "toy"]
+        args.data, args.data_flags = str(data.make_toy(Path(args.out) / name, knobs=knobs)), ["--preset", "toy"]
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     jobs = [(m, r, s) for m in methods
             for r in (args.rows.split(",") if args.rows else ["default", *ROWS[m], "oracle"])

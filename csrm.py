@@ -24,6 +24,7 @@ Reading guide (paper section -> code):
   Sec. 3.2.6 teacher, total loss   -> build_model(), ema_update(), train_step()
   Sec. 4 setup / schedules         -> PRESETS, aux_weights(), unreliable_ratio(), train_csrm()
   Sec. 4 inference + verification  -> tta_cams(), make_pseudo_labels(), train_verify(), evaluate()
+  Table 2 SEPL (Chen et al. 2023)  -> load_sam(), sam_mask_generator(), sepl_merge() (Deviation 28)
 
 Equation map:
   Eq. (1)  A = C(F(x)), p = sigmoid(GAP(A))               -> CSRMNet.forward()
@@ -121,11 +122,13 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
         Table 1 / Table 2 "CSRM" (71.8 train / 69.8 val)  -> cam/train, cam/val      (GT-swept threshold)
         Table 2 "CSRM + dCRF" (72.6 / 70.2)               -> pseudo_crf/train, pseudo_crf/val (t = 0.4 + dCRF)
         Table 2 row 1, the start point (train)            -> cam_init/train           (GT-swept threshold)
-        Table 2 rows 3-5 (start + dCRF, SEPL)             -> not run (SEPL is not implemented)
+        Table 2 row 5 "CSRM + dCRF + SEPL" (77.6 / 76.2)  -> pseudo_sepl/train, pseudo_sepl/val (--sepl; Deviation 28)
+        Table 2 rows 3-4 (start + dCRF, start + SEPL)     -> not run (they refine the Puzzle-CAM start point)
         Fig. 2 (delta_fg curve)                           -> cam/train "curve" (Deviation 14)
         Tables 3-4 DeepLabV3+ val                         -> seg/val (single scale, no CRF), seg_ms/val (TTA);
-                                                             neither uses SEPL labels or a test-time CRF, and
-                                                             the 69.8 of Table 3 is DeepLabV2, not comparable.
+                                                             trained on SEPL labels (as the paper's) only with
+                                                             --sepl, no test-time CRF; the 69.8 of Table 3 is
+                                                             DeepLabV2, not comparable.
       pseudo/{train,val} (t = 0.4, no CRF) has no number in the paper; log.jsonl val/cam_miou is swept on GT too.
   27. The per-step label dCRFs of Eq. (6) run in torch on the training device with --train-crf torch, or
       auto on CUDA (common/crf.py refine_labels_torch: pydensecrf's energy and mean-field updates, the
@@ -135,11 +138,20 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       pydensecrf to the exact (N^2) CRF on labels that ignore the image (99.15% vs 97.76% on the hard crop). --train-crf pydensecrf is the official host CRF;
       auto keeps it on CPU, where it is ~3x faster than the torch version. Pseudo-label PNGs and the
       inference CRF always use pydensecrf.
+  28. SEPL (--sepl; Chen et al. 2023, arXiv 2305.05803) is the merge that the official CSRM runner ran
+      (cskyl/SAM_WSSS, merge/max_iou_imp2.py MaxIoU_IMP2.merge, its main.py default, on the dCRF labels),
+      written from that code: the SEPL paper's own text was not available to this project, so where it words
+      the rule differently, the code is what CSRM's Table 2 numbers were made with. Two properties of that
+      loop a reader may not expect: a mask goes to the LOWEST class id that passes a test (a small class inside
+      a large segment of another class claims it), and masks taken by lower ids no longer count as "SAM has a
+      mask here" for the higher ones. The masks come from SAM's automatic generator with the defaults of
+      segment-anything scripts/amg.py (the official runner: ViT-H).
 Run:
   python csrm.py                                   (toy data, CPU, minutes)
   python csrm.py --data VOC2012                    (paper settings, CUDA)
   python csrm.py --data COCO2014                   (paper COCO settings)
   python csrm.py --no-s2c --no-u --no-m            (Table 1 row 1: L_s only)
+  python csrm.py --data VOC2012 --sepl --sam-ckpt sam_vit_h_4b8939.pth   (Table 2 row 5: + SEPL, pseudo_sepl/...)
   python csrm.py --supervision full                (upper bound: the verification DeepLabV3+ on ground-truth masks;
                                                     CSRM and its pseudo labels are skipped, stage 0 only for --seg-init cam)
   torchrun --nproc_per_node=4 csrm.py --data VOC2012 --amp
@@ -263,6 +275,13 @@ class Args:
     pl_thr: float = 0.4  # PNOC make_pseudo_masks: background threshold 0.4
     pl_crf: bool = True  # Table 2: dCRF on the pseudo labels (pseudo_crf/...)
     val_images: int = 1464  # per-epoch validation images of the seed split (official: VOC train)
+    # --- SEPL, Table 2 rows 4-5 (Chen et al. 2023, arXiv 2305.05803; official cskyl/SAM_WSSS; Deviation 28) ---
+    sepl: bool = False  # Table 2 SEPL: SAM masks refine the (dCRF) pseudo labels (pseudo_sepl/...); needs --sam-ckpt
+    sam_ckpt: str = ""  # SAM weights for --sepl, e.g. sam_vit_h_4b8939.pth of the segment-anything release
+    sam_model: str = "vit_h"  # SAM architecture of --sam-ckpt; official runner: scripts/amg.py --model-type vit_h
+    sam_points: int = 32  # SAM point prompts per image side; official runner: scripts/amg.py default (32 x 32)
+    sepl_sam_ratio: float = 0.5  # official max_iou_imp2: keep a SAM mask if its class fills more than half of it ...
+    sepl_label_ratio: float = 0.85  # official max_iou_imp2: ... or it holds at least 85% of that class's pseudo label
     # --- verification (Sec. 4; PNOC scripts/segmentation/train.py) ---
     seg_backbone: str = "resnest269e"  # Table 3: DeepLabV3+ RS-269
     seg_weights: str = ""  # local state dict for the verification backbone (--seg-init imagenet)
@@ -286,12 +305,14 @@ PRESETS = {
         lr=0.002, queries=32, negatives=16, bank=2000, bank_bg=4000, crf_iters=5, crf_workers=0, tta_scales=(1.0,),
         val_images=100, seg_backbone="resnet18", seg_epochs=3, seg_batch=16, seg_lr=0.001, seg_wd=1e-4, seg_init="cam"),
 }
-CHOICES = {"seg_init": ("imagenet", "cam"), "train_crf": ("auto", "torch", "pydensecrf")}
+CHOICES = {"seg_init": ("imagenet", "cam"), "train_crf": ("auto", "torch", "pydensecrf"),
+           "sam_model": ("vit_h", "vit_l", "vit_b")}
 LIMITS = {**dict.fromkeys(("cam_epochs", "cam_batch", "epochs", "steps_per_epoch", "batch_size", "crop", "width",
                            "low_width", "rep_dim", "queries", "negatives", "bank", "bank_bg", "seg_epochs", "seg_batch",
-                           "rank_low"), ">=1"),
+                           "rank_low", "sam_points"), ">=1"),
           **dict.fromkeys(("mix_prob", "unreliable", "s2c_sigma", "s2c_ramp_start", "ema", "label_smoothing", "pl_thr",
-                           "query_conf", "neg_conf", "bg_thr", "fg_thr"), "[0,1]"),
+                           "query_conf", "neg_conf", "bg_thr", "fg_thr", "sepl_sam_ratio"), "[0,1]"),
+          "sepl_label_ratio": "(0,1]",  # 0 would keep masks that miss their class entirely
           **dict.fromkeys(("lr", "cam_lr", "seg_lr", "tau", "lr_new_mult", "scale_min", "tta_scales"), ">0"),
           **dict.fromkeys(("wd", "seg_wd", "grad_clip", "w_s2c", "w_u", "w_m", "crf_workers", "crf_iters",
                            "frozen_stages", "val_images", "vis", "warmup_epochs"), ">=0")}
@@ -306,6 +327,11 @@ def validate(args):
     check(args.rank_low < args.rank_high, "need 1 <= --rank-low < --rank-high")
     check(args.seg_init != "cam" or args.seg_backbone == args.backbone,
           "--seg-init cam needs --seg-backbone equal to --backbone (it copies the stage-0 backbone)")
+    check(not args.sepl or args.sam_ckpt,
+          "--sepl needs --sam-ckpt FILE, SAM weights of --sam-model (e.g. sam_vit_h_4b8939.pth)")
+    check(not args.sam_ckpt or Path(args.sam_ckpt).is_file(), f"--sam-ckpt {args.sam_ckpt}: no such file")
+    check(not args.sepl or args.supervision == "image",
+          "--sepl refines the pseudo labels; --supervision full makes none")
     for k in ("batch_size", "cam_batch", "seg_batch"):
         check(getattr(args, k) % env_world() == 0,
               f"--{k.replace('_', '-')} {getattr(args, k)} (global) is not divisible by the {env_world()} processes")
@@ -812,6 +838,58 @@ def tta_seg(model, x, scales, flip):
     return acc / len(scales)
 
 
+# --- SEPL (Table 2 rows 4-5): SAM Enhanced Pseudo-Labels, Chen et al. 2023, arXiv 2305.05803 ---
+def load_sam(args):
+    """The SAM of --sam-ckpt with the --sam-model architecture, on the CPU until the pseudo labels need it. A missing
+    package, a foreign file or another architecture ends in one line, before anything is written."""
+    what = f"--sam-ckpt {args.sam_ckpt}"
+    state = state_dict_of(load_checkpoint(args.sam_ckpt, "--sam-ckpt"), what)
+    check(any(k.startswith("image_encoder.") for k in state),
+          f"{what} holds no SAM weights (no image_encoder.* keys); give e.g. sam_vit_h_4b8939.pth")
+    try:
+        import segment_anything  # only --sepl needs the package
+    except ImportError:
+        fail("--sepl needs the segment-anything package: pip install segment-anything")
+    # checkpoint=None: the registry's own torch.load would unpickle the file without weights_only
+    sam = segment_anything.sam_model_registry[args.sam_model](checkpoint=None)
+    load_weights(sam, state, f"{what} (--sam-model {args.sam_model})")
+    return sam.eval()
+
+
+def sam_mask_generator(sam, args, device):
+    """SAM's automatic mask generator as the official runner used it (segment-anything scripts/amg.py: the
+    generator's defaults, binary masks), with --sam-points prompts per side; .generate(rgb (H, W, 3) uint8)."""
+    from segment_anything import SamAutomaticMaskGenerator
+    return SamAutomaticMaskGenerator(sam.to(device), points_per_side=args.sam_points)
+
+
+def sepl_merge(label, sam_masks, sam_ratio, label_ratio):
+    """SEPL: the pseudo labels choose and name class-agnostic SAM masks; label (H, W) uint8 class ids, sam_masks
+    a list of (H, W) bool masks of one image -> (H, W) uint8.
+
+    For each foreground class c in ascending id order, m_c = its pixels, over the SAM masks s not yet taken:
+      keep s for c if |s & m_c| > sam_ratio |s|  or  |s & m_c| >= label_ratio |m_c|   (then s is taken);
+      class c = union of its kept masks + the pixels of m_c that none of these masks covers.
+    Everything else is background (255 and class pixels under a mask that was not kept included)."""
+    S = np.asarray(sam_masks, bool).reshape(-1, *label.shape)  # (N, H, W)
+    area_s = S.sum((1, 2))  # |s|  (N,)
+    free = np.ones(len(S), bool)  # masks not taken by a lower class id
+    out = np.zeros_like(label)
+    # Impl. (cskyl/SAM_WSSS, merge/max_iou_imp2.py MaxIoU_IMP2.merge, the default of main.py); classes are
+    # painted in ascending id order, so where kept masks of two classes overlap the higher id wins
+    for c in (int(c) for c in np.unique(label) if c not in (0, 255)):  # 255 is no class: it claims no mask
+        m = label == c
+        inter = (S & m).sum((1, 2))  # |s & m_c|  (N,)
+        # Impl. (SAM_WSSS): 2 |s & m| - |s| > 0 (the class fills more than half of the mask), or
+        # improve_pred_thresh = |s & m| / |m| >= 0.85 (the mask holds most of the class)
+        keep = free & ((inter > sam_ratio * area_s) | (inter >= label_ratio * m.sum()))
+        # Impl. (SAM_WSSS): "Trust CAM if SAM has no prediction on that pixel", among the masks still free
+        uncovered = ~S[free].any(0)  # (H, W)
+        out[S[keep].any(0) | (m & uncovered)] = c
+        free &= ~keep
+    return out
+
+
 # ==================================================================================================
 # Train
 # ==================================================================================================
@@ -1099,20 +1177,22 @@ def cam_miou(ctx, model, split):
 
 # --- Stage 2: pseudo labels of the final teacher (Sec. 4 inference) and their scores ---
 @torch.no_grad()
-def make_pseudo_labels(ctx, teacher, out_dir):
-    """TTA CAMs of the teacher -> present classes / max -> threshold -> dCRF -> PNG.
+def make_pseudo_labels(ctx, teacher, out_dir, sam=None):
+    """TTA CAMs of the teacher -> present classes / max -> threshold -> dCRF -> PNG (-> SEPL with --sepl; sam:
+    the network of load_sam()).
 
-    Writes pseudo_labels/{pseudo,pseudo_crf}/<split>/<id>.png; returns cam/, pseudo/, pseudo_crf/
-    metrics on the seed split and val (GT never used for anything but scoring)."""
+    Writes pseudo_labels/{pseudo,pseudo_crf,pseudo_sepl}/<split>/<id>.png; returns cam/, pseudo/, pseudo_crf/,
+    pseudo_sepl/ metrics on the seed split and val (GT never used for anything but scoring)."""
     args = ctx.args
     teacher.eval()
     crf_params = {**crf.PRESETS["irn"], "n_iters": args.crf_iters} if args.pl_crf and args.crf_iters > 0 else None
+    generator = sam_mask_generator(sam, args, ctx.device) if args.sepl else None
     seed_ids = set(data.split_ids(ctx.spec.root, ctx.splits["seed"], dataset=ctx.spec.dataset))
     results = {}
     for split, key in ((ctx.splits["train"], "train"), (ctx.splits["val"], "val")):
         ds = data.SegDataset(ctx.spec.root, split, dataset=ctx.spec.dataset, seed=args.seed)
         K, names = ds.num_classes, ds.class_names
-        sweep, cm, cm_crf = sweep_0_80(K), miou.ConfusionMatrix(K), miou.ConfusionMatrix(K)
+        sweep, (cm, cm_crf, cm_sepl) = sweep_0_80(K), (miou.ConfusionMatrix(K) for _ in range(3))
         for sample in each_sample(ctx, ds, f"pseudo labels {split}"):
             name, image = sample["name"], sample["image"]
             keys = np.nonzero(sample["label"] > 0.5)[0]
@@ -1127,11 +1207,20 @@ def make_pseudo_labels(ctx, teacher, out_dir):
                 # np.array copy: pydensecrf rejects read-only buffers
                 label_crf = ids[crf.refine_labels(np.array(image), idx, len(ids), gt_prob=0.7, **crf_params)]
                 data.save_mask(out_dir / "pseudo_crf" / split / f"{name}.png", label_crf)
+            if generator is not None:
+                # Table 2 row 5 "CSRM + dCRF + SEPL": SAM refines the dCRF label when the CRF runs (the official
+                # runner fed SAM_WSSS the pseudos-t0.4-c10 folder), else the plain one
+                masks = [r["segmentation"] for r in generator.generate(np.ascontiguousarray(image))]
+                label_sepl = sepl_merge(label_crf if crf_params is not None else label, masks, args.sepl_sam_ratio,
+                                        args.sepl_label_ratio)
+                data.save_mask(out_dir / "pseudo_sepl" / split / f"{name}.png", label_sepl)
             if "mask" in sample and (key == "val" or name in seed_ids):
                 sweep.update(cams, keys + 1, sample["mask"])
                 cm.update(label, sample["mask"])
                 if crf_params is not None:
                     cm_crf.update(label_crf, sample["mask"])
+                if generator is not None:
+                    cm_sepl.update(label_sepl, sample["mask"])
         if key == "train" or split != ctx.splits["train"]:
             sw = sweep.compute()
             results[f"cam/{key}"] = miou_entry(sw["best"], names, threshold=sw["best_threshold"],
@@ -1140,6 +1229,8 @@ def make_pseudo_labels(ctx, teacher, out_dir):
             results[f"pseudo/{key}"] = miou_entry(cm.compute(), names, threshold=args.pl_thr)
             if crf_params is not None:
                 results[f"pseudo_crf/{key}"] = miou_entry(cm_crf.compute(), names, threshold=args.pl_thr)
+            if generator is not None:
+                results[f"pseudo_sepl/{key}"] = miou_entry(cm_sepl.compute(), names, threshold=args.pl_thr)
     return results
 
 
@@ -1797,6 +1888,8 @@ def main(argv=None):
             for part in ("backbone", "classifier"):
                 load_weights(getattr(cam_net, part), state_dict_of(init[part], what), f"{what} ({part})")
         teacher = None if full else build_model(args, num_classes)[1].to(ctx.device)
+        # --sepl: rank 0 makes the pseudo labels, so it alone loads SAM (torchrun stops the others if it fails)
+        sam = load_sam(args) if args.sepl and ctx.main else None
         imagenet = args.seg_init == "imagenet" and not args.eval_only
         seg_net = SegNet(args.seg_backbone, num_classes + 1, args.width, args.low_width, args.pretrained and imagenet,
                          args.seg_weights if imagenet else "").to(ctx.device)
@@ -1810,7 +1903,9 @@ def main(argv=None):
             load_final()
         ctx.start()
         pl_root = ctx.run_dir / "pseudo_labels"
-        pl_dir = pl_root / ("pseudo_crf" if args.pl_crf and args.crf_iters > 0 else "pseudo")
+        # the verification network trains on the last refinement that runs: SEPL, else the dCRF, else none
+        pl_dir = pl_root / ("pseudo_sepl" if args.sepl else
+                            "pseudo_crf" if args.pl_crf and args.crf_iters > 0 else "pseudo")
         if cam_net is not None and not ctx.done("cam"):
             train_cam(ctx, cam_net)
         if teacher is not None and not args.eval_only:
@@ -1819,7 +1914,8 @@ def main(argv=None):
             load_weights(teacher, ctx.stage_weights("csrm")["teacher"], "the CSRM teacher")
         if teacher is not None and not ctx.done("infer"):
             ctx.reseed(4)
-            ctx.finish_stage("infer", results=make_pseudo_labels(ctx, teacher, pl_root) if ctx.main else None)
+            ctx.finish_stage("infer", results=make_pseudo_labels(ctx, teacher, pl_root, sam) if ctx.main else None)
+        del sam  # SAM (2.5 GB for ViT-H) leaves the device before the verification network trains
         if not args.eval_only:
             if not ctx.done("verify"):
                 train_verify(ctx, seg_net, pl_dir / ctx.splits["train"],

@@ -39,7 +39,9 @@ ROWS = {
                   "seg_cls": ["--variant", "mt", "--tasks", "seg+cls"], "seg_sal": ["--variant", "mt", "--tasks", "seg+sal"],
                   "aff_seg": ["--variant", "mt_ct", "--affinity", "seg"],
                   "ct_seg": ["--variant", "mt_ct", "--ct-constraint", "seg"]},
-    "csd": {"baseline": ["--csd", "off"], "uniform": ["--sampling", "uniform"]},
+    "csd": {"baseline": ["--csd", "off"], "uniform": ["--sampling", "uniform"],
+            # the paper's mask rows: MCTformer + IRN and MCTformer + CSD + IRN (csd.py Deviation 18)
+            "baseline_irn": ["--csd", "off", "--mask-method", "irn"], "irn": ["--mask-method", "irn"]},
 }
 KEYS = ("seg/val", "cam/train", "cam/val", "seed/train", "mask/train", "pseudo/train", "cpl/train")
 

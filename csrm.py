@@ -89,7 +89,7 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       from 27.3 to 22.6 in 60 steps, at 0.002 to 26.7. The toy preset's thresholds are the toy CAMs', not
       VOC's: the stage-0 CAM's mIoU on the TRAIN split peaks at the lowest swept threshold (35.64 at 0.05;
       31.3 at PNOC's 0.40), so --pl-thr is 0.05 and --fg-thr 0.10, the next value above --bg-thr 0.05
-      (seed 0, L_s-only row: pseudo_crf/train 32.7 -> 45.5, seg/val 24.0 -> 40.3; README, CSRM).
+      (3-seed means, L_s-only row: pseudo_crf/train 32.41 -> 46.20, seg/val 24.38 -> 39.69; README, CSRM).
   17. s^t (the teacher probabilities of Eqs. (8), (9), (12) and the L_m labels of the u-half) is the softmax
       renormalised over background + the image's labels after mixing (official product-and-renormalise
       form), not Eq. (3)'s plain softmax: absent classes can never be targets, and the Eq. (8) confidences
@@ -123,7 +123,7 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       val included, as in the official evaluate.py sweep 0.05-0.81; metrics.json says so under
       "threshold_selection"):
         Table 1 / Table 2 "CSRM" (71.8 train / 69.8 val)  -> cam/train, cam/val      (GT-swept threshold)
-        Table 2 "CSRM + dCRF" (72.6 / 70.2)               -> pseudo_crf/train, pseudo_crf/val (t = 0.4 + dCRF)
+        Table 2 "CSRM + dCRF" (72.6 / 70.2)               -> pseudo_crf/train, pseudo_crf/val (t = --pl-thr + dCRF)
         Table 2 row 1, the start point (train)            -> cam_init/train           (GT-swept threshold)
         Table 2 row 5 "CSRM + dCRF + SEPL" (77.6 / 76.2)  -> pseudo_sepl/train, pseudo_sepl/val (--sepl; Deviation 28)
         Table 2 rows 3-4 (start + dCRF, start + SEPL)     -> not run (they refine the Puzzle-CAM start point)
@@ -132,7 +132,7 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
                                                              trained on SEPL labels (as the paper's) only with
                                                              --sepl, no test-time CRF; the 69.8 of Table 3 is
                                                              DeepLabV2, not comparable.
-      pseudo/{train,val} (t = 0.4, no CRF) has no number in the paper; log.jsonl val/cam_miou is swept on GT too.
+      pseudo/{train,val} (t = --pl-thr, no CRF) has no number in the paper; log.jsonl val/cam_miou is swept on GT too.
   27. The per-step label dCRFs of Eq. (6) run in torch on the training device with --train-crf torch, or
       auto on CUDA (common/crf.py refine_labels_torch: pydensecrf's energy and mean-field updates, the
       bilateral kernel on a sparse bilateral grid instead of the permutohedral lattice). On the host they cost

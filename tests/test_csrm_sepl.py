@@ -6,11 +6,9 @@
   * the real SamAutomaticMaskGenerator on a 32 x 32 image with a tiny randomly initialised SAM;
   * bad --sepl / --sam-ckpt input: one line, exit code 2, nothing written.
 
-CSRM_PATH=/some/copy/csrm.py runs these tests against another copy of the script (mutation testing; the one
-subprocess test always runs the repository's csrm.py); by default the repository's csrm.py is imported.
+CSRM_PATH=/some/copy/csrm.py runs these tests against another copy of the script (mutation testing, through
+test_csrm_wiring's loader; the one subprocess test always runs the repository's csrm.py).
 """
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,20 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-
-
-def load_csrm():
-    path = os.environ.get("CSRM_PATH")
-    if not path:
-        return importlib.import_module("csrm")
-    spec = importlib.util.spec_from_file_location("csrm_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # main() reads Args' source through its module (inspect.getsource)
-    spec.loader.exec_module(module)
-    return module
-
-
-csrm = load_csrm()
+from test_csrm_wiring import csrm  # one loader for both files: CSRM_PATH picks the copy under test
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import sys
 import types
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def load_csrm():
         return importlib.import_module("csrm")
     spec = importlib.util.spec_from_file_location("csrm_under_test", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # main() reads Args' source through its module (inspect.getsource)
     spec.loader.exec_module(module)
     return module
 

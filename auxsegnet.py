@@ -67,7 +67,8 @@ Deviations (each repeated at the code):
     9. --max-iters caps every training phase (classification pre-training and each stage); warm-ups do
        not exist here, and the poly schedule is stretched over the capped length.
    10. Toy data: the saliency maps of the toy dataset are derived from its ground-truth masks (blur,
-       noise, missed objects, false blobs), so toy mIoU says nothing about the method's merit.
+       noise, missed objects, false blobs), so toy mIoU says nothing about the method's merit. Their quality
+       is set by the toy knobs sal_miss, sal_blobs, sal_noise and sal_blur (common.data.TOY_KNOBS, data/README.md).
    11. Data-parallel runs split --batch-size across processes (global batch unchanged); label updates
        and evaluation run on rank 0 only.
    12. Toy preset vs card §10: resnet10t instead of resnet18, crop 96 instead of 112, classification

@@ -730,18 +730,25 @@ def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_dev
     Returns int64 (B, H, W) on A_t's device."""
     H, W = rgb.shape[1:3]
     psi = normalize_cam(A_t * y[:, :, None, None])  # Eq. (2) at stride 16 on the label-masked CAMs
+    present = (y > 0.5).cpu()  # one host sync per batch instead of one per image
     maps, keys_all = [], []
     for i in range(len(psi)):
-        keys = torch.nonzero(y[i] > 0.5)[:, 0]  # present classes (m,)
-        # bilinear (align_corners) to the crop, the present classes only: (m, H, W)
-        s = F.interpolate(psi[i:i + 1, keys], size=(H, W), mode="bilinear", align_corners=True)[0]
-        # Eq. (6)  argmax[delta, psi_k1..psi_km]: ties go to index 0, so "> delta" is foreground, labelled with
-        # the first most active class (torch.max returns the first maximum; 10x faster than argmax on CPU)
-        best, top = s.max(0) if len(keys) else (s.new_zeros(H, W), keys.new_zeros(H, W))
-        top = (top + 1).to(torch.uint8)  # label indices < 256: a quarter of the memory traffic of int64
-        maps.append(torch.stack([torch.where(best > thr, top, 0)
-                                 for thr in (fg_thr, bg_thr)]))  # (2, H, W): 0 = background, j = keys[j - 1]
-        keys_all.append(torch.cat([keys.new_zeros(1), keys + 1]))  # label index -> class id
+        keys = torch.nonzero(present[i])[:, 0]  # present classes (m,)
+        m = torch.zeros(2, H, W, dtype=torch.uint8, device=psi.device)  # (fg, bg): 0 = background, j = keys[j - 1]
+        if len(keys):
+            # bilinear (align_corners) to the crop, the present classes only: (m, H, W)
+            s = F.interpolate(psi[i:i + 1, keys.to(psi.device)], size=(H, W), mode="bilinear", align_corners=True)[0]
+            # Eq. (6)  argmax[delta, psi_k1..psi_km]: ties go to index 0, so "> delta" is foreground, labelled with
+            # the first most active class (torch.max returns the first maximum; 10x faster than argmax on CPU).
+            # Label indices < 256 in uint8: a quarter of the memory traffic of int64.
+            if len(keys) == 1:  # most images: no max over classes needed
+                torch.gt(s[0], fg_thr, out=m[0]), torch.gt(s[0], bg_thr, out=m[1])
+            else:
+                best, top = s.max(0)
+                top = (top + 1).to(torch.uint8)
+                m = torch.stack([torch.where(best > thr, top, 0) for thr in (fg_thr, bg_thr)])
+        maps.append(m)
+        keys_all.append([0] + (keys + 1).tolist())  # label index -> class id
     if crf_params is not None and on_device:
         rgb = torch.as_tensor(rgb).to(A_t.device)
         maps = [crf.refine_labels_torch(rgb[i], m, len(ids), gt_prob=0.7, **crf_params)
@@ -750,12 +757,14 @@ def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_dev
         rgb = np.asarray(rgb)
         jobs = [(np.array(rgb[i]), m.cpu().numpy(), len(ids), crf_params) for i, (m, ids) in enumerate(zip(maps, keys_all))]
         maps = [torch.from_numpy(r).to(A_t.device) for r in (pool.map if pool is not None else map)(_crf_pair, jobs)]
-    PL = torch.empty(len(psi), H, W, dtype=torch.long, device=A_t.device)
+    PL = torch.empty(len(psi), H, W, dtype=torch.uint8, device=A_t.device)
     for i, ((fg, bg), ids) in enumerate(zip(maps, keys_all)):
         # Eq. (6)  M^p: class where the fg map says so; background where both say background;
         # the uncertainty band (delta_bg, delta_fg] is 255
-        PL[i] = torch.where(fg == 0, torch.where(bg == 0, 0, 255), ids[fg.long()])
-    return PL
+        torch.ne(bg, 0, out=PL[i]).mul_(255)
+        for j in range(1, len(ids)):
+            PL[i].masked_fill_(fg == j, ids[j])
+    return PL.long()  # (B, H, W)
 
 
 def crf_on_device(args, device):

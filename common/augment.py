@@ -157,7 +157,8 @@ def random_crop(image, rng: np.random.Generator, size, masks=(), maps=(), image_
 
     Padding: image with the RGB ``image_fill`` (default the ImageNet mean, ~0 after normalising;
     CoSA pads raw 0 -> ``(0, 0, 0)``) or ``"reflect"`` (mirror the image into the padding, CSRM /
-    PNOC); masks with ``mask_fill`` (255 = ignore; AuxSegNet pads 0 = background); maps with 0.
+    PNOC); masks with ``mask_fill`` (255 = ignore; AuxSegNet pads 255 too, 0 = background only with
+    --pad-as-background, as its official code does); maps with 0.
     Returns (image, masks, maps, box) with box = (y0, y1, x0, x1): the crop rows/columns holding
     real image pixels, so pseudo labels can be set to 255 outside it (reflected pixels are not real).
     """

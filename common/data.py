@@ -511,7 +511,37 @@ TOY_KNOBS = {
     "noise": 5.0,             # pixel noise std
     "sal_miss": 0.1,          # stand-in saliency: probability that an object is missing from it
     "sal_blobs": 0.35,        # stand-in saliency: probability of a false blob
+    "sal_noise": 12.0,        # stand-in saliency: pixel noise std (0-255 scale; 0 = noise-free)
+    "sal_blur": (1.0, 2.5),   # stand-in saliency: Gaussian blur radius range (min, max); (0, 0) = sharp
 }
+# Knobs added after TOY_VERSION 3 without a version bump: at their defaults they reproduce the v3 toy
+# byte for byte (same draws, same stamp), so README.txt lists them only when changed, as a folder made
+# before they existed has it.
+_TOY_KNOBS_ADDED = ("sal_noise", "sal_blur")
+_TOY_PROBABILITIES = ("body_shared", "context_p", "stray_context_p", "sal_miss", "sal_blobs")
+_TOY_STDS = ("colour_spread", "noise", "sal_noise")
+_TOY_RANGES = ("size", "distractors", "sal_blur")
+
+
+def _check_toy_knobs(knobs: dict) -> None:
+    """ValueError naming the first knob whose value is out of range (probabilities in [0, 1], stds >= 0,
+    (min, max) ranges with 0 <= min <= max, size > 0)."""
+    def number(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+    for k, v in knobs.items():
+        if k in _TOY_PROBABILITIES:
+            ok, want = number(v) and 0 <= v <= 1, "a probability in [0, 1]"
+        elif k in _TOY_STDS:
+            ok, want = number(v) and v >= 0, "a finite number >= 0"
+        elif k in _TOY_RANGES:
+            ok = (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(number, v))
+                  and (0 < v[0] if k == "size" else 0 <= v[0]) and v[0] <= v[1])
+            want = "a (min, max) pair with " + ("0 < min <= max" if k == "size" else "0 <= min <= max")
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"invalid toy knob {k}={v!r}: must be {want}")
 
 
 def _toy_polygon(cls: int, rng, size: float) -> list[np.ndarray]:
@@ -666,8 +696,8 @@ def _toy_sample(rng, knobs: dict = TOY_KNOBS) -> tuple[np.ndarray, np.ndarray, n
         x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 14)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.uniform(120, 230)))
     sal = np.maximum(sal, np.asarray(blobs, np.float32) / 255.0)
-    sal_img = Image.fromarray((sal * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 2.5)))
-    sal = np.clip(np.asarray(sal_img, np.float32) + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
+    sal_img = Image.fromarray((sal * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(*knobs["sal_blur"])))
+    sal = np.clip(np.asarray(sal_img, np.float32) + rng.normal(0, knobs["sal_noise"], (h, w)), 0, 255).astype(np.uint8)
     return image, out_mask, sal, context
 
 
@@ -698,6 +728,7 @@ def make_toy(root, *, num_train: int = 1000, num_val: int = 200, seed: int = 0, 
     if unknown:
         raise ValueError(f"unknown toy knobs {sorted(unknown)}; known: {sorted(TOY_KNOBS)}")
     knobs = {**TOY_KNOBS, **(knobs or {})}
+    _check_toy_knobs(knobs)
     root = Path(root)
     stamp = _toy_stamp(num_train, num_val, seed, knobs)
     stamp_path = root / "toy_version.txt"
@@ -708,7 +739,8 @@ def make_toy(root, *, num_train: int = 1000, num_val: int = 200, seed: int = 0, 
     for sub in ("JPEGImages", "SegmentationClass", "saliency", "context", "ImageSets/Segmentation"):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
     (tmp / "classes.txt").write_text("\n".join(TOY_CLASSES) + "\n")
-    (tmp / "README.txt").write_text(TOY_README.format(version=TOY_VERSION, seed=seed, knobs=knobs))
+    (tmp / "README.txt").write_text(TOY_README.format(version=TOY_VERSION, seed=seed, knobs={
+        k: v for k, v in knobs.items() if k not in _TOY_KNOBS_ADDED or TOY_KNOBS[k] != v}))
     splits = {"train": [f"train_{i:05d}" for i in range(num_train)], "val": [f"val_{i:05d}" for i in range(num_val)]}
     for split_index, (split, ids) in enumerate(splits.items()):
         for index, name in enumerate(ids):

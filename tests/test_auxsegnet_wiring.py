@@ -7,6 +7,7 @@ by AUXSEGNET_UNDER_TEST (default: the repository's auxsegnet.py), so that plante
     AUXSEGNET_UNDER_TEST=/tmp/mutant.py python -m pytest -q tests/test_auxsegnet_wiring.py
 """
 import importlib.util
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -710,3 +711,265 @@ def test_main_stage_order(toy_root, tmp_path, monkeypatch):
     order.clear()
     aux.main([*common, "--out", str(tmp_path / "b"), "--num-stages", "2", "--supervision", "full"])
     assert order == ["cls", "stage0", "labels1", "stage1"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference: predict_probs (card §7) and evaluate's post-processing
+# ----------------------------------------------------------------------------------------------------------
+class StubSegNet:
+    """seg_init / seg_ref: distinct, sharp (|logits| of several units) 1x1 convolutions of the 4x4-pooled input plus a
+    left-to-right ramp, so neither is flip-equivariant and the view order, the flip-back and the softmax matter."""
+
+    def __init__(self, seed=6):
+        g = torch.Generator().manual_seed(seed)
+        self.w = {k: 4 * torch.randn(NC, 3, 1, 1, generator=g) for k in ("seg_init", "seg_ref")}
+        self.ramp = {k: 3 * torch.randn(NC, 1, 1, generator=g) for k in ("seg_init", "seg_ref")}
+        self.seen = []
+
+    def __call__(self, x):
+        self.seen.append(x)
+        f = F.avg_pool2d(x, 4)
+        ramp = torch.linspace(-1, 1, f.shape[-1])
+        return {k: F.conv2d(f, self.w[k]) + self.ramp[k] * ramp for k in self.w}
+
+
+def probs_reference(model, image, scales, flip, key="seg_ref", softmax_views=True, flip_back=True):
+    """Hand-written card §7 inference: per scale (and flipped view, mirrored back) the softmax of the network's
+    `key` logits upsampled bilinearly to the image; the mean of all views. The switches build the wrong variants."""
+    H, W = image.shape[:2]
+    views = []
+    for s in scales:
+        x = aux.image_tensor(image if s == 1.0 else augment.rescale(image, s)[0], "cpu")
+        for flipped in (False, True) if flip else (False,):
+            logits = F.interpolate(model(x.flip(-1) if flipped else x)[key], size=(H, W), mode="bilinear",
+                                   align_corners=False)[0]
+            v = torch.softmax(logits, 0) if softmax_views else logits
+            views.append(v.flip(-1) if flipped and flip_back else v)
+    mean = torch.stack(views).mean(0)
+    return (mean if softmax_views else torch.softmax(mean, 0)).numpy()
+
+
+def test_predict_probs_refined_softmax_mean_over_views():
+    """predict_probs = mean over scales x {image, flipped image mirrored back} of softmax(upsampled seg_ref logits), at
+    image size. Catches: seg_init read instead of seg_ref; logits averaged (softmax after the mean, or none); the
+    flipped view not mirrored back (or the wrong half mirrored); a scale dropped / scales ignored / 1/s used; the
+    mean divided by the scales only (or the views only); no resize to the image / a wrong interpolation; the
+    plain (unflipped) batch sent instead of [x, x.flip(-1)]."""
+    H, W = 24, 32
+    image = np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    model = StubSegNet()
+    got = aux.predict_probs(model, image, "cpu", scales=(1.0, 0.5), flip=True)
+    assert got.shape == (NC, H, W)
+    np.testing.assert_allclose(got.sum(0), 1.0, atol=1e-5)
+    # the network saw [x, x.flip(-1)] at each scale, the rescaled image at 0.5
+    assert [tuple(x.shape) for x in model.seen] == [(2, 3, H, W), (2, 3, H // 2, W // 2)]
+    for x, s in zip(model.seen, (1.0, 0.5)):
+        ref_x = aux.image_tensor(image if s == 1.0 else augment.rescale(image, s)[0], "cpu")
+        assert torch.equal(x, torch.cat([ref_x, ref_x.flip(-1)]))
+    ref = probs_reference(model, image, (1.0, 0.5), True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # the fixture tells the wrong variants apart (each differs from the reference by far more than the tolerance)
+    wrong = {"seg_init": probs_reference(model, image, (1.0, 0.5), True, key="seg_init"),
+             "mean of logits": probs_reference(model, image, (1.0, 0.5), True, softmax_views=False),
+             "no flip-back": probs_reference(model, image, (1.0, 0.5), True, flip_back=False),
+             "scale 1 only": probs_reference(model, image, (1.0,), True),
+             "no flip": probs_reference(model, image, (1.0, 0.5), False)}
+    for name, w in wrong.items():
+        assert np.abs(w - ref).max() > 0.05, name
+    # defaults: one view, the plain image at scale 1, seg_ref
+    model.seen.clear()
+    one = aux.predict_probs(model, image, "cpu")
+    assert len(model.seen) == 1 and torch.equal(model.seen[0], aux.image_tensor(image, "cpu"))
+    np.testing.assert_allclose(one, probs_reference(model, image, (1.0,), False), rtol=1e-5, atol=1e-5)
+    assert np.abs(one - probs_reference(model, image, (1.0,), False, key="seg_init")).max() > 0.05
+
+
+class ListDataset(list):
+    """Samples in memory, as evaluate reads them (each_sample indexes a dataset)."""
+    num_classes, class_names = NC, [f"c{i}" for i in range(NC)]
+
+
+def eval_fixture(monkeypatch, post=True, **flags):
+    """evaluate on 2 images with a recording predict_probs (single view: every pixel wrong; multi view: the top row
+    right; CRF: all right) and a recording crf.refine_probs."""
+    H, W = 6, 8
+    rng = np.random.default_rng(7)
+    samples = ListDataset()
+    for i in range(2):
+        gt = rng.integers(0, NC, (H, W)).astype(np.uint8)
+        gt[0, :NC] = np.arange(NC)  # every class present
+        samples.append({"name": f"im{i}", "image": rng.integers(0, 256, (H, W, 3), dtype=np.uint8), "mask": gt,
+                        "label": np.ones(NC - 1, np.float32)})
+    onehot = lambda lab: np.eye(NC, dtype=np.float32)[lab].transpose(2, 0, 1) * 0.7 + 0.3 / NC  # noqa: E731
+    gt_of = lambda image: next(s["mask"] for s in samples if np.array_equal(s["image"], image))  # noqa: E731
+    sig = inspect.signature(aux.predict_probs)
+
+    def fake_probs(*a, **k):
+        b = sig.bind(*a, **k)
+        b.apply_defaults()
+        gt = gt_of(b.arguments["image"]).astype(np.int64)
+        single = tuple(b.arguments["scales"]) == (1.0,) and not b.arguments["flip"]
+        wrong = (gt + 1) % NC
+        return onehot(wrong if single else np.where(np.arange(H)[:, None] == 0, gt, wrong))
+
+    calls = Recorder(monkeypatch, "predict_probs", ret=fake_probs)
+    crf_calls = []
+
+    def fake_crf(image, probs, **params):
+        crf_calls.append((image, probs, params))
+        return onehot(gt_of(image).astype(np.int64))
+
+    monkeypatch.setattr(aux.crf, "refine_probs", fake_crf)
+    args = aux.Args(workers=0, num_vis=0, **flags)
+    ctx = FakeCtx.__new__(FakeCtx)
+    ctx.args, ctx.device, ctx.main, ctx.rank, ctx.world = args, torch.device("cpu"), True, 0, 1
+    model = torch.nn.Identity()
+    res = aux.evaluate(ctx, model, samples, post=post)
+    bound = []
+    for a, k in calls.calls:
+        b = sig.bind(*a, **k)
+        b.apply_defaults()
+        assert b.arguments["model"] is model
+        bound.append(b.arguments)
+    return samples, bound, crf_calls, res
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_evaluate_crf_gets_aux_mct_and_the_right_probs(monkeypatch, multi):
+    """--eval-crf: crf.refine_probs(image, probs of keys[-2], **PRESETS["aux_mct"]): the single-scale softmax
+    (seg -> seg_crf) or, with --eval-scales / --eval-flip, the multi-view one (seg_ms -> seg_ms_crf); seg/val is
+    always the single view. Catches: another preset (deeplab_v2, aux_sal, ...) or a missing / changed parameter;
+    probs["seg"] (or keys[-1]) sent to the CRF under multi-view; another image; seg computed with the eval
+    scales/flip; seg_ms computed single-view; a confusion matrix fed another key's prediction; the CRF skipped."""
+    flags = dict(eval_crf=True, eval_scales=(1.0, 0.5), eval_flip=True) if multi else dict(eval_crf=True)
+    samples, bound, crf_calls, res = eval_fixture(monkeypatch, **flags)
+    keys = ["seg", "seg_ms", "seg_ms_crf"] if multi else ["seg", "seg_crf"]
+    assert set(res) == {f"{k}/val" for k in keys}
+    assert len(bound) == len(samples) * (2 if multi else 1) and len(crf_calls) == len(samples)
+    per_image = len(bound) // len(samples)
+    for i, s in enumerate(samples):
+        views = bound[i * per_image:(i + 1) * per_image]
+        assert all(v["image"] is s["image"] or np.array_equal(v["image"], s["image"]) for v in views)
+        assert (tuple(views[0]["scales"]), views[0]["flip"]) == ((1.0,), False)  # seg/val: the plain single view
+        if multi:
+            assert (tuple(views[1]["scales"]), views[1]["flip"]) == ((1.0, 0.5), True)
+        image, probs, params = crf_calls[i]
+        assert np.array_equal(image, s["image"]) and image.dtype == np.uint8
+        assert params == aux.crf.PRESETS["aux_mct"]
+        gt = s["mask"].astype(np.int64)
+        assert not np.array_equal(probs.argmax(0), gt)  # the CRF's input is not the answer
+        top_right = np.array_equal(probs.argmax(0)[0], gt[0])
+        assert top_right == multi  # the multi-view probabilities (top row right) iff multi, else the single view
+    assert res["seg/val"]["miou"] == 0.0
+    assert res[f"{keys[-1]}/val"]["miou"] == 100.0
+    if multi:
+        assert 0.0 < res["seg_ms/val"]["miou"] < 100.0
+
+
+def test_evaluate_without_post_skips_views_and_crf(monkeypatch):
+    """post=False (the stage-end ablation protocol): only seg/val, one single view per image, no CRF, even with
+    --eval-crf / --eval-scales / --eval-flip set. Catches: `post` ignored in `multi` or in the CRF key."""
+    samples, bound, crf_calls, res = eval_fixture(monkeypatch, post=False, eval_crf=True, eval_scales=(1.0, 0.5),
+                                                  eval_flip=True)
+    assert set(res) == {"seg/val"} and not crf_calls and len(bound) == len(samples)
+    assert all((tuple(b["scales"]), b["flip"]) == ((1.0,), False) for b in bound)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training crops (card §6, Deviation 5) and the saliency CRF (Eq. (C13))
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pad_bg, target", [(False, "seg"), (True, "seg"), (False, "mask")])
+def test_train_transform_padding_and_sal_valid(tmp_path, pad_bg, target):
+    """An image smaller than the crop lands at a random offset; its box (found from the image tensor: the padding is
+    the ImageNet mean) holds the `target` labels and the saliency map with the image's flip; outside it the labels
+    are 255 (--pad-as-background: 0) and the saliency 0; sal_valid is 1 exactly on the box and 0 on the padding
+    (--pad-as-background: 1 everywhere). Catches: the box rows / columns swapped or shifted in sal_valid; sal_valid
+    1 (or 0) everywhere, or its default taken from `not pad_as_background`; the label fill 255 / 0 swapped or
+    fixed; the other label map (seg <-> mask) read; --scale-range ignored; labels or saliency not flipped with the
+    image; a wrong crop size."""
+    h, w, crop = 12, 20, 32
+    rng0 = np.random.default_rng(11)
+    image = rng0.integers(0, 100, (h, w, 3), dtype=np.uint8)  # red < 100: never the padding's mean colour (124, ...)
+    seg = rng0.integers(1, NC, (h, w)).astype(np.uint8)  # 1..3, so a 0 fill is visible
+    mask = (seg + 3).astype(np.uint8)  # a different map
+    sal_png = rng0.integers(1, 256, (h, w)).astype(np.uint8)
+    (tmp_path / "sal").mkdir()
+    Image.fromarray(sal_png).save(tmp_path / "sal" / "im.png")
+    sal = sal_png.astype(np.float32) / 255.0
+    labels = {"seg": seg, "mask": mask}[target]
+    sample = {"name": "im", "image": image, "label": np.array([0.0, 1.0, 1.0], np.float32), "seg": seg, "mask": mask}
+    tf = aux.make_train_transform(aux.Args(scale_range=(1.0, 1.0), pad_as_background=pad_bg), crop, tmp_path / "sal",
+                                  target)
+    fill_pixel = augment.to_tensor(np.full((1, 1, 3), augment.MEAN_FILL, np.uint8))[:, 0, 0]
+    offsets, flips = set(), set()
+    for seed in range(8):
+        out = tf(sample, np.random.default_rng(seed))
+        assert set(out) == {"image", "label", "seg", "sal", "sal_valid"}
+        assert torch.equal(out["label"], torch.tensor([0.0, 1.0, 1.0]))
+        assert out["image"].shape == (3, crop, crop) and out["seg"].shape == out["sal_valid"].shape == (crop, crop)
+        real = (out["image"] != fill_pixel[:, None, None]).any(0)
+        ys, xs = torch.nonzero(real, as_tuple=True)
+        y0, x0 = int(ys.min()), int(xs.min())
+        assert (int(ys.max()) + 1 - y0, int(xs.max()) + 1 - x0) == (h, w)  # the image at its own size
+        box = (slice(y0, y0 + h), slice(x0, x0 + w))
+        inside = torch.zeros(crop, crop, dtype=torch.bool)
+        inside[box] = True
+        flipped = not torch.equal(out["image"][:, box[0], box[1]], augment.to_tensor(image))
+        assert torch.equal(out["image"][:, box[0], box[1]], augment.to_tensor(image[:, ::-1] if flipped else image))
+        f = (lambda a: a[:, ::-1]) if flipped else (lambda a: a)  # noqa: E731
+        assert np.array_equal(out["seg"][box].numpy(), f(labels))
+        np.testing.assert_allclose(out["sal"][box].numpy(), f(sal), atol=1e-6)
+        assert (out["sal"][~inside] == 0).all()
+        assert (out["seg"][~inside] == (0 if pad_bg else data.IGNORE_INDEX)).all()
+        if pad_bg:
+            assert (out["sal_valid"] == 1).all()
+        else:
+            assert torch.equal(out["sal_valid"], inside.float())
+        offsets.add((y0, x0))
+        flips.add(flipped)
+    assert len(offsets) > 2 and any(y and x for y, x in offsets) and flips == {False, True}  # the draws vary
+
+
+def test_train_transform_without_saliency_is_image_and_label():
+    """The classification crops (no saliency folder): image and image label only, the image padded the same way."""
+    image = np.zeros((12, 20, 3), np.uint8)
+    out = aux.make_train_transform(aux.Args(scale_range=(1.0, 1.0)), 24)({"image": image, "label": np.ones(3)},
+                                                                          np.random.default_rng(0))
+    assert set(out) == {"image", "label"} and out["image"].shape == (3, 24, 24)
+
+
+def test_saliency_crf_unary_and_parameters(monkeypatch):
+    """Eq. (C13) with tau = 1.05, eps = 1e-8: U_bg = -log(1 - a + eps) / (tau sig(1 - a)) in channel 0,
+    U_fg = -log(a + eps) / (tau sig(a)) in channel 1 (hand-computed below), the official crf_for_sal parameters
+    (common.crf preset aux_sal: ONE iteration, Gaussian 3/3, bilateral 60/5/5), the image itself, and channel 1
+    of the posterior returned. Catches: tau 1.0 (or another default), eps changed, sig(a) / sig(1 - a) swapped,
+    the channels swapped, Q[0] returned, n_iters / any pairwise parameter changed or left to refine_unary's
+    deeplab_v2 default, another image passed."""
+    assert inspect.signature(aux.saliency_crf).parameters["tau"].default == 1.05
+    calls = []
+
+    def fake_unary(image, unary, **params):
+        calls.append((image, unary, params))
+        return np.stack([np.full(unary.shape[1:], 0.2), np.full(unary.shape[1:], 0.7)]).astype(np.float32)
+
+    monkeypatch.setattr(aux.crf, "refine_unary", fake_unary)
+    image = np.random.default_rng(0).integers(0, 256, (2, 2, 3), dtype=np.uint8)
+    a = np.array([[0.25, 0.9], [0.0, 1.0]], np.float32)
+    q = aux.saliency_crf(image, a)
+    (img, unary, params), = calls
+    assert np.array_equal(img, image)
+    assert params == aux.crf.PRESETS["aux_sal"] == dict(n_iters=1, pos_xy_std=3, pos_w=3, bi_xy_std=60, bi_rgb_std=5,
+                                                         bi_w=5)
+    # a = 0.25: U_bg = -log 0.75 / (1.05 sig(0.75)) = 0.28768 / 0.71314
+    #           U_fg = log 4 / (1.05 sig(0.25)) = 1.38629 / 0.59029
+    # a = 0.9:  U_bg = -log 0.1 / (1.05 sig(0.1)); U_fg = -log 0.9 / (1.05 sig(0.9))
+    # a = 0 / 1: the eps term: -log(1e-8) / (1.05 * 0.5) = 35.087 on the impossible label, ~0 on the other
+    U_bg = [[0.403403278, 4.17719053], [0.0, 35.0870109]]
+    U_fg = [[2.34851564, 0.141139894], [35.0870109, 0.0]]
+    np.testing.assert_allclose(unary, np.array([U_bg, U_fg]), rtol=1e-6, atol=1e-7)
+    assert unary.shape == (2, 2, 2) and q.dtype == np.float32
+    np.testing.assert_allclose(q, 0.7)
+    # tau is a divisor of both unaries
+    calls.clear()
+    aux.saliency_crf(image, a, tau=2.1)
+    np.testing.assert_allclose(calls[0][1], np.array([U_bg, U_fg]) / 2, rtol=1e-6, atol=1e-7)

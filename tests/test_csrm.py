@@ -80,6 +80,22 @@ def test_pseudo_labels_follow_eq6_without_crf():
     assert PL.tolist() == [[[1, 3, 255, 0, 3]]]
 
 
+def test_pseudo_labels_single_class_and_label_free_images():
+    """The one-class shortcut of Eq. (6) (no max over classes) and an image without labels.
+    Catches the shortcut labelling with the label index instead of the class id, swapping the fg / bg thresholds,
+    and a label-free image crashing or getting foreground."""
+    A = torch.zeros(2, 3, 1, 5)
+    A[0, 1, 0] = torch.tensor([1.0, 0.3, 0.2, 0.05, 0.0])  # class id 2, max 1 -> psi = A
+    A[0, 0, 0] = A[0, 2, 0] = 5.0  # absent classes: masked by y
+    A[1] = 3.0  # no label at all
+    y = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    rgb = np.zeros((2, 1, 5, 3), np.uint8)
+    PL = csrm.cam_pseudo_labels(rgb, y, A, bg_thr=0.05, fg_thr=0.30, crf_params=None)
+    # psi = A / (1 + 1e-5): px0 > 0.3 -> id 2; px1 (just below 0.3), px2 in (0.05, 0.3] -> 255; px3 (just below
+    # 0.05), px4 -> background
+    assert PL.dtype == torch.int64 and PL.tolist() == [[[2, 255, 255, 0, 0]], [[0, 0, 0, 0, 0]]]
+
+
 def test_pseudo_labels_with_crf_use_present_classes_only():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(2, 4, 4, 4, generator=g)

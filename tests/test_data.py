@@ -296,3 +296,48 @@ def test_toy_knobs(tmp_path):
     for i in range(4):  # every object missed, no false blob: the stand-in saliency is only blur of nothing + noise
         sal = np.asarray(Image.open(blind / "saliency" / f"train_{i:05d}.png"), float)
         assert sal.mean() < 15
+
+
+def test_toy_saliency_noise_and_blur_knobs(tmp_path):
+    # The defaults are the values v3 hard-coded: the same draws, so a default toy is byte-identical to one
+    # made before these knobs existed (same stamp, README.txt lists them only when changed).
+    assert data.TOY_KNOBS["sal_noise"] == 12.0 and data.TOY_KNOBS["sal_blur"] == (1.0, 2.5)
+    plain = data.make_toy(tmp_path / "a", num_train=4, num_val=1)
+    same = data.make_toy(tmp_path / "s", num_train=4, num_val=1, knobs={"sal_noise": 12, "sal_blur": (1.0, 2.5)})
+    files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(same) for p in same.rglob("*") if p.is_file())
+    assert all((plain / f).read_bytes() == (same / f).read_bytes() for f in files)
+    assert "knobs={}" in (plain / "toy_version.txt").read_text()
+    assert "sal_noise" not in (plain / "README.txt").read_text()
+
+    # sal_noise=0: noise-free maps, nothing else changes; the default map is that map plus N(0, 12) noise.
+    clean = data.make_toy(tmp_path / "c", num_train=4, num_val=1, knobs={"sal_noise": 0})
+    assert "sal_noise" in (clean / "toy_version.txt").read_text()
+    residuals = []
+    for i in range(4):
+        for sub in ("JPEGImages", "SegmentationClass", "context"):
+            ext = "jpg" if sub == "JPEGImages" else "png"
+            assert (plain / sub / f"train_{i:05d}.{ext}").read_bytes() == (clean / sub / f"train_{i:05d}.{ext}").read_bytes()
+        noisy = np.asarray(Image.open(plain / "saliency" / f"train_{i:05d}.png"), float)
+        smooth = np.asarray(Image.open(clean / "saliency" / f"train_{i:05d}.png"), float)
+        assert (smooth == 0).mean() > 0.3 and (noisy == 0).mean() < (smooth == 0).mean()  # far background: exactly 0
+        interior = (smooth >= 50) & (smooth <= 205)  # the noise is neither clipped nor saturated here
+        residuals.append((noisy - smooth)[interior])
+    residuals = np.concatenate(residuals)
+    assert residuals.size > 500 and 11 < residuals.std() < 13
+
+    # No blur, no noise, no misses, no blobs: the map is exactly 255 on the objects and 0 on the background.
+    sharp = data.make_toy(tmp_path / "d", num_train=4, num_val=1,
+                          knobs={"sal_noise": 0.0, "sal_blur": (0, 0), "sal_miss": 0.0, "sal_blobs": 0.0})
+    for i in range(4):
+        sal = np.asarray(Image.open(sharp / "saliency" / f"train_{i:05d}.png"))
+        mask = data.read_mask(sharp / "SegmentationClass" / f"train_{i:05d}.png")
+        assert set(np.unique(sal)) <= {0, 255}
+        assert (sal[(mask > 0) & (mask < 255)] == 255).all() and (sal[mask == 0] == 0).all()
+
+    # Out-of-range values are refused before anything is written, with the unknown-knob error's type.
+    for bad in ({"sal_noise": -1.0}, {"sal_noise": float("nan")}, {"sal_blur": (2.5, 1.0)}, {"sal_blur": (-1, 1)},
+                {"sal_blur": 2.0}, {"sal_miss": 1.5}):
+        with pytest.raises(ValueError, match=f"invalid toy knob {next(iter(bad))}="):
+            data.make_toy(tmp_path / "bad", num_train=2, num_val=1, knobs=bad)
+        assert not (tmp_path / "bad").exists()

@@ -67,8 +67,9 @@ Deviations (each repeated at the code):
     9. --max-iters caps every training phase (classification pre-training and each stage); warm-ups do
        not exist here, and the poly schedule is stretched over the capped length.
    10. Toy data: the saliency maps of the toy dataset are derived from its ground-truth masks (blur,
-       noise, missed objects, false blobs), so toy mIoU says nothing about the method's merit. Their quality
-       is set by the toy knobs sal_miss, sal_blobs, sal_noise and sal_blur (common.data.TOY_KNOBS, data/README.md).
+       noise, missed objects, false blobs): cleaner than a saliency model's, so toy mIoU overstates what saliency
+       gives and compares the method only with its own ablations on the same maps. Their quality is set by the toy
+       knobs sal_miss, sal_blobs, sal_noise and sal_blur (common.data.TOY_KNOBS, data/README.md).
    11. Data-parallel runs split --batch-size across processes (global batch unchanged); label updates
        and evaluation run on rank 0 only.
    12. Toy preset vs card §10: resnet10t instead of resnet18, crop 96 instead of 112, classification
@@ -707,7 +708,7 @@ def make_pseudo_labels(ctx, s, sal0_dir):
         q = label_quality(quality)  # Deviation 15: the paper's numbers (85.6 / 42.9 / 40.6 at stage 0 on VOC)
         pr = miou_entry(q, names, precision=round(100 * q["mean_precision"], 2), recall=round(100 * q["mean_recall"], 2))
         results = {f"pseudo_s{s}/train": entry, "pseudo/train": entry,  # pseudo/train: the latest labels
-                   f"pseudo_pr_s{s}/train": pr}
+                   f"pseudo_pr_s{s}/train": pr, "pseudo_pr/train": pr}
         record = {"stage": stage, "pseudo/train/miou": entry["miou"], "pseudo/train/coverage": entry["coverage"],
                   "pseudo/train/ignore_fraction": 100 * ignored / max(total, 1), "pseudo_pr/train/miou": pr["miou"],
                   "pseudo_pr/train/precision": pr["precision"], "pseudo_pr/train/recall": pr["recall"]}

@@ -453,6 +453,7 @@ def test_smoke_run(smoke, toy_root):
     assert {"pseudo/train", "pseudo_s0/train", "pseudo_s1/train", "cam/train", "seg_s0/val", "seg_s1/val"} <= set(
         m["results"])
     assert m["results"]["pseudo/train"] == m["results"]["pseudo_s1/train"]  # the labels of the last stage
+    assert m["results"]["pseudo_pr/train"] == m["results"]["pseudo_pr_s1/train"]
     for s in (0, 1):  # Deviation 15: the paper's precision / recall / mIoU with ignored pixels counted
         pr, conf = m["results"][f"pseudo_pr_s{s}/train"], m["results"][f"pseudo_s{s}/train"]
         assert 0 <= pr["precision"] <= 100 and 0 <= pr["recall"] <= 100 and pr["miou"] <= conf["miou"] + 1e-6

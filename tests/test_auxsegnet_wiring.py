@@ -608,6 +608,7 @@ def test_make_pseudo_labels_wiring(s, toy_root, tmp_path, monkeypatch):
     res = fin["results"]
     assert res[f"pseudo_s{s}/train"]["miou"] == 100.0 and res["pseudo/train"] is res[f"pseudo_s{s}/train"]
     pr = res[f"pseudo_pr_s{s}/train"]
+    assert res["pseudo_pr/train"] is pr  # the paper's form for the latest labels too
     assert pr["precision"] == 100.0 and 70 < pr["recall"] < 90 and pr["miou"] == pytest.approx(pr["recall"], abs=1e-6)
     assert ("cam/train" in res) == (s == 0)
 

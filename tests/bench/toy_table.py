@@ -38,12 +38,14 @@ ROWS = {
                   # the finer single-stage rows of the paper's Tables 4-5 (auxsegnet.py Deviation 16)
                   "seg_cls": ["--variant", "mt", "--tasks", "seg+cls"], "seg_sal": ["--variant", "mt", "--tasks", "seg+sal"],
                   "aff_seg": ["--variant", "mt_ct", "--affinity", "seg"],
-                  "ct_seg": ["--variant", "mt_ct", "--ct-constraint", "seg"]},
+                  "ct_seg": ["--variant", "mt_ct", "--ct-constraint", "seg"],
+                  # the paper's 4 stages instead of the toy preset's 3 (Deviation 12)
+                  "stages4": ["--num-stages", "4"]},
     "csd": {"baseline": ["--csd", "off"], "uniform": ["--sampling", "uniform"],
             # the paper's mask rows: MCTformer + IRN and MCTformer + CSD + IRN (csd.py Deviation 18)
             "baseline_irn": ["--csd", "off", "--mask-method", "irn"], "irn": ["--mask-method", "irn"]},
 }
-KEYS = ("seg/val", "cam/train", "cam/val", "seed/train", "mask/train", "pseudo/train", "cpl/train")
+KEYS = ("seg/val", "cam/train", "cam/val", "seed/train", "mask/train", "pseudo/train", "pseudo_pr/train", "cpl/train")
 
 
 def run(method, row, seed, args):

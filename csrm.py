@@ -730,14 +730,18 @@ def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_dev
     Returns int64 (B, H, W) on A_t's device."""
     H, W = rgb.shape[1:3]
     psi = normalize_cam(A_t * y[:, :, None, None])  # Eq. (2) at stride 16 on the label-masked CAMs
-    present = (y > 0.5).cpu()  # one host sync per batch instead of one per image
+    # the present classes: one copy to the host and one back per batch, not a nonzero + copy per image
+    present = torch.nonzero(y.cpu() > 0.5)  # (n, 2) rows (image, class), image-major
+    keys_dev = present[:, 1].to(psi.device)
+    ends = torch.bincount(present[:, 0], minlength=len(psi)).cumsum(0).tolist()
     maps, keys_all = [], []
     for i in range(len(psi)):
-        keys = torch.nonzero(present[i])[:, 0]  # present classes (m,)
+        start = ends[i - 1] if i else 0
+        keys = keys_dev[start:ends[i]]  # present classes (m,) on the device
         m = torch.zeros(2, H, W, dtype=torch.uint8, device=psi.device)  # (fg, bg): 0 = background, j = keys[j - 1]
         if len(keys):
             # bilinear (align_corners) to the crop, the present classes only: (m, H, W)
-            s = F.interpolate(psi[i:i + 1, keys.to(psi.device)], size=(H, W), mode="bilinear", align_corners=True)[0]
+            s = F.interpolate(psi[i:i + 1, keys], size=(H, W), mode="bilinear", align_corners=True)[0]
             # Eq. (6)  argmax[delta, psi_k1..psi_km]: ties go to index 0, so "> delta" is foreground, labelled with
             # the first most active class (torch.max returns the first maximum; 10x faster than argmax on CPU).
             # Label indices < 256 in uint8: a quarter of the memory traffic of int64.
@@ -748,7 +752,7 @@ def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_dev
                 top = (top + 1).to(torch.uint8)
                 m = torch.stack([torch.where(best > thr, top, 0) for thr in (fg_thr, bg_thr)])
         maps.append(m)
-        keys_all.append([0] + (keys + 1).tolist())  # label index -> class id
+        keys_all.append([0] + (present[start:ends[i], 1] + 1).tolist())  # label index -> class id (host, no sync)
     if crf_params is not None and on_device:
         rgb = torch.as_tensor(rgb).to(A_t.device)
         maps = [crf.refine_labels_torch(rgb[i], m, len(ids), gt_prob=0.7, **crf_params)
@@ -757,6 +761,7 @@ def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_dev
         rgb = np.asarray(rgb)
         jobs = [(np.array(rgb[i]), m.cpu().numpy(), len(ids), crf_params) for i, (m, ids) in enumerate(zip(maps, keys_all))]
         maps = [torch.from_numpy(r).to(A_t.device) for r in (pool.map if pool is not None else map)(_crf_pair, jobs)]
+    # uint8 holds every class id: ids stay below 255, the ignore index of the whole project
     PL = torch.empty(len(psi), H, W, dtype=torch.uint8, device=A_t.device)
     for i, ((fg, bg), ids) in enumerate(zip(maps, keys_all)):
         # Eq. (6)  M^p: class where the fg map says so; background where both say background;

@@ -536,8 +536,10 @@ def _check_toy_knobs(knobs: dict) -> None:
             ok, want = number(v) and v >= 0, "a finite number >= 0"
         elif k in _TOY_RANGES:
             ok = (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(number, v))
-                  and (0 < v[0] if k == "size" else 0 <= v[0]) and v[0] <= v[1])
-            want = "a (min, max) pair with " + ("0 < min <= max" if k == "size" else "0 <= min <= max")
+                  and (0 < v[0] if k == "size" else 0 <= v[0]) and v[0] <= v[1]
+                  and (k != "distractors" or all(float(x).is_integer() for x in v)))  # a count: rng.integers
+            want = "a (min, max) pair with " + ("0 < min <= max" if k == "size" else "0 <= min <= max") + (
+                ", whole numbers" if k == "distractors" else "")
         else:
             continue
         if not ok:

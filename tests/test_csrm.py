@@ -94,6 +94,17 @@ def test_pseudo_labels_single_class_and_label_free_images():
     # psi = A / (1 + 1e-5): px0 > 0.3 -> id 2; px1 (just below 0.3), px2 in (0.05, 0.3] -> 255; px3 (just below
     # 0.05), px4 -> background
     assert PL.dtype == torch.int64 and PL.tolist() == [[[2, 255, 255, 0, 0]], [[0, 0, 0, 0, 0]]]
+    # both CRF paths: the label-free image stays background (a 1-label CRF), the other keeps its class id on a
+    # region that is confidently foreground in both maps
+    A = torch.zeros(2, 3, 8, 16)
+    A[0, 1, :, :10] = 1.0
+    A[1] = 3.0
+    rgb = np.zeros((2, 8, 16, 3), np.uint8)
+    params = {**common_crf.PRESETS["irn"], "n_iters": 1}
+    for PL in (csrm.cam_pseudo_labels(rgb, y, A, 0.05, 0.30, params),
+               csrm.cam_pseudo_labels(torch.from_numpy(rgb), y, A, 0.05, 0.30, params, on_device=True)):
+        assert PL.dtype == torch.int64 and PL[1].eq(0).all() and set(PL[0].unique().tolist()) <= {0, 2, 255}
+        assert PL[0, :, :4].eq(2).all()
 
 
 def test_pseudo_labels_with_crf_use_present_classes_only():

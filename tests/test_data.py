@@ -309,6 +309,12 @@ def test_toy_saliency_noise_and_blur_knobs(tmp_path):
     assert all((plain / f).read_bytes() == (same / f).read_bytes() for f in files)
     assert "knobs={}" in (plain / "toy_version.txt").read_text()
     assert "sal_noise" not in (plain / "README.txt").read_text()
+    # ... and v3's random stream: after one sample the generator is where v3's left it (values recorded with the
+    # v3 code of f9ee24c; catches draws added, dropped or reordered, without depending on Pillow's blur output)
+    for seed, after in ((0, 0.21017200058310326), (5, 0.787424314977918)):
+        rng = np.random.default_rng(seed)
+        data._toy_sample(rng)
+        assert rng.random() == after
 
     # sal_noise=0: noise-free maps, nothing else changes; the default map is that map plus N(0, 12) noise.
     clean = data.make_toy(tmp_path / "c", num_train=4, num_val=1, knobs={"sal_noise": 0})
@@ -337,7 +343,7 @@ def test_toy_saliency_noise_and_blur_knobs(tmp_path):
 
     # Out-of-range values are refused before anything is written, with the unknown-knob error's type.
     for bad in ({"sal_noise": -1.0}, {"sal_noise": float("nan")}, {"sal_blur": (2.5, 1.0)}, {"sal_blur": (-1, 1)},
-                {"sal_blur": 2.0}, {"sal_miss": 1.5}):
+                {"sal_blur": 2.0}, {"sal_miss": 1.5}, {"distractors": (0, 1.5)}):
         with pytest.raises(ValueError, match=f"invalid toy knob {next(iter(bad))}="):
             data.make_toy(tmp_path / "bad", num_train=2, num_val=1, knobs=bad)
         assert not (tmp_path / "bad").exists()

@@ -726,8 +726,8 @@ def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_dev
 
     rgb: the augmented crops, uint8 (B, H, W, 3); y: image labels (B, C); A_t: teacher CAM logits
     (B, C, h, w); crf_params None runs Eq. (6) without the CRF; on_device runs the CRFs in torch on A_t's
-    device (Deviation 27), else pydensecrf on the host (official), through `pool` when given.
-    Returns int64 (B, H, W) on A_t's device."""
+    device (Deviation 27), else pydensecrf on the host (official), through `pool` when given. An image without
+    labels gets all background. Returns int64 (B, H, W) on A_t's device."""
     H, W = rgb.shape[1:3]
     psi = normalize_cam(A_t * y[:, :, None, None])  # Eq. (2) at stride 16 on the label-masked CAMs
     # the present classes: one copy to the host and one back per batch, not a nonzero + copy per image
@@ -744,7 +744,7 @@ def cam_pseudo_labels(rgb, y, A_t, bg_thr, fg_thr, crf_params, pool=None, on_dev
             s = F.interpolate(psi[i:i + 1, keys], size=(H, W), mode="bilinear", align_corners=True)[0]
             # Eq. (6)  argmax[delta, psi_k1..psi_km]: ties go to index 0, so "> delta" is foreground, labelled with
             # the first most active class (torch.max returns the first maximum; 10x faster than argmax on CPU).
-            # Label indices < 256 in uint8: a quarter of the memory traffic of int64.
+            # Label indices in uint8: a quarter of the memory traffic of int64.
             if len(keys) == 1:  # most images: no max over classes needed
                 torch.gt(s[0], fg_thr, out=m[0]), torch.gt(s[0], bg_thr, out=m[1])
             else:

@@ -92,6 +92,12 @@ Deviations (paper -> this file; the card's open choices are flags with the defau
        scales); the paper does not define "w/o SA". Every Table 3 row keeps L_cls† and L_c2s† (card §9).
    14. CoSA* (--crf): the unary is the softmax of the mean of the 10 views' logits; the official code
        sums them (about 10x sharper).
+   15. Not implemented: Tab. 4b's C-mIoU (the paper does not list its coexistence classes; cam/*.iou keeps
+       the per-class IoU, so the mean over any chosen list follows from it); Fig. 5's M vs M† curves (M's curve
+       is eval_online|eval_assign/cam/val of --eval-every, but no key scores M† alone: cam_ens/* is the mean of
+       M' and M†', and Fig. 5(b) scores only cells with P <= eps, a partial-map mIoU the paper does not define);
+       CoSA-MS (separate R101 / WR38 / Swin segmentation networks trained on the CPL: another pipeline, not
+       this single-stage method); the VOC test-server export (no public test masks, nothing here could score it).
 
 Run:
     python cosa.py                                    (toy data, CPU, minutes)

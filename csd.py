@@ -73,8 +73,9 @@ Deviations (also marked `Deviation:` at the code):
      the stage-2 seeds (seed_results()); the paper's PSA masks use fixed thresholds (bg 0.39).
   6. --mask-method crf (default): masks are seeds + dense CRF (label unary, MCTformer's PSA pairwise parameters,
      crf.PRESETS["psa"]), not PSA's AffinityNet random walk (out of scope). mask/train is therefore NOT the
-     paper's "Mask" column. --mask-method irn: IRNet's masks (the mask method of Table 1's IRN rows) on the
-     MCTformer-V2 seeds (Deviation 18) - a combination Table 1 does not report.
+     paper's "Mask" column. There is no hook for external final masks (PSA; --prior dir: of Deviation 5 replaces
+     only the stage-1 prior). --mask-method irn: IRNet's masks (the mask method of Table 1's
+     IRN rows) on the MCTformer-V2 seeds (Deviation 18) - a combination Table 1 does not report.
   7. Segmentation network: the paper uses MCTformer's DeepLab with a ResNet-38 backbone (not in timm).
      Paper preset: DeepLab-v2 (ASPP, rates 6/12/18/24) on timm ResNet-101 at output stride 8,
      SGD poly schedule (DeepLab-v2 VOC defaults). Toy preset: the same ASPP head on a tiny
@@ -93,7 +94,10 @@ Deviations (also marked `Deviation:` at the code):
  13. Not implemented: --stage (the pipeline always runs whole; --resume continues it), MCTformer-V1,
      the IRN *classifier* baseline (IRN's ResNet-50 CAM: Table 1 rows "IRN (ResNet-50)" and "IRN w/ CSD"; the
      IRN mask refinement of those rows exists as --mask-method irn), paste rescaling, the ignore band, the CDA
-     area filter (card "optional"), and Table 1's "Test" column (no VOC test-server export).
+     area filter (card "optional"), and Table 1's "Test" column (no VOC test-server export). No shortcut for
+     lambda1 = lambda2 = 0: stage 1, the prior and the composite and teacher forwards still run. The loss is then
+     L_cls (plus the x_fg term of --cls-on-paste), drop-path draws aside, but L_fg / L_bg are still logged and a
+     non-finite one still stops the run (check_finite; 0 * NaN is NaN); --csd off is the cheap baseline.
  14. Eq. (1)'s diagonal N_ii is read as the number of SINGLE-label images of class i (the literal reading
      is "images containing i"): the reading under which the paper's remark "classes with more single-label
      samples are sampled more" holds, and the dev code's (cooccurrence_counts()).
@@ -1097,7 +1101,7 @@ class CSDTransform:
         if probs.sum() == 0:  # no class with a source image: an empty triplet (zero CSD loss)
             z = torch.zeros(3, crop, crop)
             zb = torch.zeros(crop, crop, dtype=torch.bool)
-            return {"x_s": z, "x_fg": z, "x_bg": z, "M_fg": zb, "M_bg": zb, "R_bg": zb, "bg_m": zb, "c_s": torch.tensor(0),
+            return {"x_s": z, "x_fg": z, "x_bg": z, "M_fg": zb, "R_bg": zb, "c_s": torch.tensor(0),
                     "y_fg": torch.from_numpy(y_m), "y_bg": torch.from_numpy(y_m), "y_s": torch.zeros(K)}
         c = int(rng.choice(K, p=probs))
         s = int(self.sources[c][rng.integers(len(self.sources[c]))])
@@ -1114,8 +1118,7 @@ class CSDTransform:
         x_s, x_m = augment.to_tensor(img_s), augment.to_tensor(img_m)
         x_fg, x_bg = make_composites(x_s, x_m, M_fg, R_bg)
         y_fg = np.maximum(y_m, np.eye(K, dtype=np.float32)[c])  # y_m | {c_s}
-        return {"x_s": x_s, "x_fg": x_fg, "x_bg": x_bg, "M_fg": M_fg, "M_bg": M_bg, "R_bg": R_bg, "bg_m": pr_m == 0,
-                "c_s": torch.tensor(c),
+        return {"x_s": x_s, "x_fg": x_fg, "x_bg": x_bg, "M_fg": M_fg, "R_bg": R_bg, "c_s": torch.tensor(c),
                 "y_fg": torch.from_numpy(y_fg), "y_bg": torch.from_numpy(y_m.copy()),
                 "y_s": torch.from_numpy(self.labels[s].copy())}
 

@@ -63,7 +63,9 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
   6. Augmentation of the l-half follows the code (rescale, reflect-pad, crop, jitter, blur, flip),
      the paper mentions resize + flip; the u-half is pad + crop only.
   7. L_u carries U2PL's N_all/N_kept factor; L_s and L_s2c use label smoothing 0.1 and batch-level
-     means (Eqs. (7), (9) average per image).
+     means (Eqs. (7), (9) average per image). L_s is computed on the l-half only, as in the official runner
+     (scripts/ss/train_csrm.py: loss_c2s on logit_seg_large_l, pseudo_masks_l); the paper names no half. The
+     u-half's segmentation logits learn only from L_u (L_s2c detaches S_bg).
   8. L_u's target comes from the eval-mode teacher on the un-mixed images (logits ClassMixed, then
      label-restricted); its entropy from a train-mode (dropout) teacher pass on the mixed images.
   9. R stays at stride 4 (the paper writes H x W).
@@ -124,7 +126,8 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       "threshold_selection"):
         Table 1 / Table 2 "CSRM" (71.8 train / 69.8 val)  -> cam/train, cam/val      (GT-swept threshold)
         Table 2 "CSRM + dCRF" (72.6 / 70.2)               -> pseudo_crf/train, pseudo_crf/val (t = --pl-thr + dCRF)
-        Table 2 row 1, the start point (train)            -> cam_init/train           (GT-swept threshold)
+        Table 2 row 1, the start point (59.9 / 59.8)      -> cam_init/train, cam_init/val (GT-swept threshold; the
+                                                             stage-0 CAM here, not Puzzle-CAM: Deviation 1)
         Table 2 row 5 "CSRM + dCRF + SEPL" (77.6 / 76.2)  -> pseudo_sepl/train, pseudo_sepl/val (--sepl; Deviation 28)
         Table 2 rows 3-4 (start + dCRF, start + SEPL)     -> not run (they refine the Puzzle-CAM start point)
         Fig. 2 (delta_fg curve)                           -> cam/train "curve" (Deviation 14)
@@ -133,6 +136,8 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
                                                              --sepl, no test-time CRF; the 69.8 of Table 3 is
                                                              DeepLabV2, not comparable.
       pseudo/{train,val} (t = --pl-thr, no CRF) has no number in the paper; log.jsonl val/cam_miou is swept on GT too.
+      --no-pl-crf or --crf-iters 0: no pseudo_crf/* (one --crf-iters serves the per-step and the inference dCRF, so
+      0 turns both off; without --sepl the verification network then trains on pseudo/).
   27. The per-step label dCRFs of Eq. (6) run in torch on the training device with --train-crf torch, or
       auto on CUDA (common/crf.py refine_labels_torch: pydensecrf's energy and mean-field updates, the
       bilateral kernel on a sparse bilateral grid instead of the permutohedral lattice). On the host they cost
@@ -256,7 +261,7 @@ class Args:
     # --- pseudo labels and mixing (Eq. (6); Sec. 4) ---
     bg_thr: float = 0.05  # Sec. 4: delta_bg
     fg_thr: float = 0.30  # official VOC runner (paper 0.35)
-    crf_iters: int = 10  # irn label dCRF
+    crf_iters: int = 10  # irn label dCRF iterations, per step (Eq. (6)) and for pseudo_crf (Deviation 26)
     crf_workers: int = 8  # CPU threads for the per-step dCRFs on the host (official: a CPU pool)
     train_crf: str = "auto"  # per-step dCRFs: torch (training device; Deviation 27) | pydensecrf (host) | auto: torch on CUDA
     mix_prob: float = 0.5  # Sec. 4: ClassMix with p 0.5
@@ -992,7 +997,9 @@ def train_cam(ctx, cam_net):
             return {"losses/cls": loss.item()}
         train_loop(ctx, "cam", ds, args.cam_batch, total, step, {"model": cam_net, "optimizer": opt},
                    lr=lambda it: poly_lr(it, total), salt=1, indices=idx)
-    results = {"cam_init/train": cam_miou(ctx, cam_net, ctx.splits["seed"])} if ctx.main else None
+    # Table 2 row 1 reports the start point on train and val (Deviation 26)
+    results = {"cam_init/train": cam_miou(ctx, cam_net, ctx.splits["seed"]),
+               "cam_init/val": cam_miou(ctx, cam_net, ctx.splits["val"])} if ctx.main else None
     # checkpoints/cam.pt, a reusable start point: --init-ckpt <run>/checkpoints/cam.pt
     ctx.finish_stage("cam", results=results, trained=not args.init_ckpt,
                      weights={"backbone": cam_net.backbone.state_dict(), "classifier": cam_net.classifier.state_dict()})
@@ -1033,6 +1040,7 @@ def train_step(args, student, teacher, optimizer, bank, batch_l, batch_u, step, 
     S, A = out["seg"], out["cam"]
 
     losses = {"losses/cls": loss_cls(out["cls_logits"], y, args.label_smoothing),
+              # Deviation 7: L_s on the l-half only (official runner); the u-half's S learns from L_u alone
               "losses/seg": loss_seg(S[:B], PL[:B], args.label_smoothing)}
     if w_s2c > 0:
         losses["losses/s2c"] = loss_s2c(S, A, P_t, args.s2c_sigma, args.label_smoothing)

@@ -360,10 +360,12 @@ class FakeCtx(SimpleNamespace):
 def _capture_train_loop(monkeypatch, n_images):
     """train_cobra / train_irn / train_seg with a fake dataset and a train_loop that only records."""
     seen = {}
-    monkeypatch.setattr(cobra.data, "SegDataset", lambda *a, **kw: list(range(n_images)))
+    monkeypatch.setattr(cobra.data, "SegDataset",
+                        lambda *a, **kw: seen.update(ds_args=(a, kw)) or list(range(n_images)))
 
     def loop(ctx, stage, ds, batch_size, total, step, modules, lr=None, salt=0, indices=None):
-        seen.update(stage=stage, batch_size=batch_size, total=total, step=step, modules=modules, lr=lr)
+        seen.update(stage=stage, batch_size=batch_size, total=total, step=step, modules=modules, lr=lr,
+                    training={k: m.training for k, m in modules.items() if isinstance(m, nn.Module)})
     monkeypatch.setattr(cobra, "train_loop", loop)
     return seen
 
@@ -563,10 +565,17 @@ def _cams():
     return c
 
 
+def stub_each_sample(monkeypatch, samples=None):
+    """cobra.each_sample -> the given samples (default: the dataset it is passed), fn applied when given."""
+    def each_sample(ctx, dataset, desc, fn=None, shard=False, limit=0):
+        return (fn(s) if fn else s for s in (dataset if samples is None else samples))
+
+    monkeypatch.setattr(cobra, "each_sample", each_sample)
+
+
 def _stage_ctx(monkeypatch, args, cams):
     monkeypatch.setattr(cobra, "load_cams", lambda ctx, name: cams)
-    monkeypatch.setattr(cobra, "each_sample", lambda ctx, ds, desc, fn=None, shard=False, limit=0:
-                        (fn(s) if fn else s for s in ds))
+    stub_each_sample(monkeypatch)
     saved = {}
     monkeypatch.setattr(cobra.data, "save_mask", lambda path, m: saved.__setitem__(str(path), m))
     monkeypatch.setattr(cobra.crf, "available", lambda: False)
@@ -673,7 +682,7 @@ def test_evaluate_reports_the_paper_test_protocol(monkeypatch):
     mask[:, 8:] = 1
     ds = SimpleNamespace(num_classes=2, class_names=["bg", "a"])
     samples = [{"image": np.zeros((16, 16, 3), np.uint8), "mask": mask}]
-    monkeypatch.setattr(cobra, "each_sample", lambda ctx, d, desc, fn=None, shard=False, limit=0: iter(samples))
+    stub_each_sample(monkeypatch, samples)
     res = cobra.evaluate(StubSeg(), ds, ctx)
     assert set(res) == {"seg/val", "seg_ms/val"} | ({"seg_crf/val"} if cobra.crf.available() else set())
     # single scale: class 1 wherever j > 0 -> IoU bg 1/8, a 8/15; multi-scale + flip: p_a = (sigmoid(j) +
@@ -720,7 +729,7 @@ def test_evaluate_seeds_wiring(monkeypatch, seed_bg):
     mask[:2] = 2
     samples[0]["mask"] = mask
     ds = SimpleNamespace(num_classes=3, class_names=["bg", "a", "b"], ids=["a"])
-    monkeypatch.setattr(cobra, "each_sample", lambda ctx, d, desc, fn=None, shard=False, limit=0: iter(samples))
+    stub_each_sample(monkeypatch, samples)
     entry, param = cobra.evaluate_seeds(ctx, ds)
     m = (cams["cnn"] + cams["tran"]) / 2
     if seed_bg == "attn-pct":
@@ -757,3 +766,383 @@ def test_train_seg_targets_are_the_masks_or_the_ground_truth(monkeypatch, toy_ro
     targets = torch.stack([seen["ds"][i]["target"] for i in range(8)])
     foreground = ((targets > 0) & (targets != 255)).any().item()
     assert foreground == (supervision == "full")
+
+
+# ---------------------------------------------------------------------------------------------
+# L_cam's upsampling, the multi-scale CAMs, stage 2
+# ---------------------------------------------------------------------------------------------
+def test_loss_cam_upsamples_to_crop():
+    """Catches: L_cam on the N x N grids (no upsampling), align_corners=False, nearest or bicubic instead
+    of bilinear, the size transposed, L_cons+ taken before the upsampling."""
+    cnn = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]], [[0.0, 1.0], [-1.0, 0.0]], [[2.0, 0.0], [0.0, -2.0]]]])
+    vit = torch.tensor([[[[0.0, 1.0], [1.5, -1.0]], [[2.0, -1.0], [0.0, 1.0]], [[0.5, 0.5], [-0.5, 1.0]]]])
+    label = torch.tensor([[1.0, 0.0]])  # class 1 present, class 2 absent
+    size = (5, 9)
+    up = lambda m: F.interpolate(m, size=size, mode="bilinear", align_corners=True)
+    d = (up(cnn) - up(vit)).abs()  # (1, 3, 5, 9), the official UpsamplingBilinear2d
+    assert cobra.loss_cam(cnn, vit, label, size).item() == pytest.approx(d.mean().item(), rel=1e-6)
+    want = d.mean().item() + d[:, 1].mean().item()
+    assert cobra.loss_cam(cnn, vit, label, size, plus=True).item() == pytest.approx(want, rel=1e-6)
+
+
+class ScaleStubCoBra(nn.Module):
+    """CAMs on an (h/8, w/8) grid of random values seeded by the input size (each scale differs); records inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs, self.outputs = [], []
+
+    def forward(self, x):
+        B, _, h, w = x.shape
+        g = torch.Generator().manual_seed(1000 * h + w)
+        n = (h // 8) * (w // 8)
+        out = {"cnn_cam": torch.randn(B, 3, h // 8, w // 8, generator=g),
+               "vit_cam": torch.randn(B, 3, h // 8, w // 8, generator=g),
+               "vit_attn": torch.rand(B, 1 + n, 1 + n, generator=g)}
+        self.inputs.append(x)
+        self.outputs.append(out)
+        return out
+
+
+def test_infer_cams_sums_scales():
+    """Catches: the scales overwriting each other (last or first scale only), a scale ignored (input not
+    resized by s), the 16-pixel floor dropped, H and W swapped in the scaled size, a scale's map not resized to
+    H x W / the stride-4 size before the sum, the attention not summed over scales."""
+    stub = ScaleStubCoBra()
+    H, W = 32, 48
+    img = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    got = cobra.infer_cams(stub, img, np.array([1.0, 0.0]), (1.0, 0.5, 0.25), "cpu")
+    assert [tuple(x.shape[2:]) for x in stub.inputs] == [(32, 48), (16, 24), (16, 16)]  # 0.25: (8, 12) -> floor 16
+    x0 = cobra.augment.to_tensor(img)[None]
+    for x in stub.inputs:
+        want = F.interpolate(x0, size=x.shape[2:], mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(x[0], want)
+        assert torch.equal(x[1], x[0].flip(-1))
+    up = lambda m, s: F.interpolate(m[None], size=s, mode="bilinear", align_corners=False)[0]
+    acc = {k: 0 for k in ("cnn", "cnn_s4", "tran", "tran_s4", "attn")}
+    for o in stub.outputs:
+        h, w = o["vit_cam"].shape[2:]
+        cnn = F.relu(o["cnn_cam"])
+        cnn = cnn[0] + cnn[1].flip(-1)
+        a_obj = o["vit_attn"][:, 0, 1:].reshape(2, 1, h, w)
+        tran = F.relu(o["vit_cam"] * a_obj)
+        tran = tran[0] + tran[1].flip(-1)
+        for name, m in (("cnn", cnn), ("tran", tran)):
+            acc[name] = acc[name] + up(m, (H, W))
+            acc[name + "_s4"] = acc[name + "_s4"] + up(m, (8, 12))
+        acc["attn"] = acc["attn"] + up(a_obj[0] + a_obj[1].flip(-1), (H, W))
+    for name in ("cnn", "cnn_s4", "tran", "tran_s4"):
+        np.testing.assert_allclose(got[name], _norm(acc[name][[1]]).numpy(), atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got["attn"], acc["attn"][0].numpy(), atol=1e-5)
+
+
+def test_stage_cams_passes_scales_in_eval_mode(monkeypatch, tmp_path):
+    """Catches: stage 2 run with the network in train mode (BN batch statistics, dropout), args.scales not passed
+    (a hard-wired (1.0,) or seg_test_scales), the image / label / device of another sample, the keys cast to
+    float16 or the maps saved under other names."""
+    args = args_for(scales=(0.7, 1.3))
+    model = nn.Sequential(nn.BatchNorm2d(3)).train()
+    img = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    label = np.array([0.0, 1.0])
+    rec = []
+
+    def fake(m, image, lab, scales, device):
+        rec.append(dict(model=m, training=m.training, image=image, label=lab, scales=scales, device=device))
+        return {"keys": np.array([2]), "cnn": np.full((1, 2, 2), 0.3, np.float32),
+                "attn": np.ones((6, 6), np.float32)}
+    monkeypatch.setattr(cobra, "infer_cams", fake)
+    stub_each_sample(monkeypatch)
+    ctx = SimpleNamespace(args=args, run_dir=tmp_path, device="dev0", autocast=contextlib.nullcontext)
+    cobra.stage_cams(ctx, model, [{"name": "a", "image": img, "label": label}])
+    (r,) = rec
+    assert r["model"] is model and r["training"] is False and tuple(r["scales"]) == (0.7, 1.3)
+    assert r["image"] is img and r["label"] is label and r["device"] == "dev0"
+    with np.load(tmp_path / "cams" / "a.npz") as z:
+        assert set(z.files) == {"keys", "cnn", "attn"} and z["keys"].tolist() == [2]
+        assert z["keys"].dtype.kind == "i" and z["cnn"].dtype == np.float16
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 6's CRF branch and the folder stage 7 reads
+# ---------------------------------------------------------------------------------------------
+def _cams_two_keys():
+    """Keys (2, 5); with bg = 0.8 (80th percentile of attn) M_fuse gives 2 on row 0 and at (1, 0), (2, 0),
+    5 on column 3, 0 elsewhere; M_avg loses (2, 0), M_tran loses (1, 0)."""
+    tran = np.array([np.full((4, 4), 0.1), np.full((4, 4), 0.2)], np.float32)
+    tran[0, 0], tran[1, :, 3] = 0.9, 0.95
+    tran[0, 1, 0], tran[0, 2, 0] = 0.7, 0.85
+    cnn = tran.copy()
+    cnn[0, 1, 0], cnn[0, 2, 0] = 1.0, 0.5
+    attn = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    return dict(cnn=cnn, tran=tran, cnn_s4=np.full((2, 1, 1), 0.5, np.float32),
+                tran_s4=np.full((2, 1, 1), 0.4, np.float32), attn=attn, keys=np.array([2, 5]))
+
+
+RAW_IRN = np.array([[0, 2, 5, 5], [2, 2, 0, 5], [0, 0, 5, 2], [5, 0, 2, 0]], np.uint8)
+
+
+@pytest.mark.parametrize("method,mask_crf,applied",
+                         [("irn", True, True), ("crf", False, True), ("irn", False, False)])
+def test_stage_masks_crf_branch(monkeypatch, method, mask_crf, applied):
+    """Catches: the CRF-refined and the raw mask swapped between mask/ and mask_nocrf/, the wrong CRF preset
+    (cobra_seg for the IRN mask, irn for --mask-method crf) or gt_prob, n_labels = K (background forgotten),
+    class ids passed as labels (no searchsorted to indices) or the indices not mapped back through the keys,
+    --mask-method crf without the CRF unless --mask-crf (or / and), --no-mask-crf ignored, the CRF run on a
+    blank image; for --mask-method crf: the raw seed from another map or background score than stage 3's."""
+    cams = _cams_two_keys()
+    args = args_for(mask_method=method, mask_crf=mask_crf, mask_source="fuse", seed_bg="attn-pct")
+    ctx, saved, ds = _stage_ctx(monkeypatch, args, cams)
+    img = np.random.default_rng(2).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    ds[0]["image"] = img
+    monkeypatch.setattr(cobra.crf, "available", lambda: True)
+    monkeypatch.setattr(cobra, "infer_edge", lambda irn, image, crop, device: torch.zeros(1, 1))
+    monkeypatch.setattr(cobra, "random_walk", lambda x, edge, radius, beta, exp_times: x)
+    monkeypatch.setattr(cobra, "final_mask", lambda rw, keys, H, W, alpha: RAW_IRN.copy())
+    rec = []
+
+    def refine(image, labels, n_labels, gt_prob=None, **params):
+        rec.append(dict(image=np.array(image), labels=np.array(labels), n=n_labels, gt_prob=gt_prob, params=params))
+        return (np.asarray(labels) + 1) % n_labels  # a visible change: index i -> i + 1
+    monkeypatch.setattr(cobra.crf, "refine_labels", refine)
+    cobra.stage_masks(ctx, object(), ds)
+    if method == "irn":
+        raw = RAW_IRN
+    else:  # M_fuse against stage 3's background score: the 80th attention percentile
+        m = np.maximum((cams["cnn"] + cams["tran"]) / 2, cams["tran"])
+        bg = np.percentile(cams["attn"], 80)
+        raw = np.array([0, 2, 5], np.uint8)[np.concatenate([np.full((1, 4, 4), bg), m]).argmax(0)]
+        assert set(np.unique(raw)) == {0, 2, 5}
+    folder = {cobra.Path(k).parts[-3]: v for k, v in saved.items()}
+    np.testing.assert_array_equal(folder["mask_nocrf"], raw)
+    if not applied:
+        assert rec == []
+        np.testing.assert_array_equal(folder["mask"], raw)
+        return
+    (r,) = rec
+    idx = np.select([raw == 0, raw == 2, raw == 5], [0, 1, 2])
+    np.testing.assert_array_equal(r["labels"], idx)
+    np.testing.assert_array_equal(r["image"], img)
+    assert r["n"] == 3 and r["gt_prob"] == 0.7
+    assert r["params"] == cobra.crf.PRESETS["cobra_seg" if method == "irn" else "irn"]
+    np.testing.assert_array_equal(folder["mask"], np.array([0, 2, 5])[(idx + 1) % 3])
+
+
+@pytest.mark.parametrize("method,mask_crf,want", [("irn", True, "mask"), ("irn", False, "mask_nocrf"),
+                                                  ("crf", False, "mask"), ("crf", True, "mask")])
+def test_seg_label_dir_follows_the_crf_switch(method, mask_crf, want):
+    """Catches: stage 7 trained on the no-CRF masks under --mask-crf (index 0 / 1 swapped), on the CRF folder
+    under --no-mask-crf, or --mask-method crf (always refined) sent to mask_nocrf/."""
+    ctx = SimpleNamespace(args=args_for(mask_method=method, mask_crf=mask_crf), run_dir=cobra.Path("/r"),
+                          splits={"train": "tr"})
+    assert cobra.seg_label_dir(ctx) == cobra.Path("/r/pseudo_labels") / want / "tr"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3's theta search
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("curve,want", [((0.5, 0.5, 0.9, 0.9, 0.9, 0.9), 70),  # a tie stops the search
+                                        ((0.1, 0.2, 0.3, 0.4, 0.5, 0.6), 95),  # monotone: capped at 95
+                                        ((0.3, 0.6, 0.4, 0.9, 0.9, 0.9), 75)])  # greedy, not the global best
+def test_theta_search_tie_and_cap(monkeypatch, curve, want):
+    """Catches (Deviation 14): a tie continuing the search (>= instead of >), the cap at 90 (range one short) or
+    an index past 95, the global argmax instead of the first non-improvement, the score or the written seeds
+    of another theta than the chosen one."""
+    made = []
+    real = cobra.miou.ConfusionMatrix
+
+    class Scripted(real):  # the first six matrices are the theta = 70, 75, ... 95 ones, in that order
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.i = len(made)
+            made.append(self)
+
+        def compute(self):
+            res = super().compute()
+            return {**res, "miou": curve[self.i]} if self.i < 6 else res
+    monkeypatch.setattr(cobra.miou, "ConfusionMatrix", Scripted)
+    cams = _cams()
+    args = args_for(seed_bg="attn-pct", mask_source="avg")
+    ctx, saved, samples = _stage_ctx(monkeypatch, args, cams)
+    ctx.splits = {"train": "t", "seed": "s"}
+    samples[0]["mask"] = np.zeros((4, 4), np.uint8)
+    ds = SimpleNamespace(num_classes=3, class_names=["bg", "a", "b"], ids=["a"])
+    stub_each_sample(monkeypatch, samples)
+    entry, param = cobra.evaluate_seeds(ctx, ds)
+    assert param == want and entry["miou"] == pytest.approx(100 * curve[(want - 70) // 5])
+    (label,) = saved.values()
+    m = (cams["cnn"] + cams["tran"]) / 2
+    np.testing.assert_array_equal(label, cobra.seed_label(m, cams["keys"], float(np.percentile(cams["attn"], want))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The data path and the modes of the three training stages, the IRN and seg schedules
+# ---------------------------------------------------------------------------------------------
+def _record_augment(monkeypatch, names):
+    """Replace the augment functions in `names` by recorders that return a new, visibly changed image."""
+    calls = []
+
+    def make(name):
+        def fn(image, rng, *a, masks=(), maps=(), **kw):
+            calls.append(dict(name=name, image=image, args=a, kw=kw, masks=masks))
+            out = image[:, :-1].copy() if name != "random_hflip" else image[:, ::-1].copy()
+            new_masks = tuple(m[:, :-1].copy() if name != "random_hflip" else m[:, ::-1].copy() for m in masks)
+            calls[-1]["out"] = out
+            return (out, new_masks, None, None) if name == "random_crop" else (out, new_masks, None)
+        return fn
+    for n in names:
+        monkeypatch.setattr(cobra.augment, n, make(n))
+    return calls
+
+
+def test_cobra_transform_wiring(monkeypatch):
+    """Catches: the resize_long range not from Args (or a fixed one), bilinear instead of the official bicubic,
+    a step dropped or applied to the original image (resize -> flip -> crop chain broken), the crop size not
+    --crop (e.g. seg_crop / irn_crop), the label not passed through unchanged."""
+    calls = _record_augment(monkeypatch, ("random_resize_long", "random_hflip", "random_crop"))
+    args = args_for(resize_long=(50, 70), crop=12)
+    img = np.random.default_rng(3).integers(0, 256, (10, 9, 3), dtype=np.uint8)
+    label = np.array([0.0, 1.0, 1.0], np.float32)
+    out = cobra.cobra_transform(args)({"image": img, "label": label}, np.random.default_rng(0))
+    assert [c["name"] for c in calls] == ["random_resize_long", "random_hflip", "random_crop"]
+    assert calls[0]["image"] is img
+    assert calls[1]["image"] is calls[0]["out"] and calls[2]["image"] is calls[1]["out"]
+    assert tuple(calls[0]["kw"]["long_range"]) == (50, 70) and calls[0]["kw"]["interp"] == "bicubic"
+    assert (calls[2]["args"] + tuple(calls[2]["kw"].values()))[0] == 12
+    torch.testing.assert_close(out["image"], cobra.augment.to_tensor(calls[2]["out"]))
+    assert torch.equal(out["label"], torch.from_numpy(label))
+
+
+def test_seg_transform_wiring(monkeypatch):
+    """Catches: the seg rescale range not --seg-scale-range (e.g. IRN's 0.5-1.5), the image rescaled bicubic, the
+    crop size not --seg-crop, the target from the wrong key (ground truth instead of the pseudo mask), the mask
+    not carried through the rescale / flip / crop."""
+    calls = _record_augment(monkeypatch, ("random_rescale", "random_hflip", "random_crop"))
+    args = args_for(seg_scale_range=(0.6, 1.4), seg_crop=12)
+    img = np.random.default_rng(3).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    pseudo = np.arange(54, dtype=np.uint8).reshape(6, 9)
+    sample = {"image": img, "pseudo": pseudo, "mask": np.zeros((6, 9), np.uint8)}
+    out = cobra.seg_transform(args, "pseudo")(sample, np.random.default_rng(0))
+    assert [c["name"] for c in calls] == ["random_rescale", "random_hflip", "random_crop"]
+    assert calls[0]["masks"][0] is pseudo and calls[0]["image"] is img
+    assert tuple(calls[0]["kw"]["ratio_range"]) == (0.6, 1.4)
+    assert calls[0]["kw"].get("interp", "bilinear") == "bilinear"
+    assert (calls[2]["args"] + tuple(calls[2]["kw"].values()))[0] == 12
+    torch.testing.assert_close(out["image"], cobra.augment.to_tensor(calls[2]["out"]))
+    assert out["target"].tolist() == pseudo[:, :-1][:, ::-1][:, :-1].tolist()  # rescale, flip, crop stubs
+
+
+def test_train_cobra_data_and_train_mode(monkeypatch, model):
+    """Catches: CoBra trained on another split / dataset / seed, with the IRN or seg transform (or none),
+    or with the network left in eval mode (BN running statistics; ctx.wrap(model) without .train()),
+    --max-iters ignored."""
+    args = args_for(batch_size=3, epochs=4, seed=11, max_iters=5)
+    seen = _capture_train_loop(monkeypatch, 10)
+    ctx = _ctx(args)
+    ctx.splits = {"train": "tr_x"}
+    ctx.spec = SimpleNamespace(root="ROOT", dataset="coco")
+    was = model.training
+    model.eval()
+    try:
+        cobra.train_cobra(ctx, model)
+        a, kw = seen["ds_args"]
+        assert a[:2] == ("ROOT", "tr_x") and kw["dataset"] == "coco" and kw["seed"] == 11
+        assert kw["transform"].__qualname__ == "cobra_transform.<locals>.transform" and not kw.get("extra_dirs")
+        assert seen["training"]["model"] is True
+        assert seen["total"] == 5 and seen["stage"] == "cobra"
+    finally:
+        model.train(was)  # the module-scoped fixture: later tests must not inherit eval mode
+
+
+class IrnStub(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.edge = nn.Parameter(torch.ones(1, 1, 2, 2))
+
+
+def test_train_irn_schedule_and_data(monkeypatch):
+    """Catches: the IRN total not irn_epochs * (len // irn_batch) (len not divided, epochs of CoBra, batch of
+    CoBra), poly lr on another total, momentum / weight decay not from Args, the IR labels read from another
+    folder or split, the IRN transform swapped, the IRN left in eval mode while training, --max-iters ignored."""
+    args = args_for(irn_batch=3, irn_epochs=2, batch_size=4, epochs=7, irn_lr=0.3, momentum=0.25,
+                    weight_decay=0.003, seed=11)
+    seen = _capture_train_loop(monkeypatch, 10)
+    ctx = _ctx(args)
+    ctx.splits = {"train": "tr_x"}
+    irn = IrnStub().eval()
+    cobra.train_irn(ctx, irn)
+    assert seen["stage"] == "irn" and seen["batch_size"] == 3 and seen["total"] == 6  # 2 * (10 // 3)
+    assert [seen["lr"](k) for k in range(7)] == pytest.approx([cobra.poly_lr(k, 6) for k in range(7)])
+    (g,) = seen["modules"]["optimizer"].param_groups
+    assert (g["lr"], g["momentum"], g["weight_decay"]) == (0.3, 0.25, 0.003)
+    assert seen["training"]["irn"] is True and not irn.training  # trained in train mode, eval afterwards
+    a, kw = seen["ds_args"]
+    assert a[:2] == ("x", "tr_x") and kw["seed"] == 11
+    assert kw["extra_dirs"] == {"ir": cobra.Path("/nonexistent/pseudo_labels/ir/tr_x")}
+    assert kw["transform"].__qualname__ == "irn_transform.<locals>.transform"
+    cobra.train_irn(_ctx(args_for(irn_batch=3, irn_epochs=2, max_iters=4)), IrnStub())
+    assert seen["total"] == 4
+
+
+class SegStub(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Linear(1, 1), nn.Linear(1, 1)
+
+
+def test_train_seg_schedule_and_data(monkeypatch):
+    """Catches: the seg total not --seg-iters (e.g. CoBra's or IRN's schedule), poly lr on another total,
+    momentum from Args (1e-4) instead of DeepLab's 0.9, weight decay not from Args, the masks read from
+    another folder than seg_label_dir, the seg transform swapped or on the wrong key, the network left in eval
+    mode while training, --max-iters ignored."""
+    args = args_for(seg_batch=4, seg_iters=9, seg_lr=0.01, momentum=0.25, weight_decay=0.003, seed=11,
+                    epochs=3, irn_epochs=5)
+    seen = _capture_train_loop(monkeypatch, 10)
+    monkeypatch.setattr(cobra, "seg_label_dir", lambda ctx: "PSEUDO")
+    seg = SegStub().eval()
+    cobra.train_seg(_ctx(args), seg)
+    assert seen["stage"] == "seg" and seen["batch_size"] == 4 and seen["total"] == 9
+    assert [seen["lr"](k) for k in range(10)] == pytest.approx([cobra.poly_lr(k, 9) for k in range(10)])
+    groups = seen["modules"]["optimizer"].param_groups
+    assert [(g["momentum"], g["weight_decay"]) for g in groups] == [(0.9, 0.003)] * 2
+    assert seen["training"]["seg"] is True and not seg.training
+    a, kw = seen["ds_args"]
+    assert a[1] == "train" and kw["seed"] == 11 and kw["extra_dirs"] == {"pseudo": "PSEUDO"}
+    assert kw["transform"].__qualname__ == "seg_transform.<locals>.transform"
+    t = kw["transform"]
+    assert dict(zip(t.__code__.co_freevars, (c.cell_contents for c in t.__closure__)))["key"] == "pseudo"
+    cobra.train_seg(_ctx(args_for(seg_iters=9, max_iters=4)), SegStub())
+    assert seen["total"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# seg_crf/val
+# ---------------------------------------------------------------------------------------------
+def test_evaluate_seg_crf_preset_and_inputs(monkeypatch):
+    """Catches: seg_crf/val refined with another preset than deeplab_v2, from the single-scale prediction or
+    another probability map than the multi-scale one, on a blank image, scored from the CRF input instead of
+    its output; and --no-seg-crf ignored."""
+    args = args_for(seg_test_scales=(1.0, 2.0), num_vis=0, seg_crf=True)
+    ctx = SimpleNamespace(args=args, device="cpu", autocast=contextlib.nullcontext, main=False)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 1
+    img = np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    ds = SimpleNamespace(num_classes=2, class_names=["bg", "a"])
+    stub_each_sample(monkeypatch, [{"image": img, "mask": mask}])
+    monkeypatch.setattr(cobra.crf, "available", lambda: True)
+    rec = []
+
+    def refine(image, probs, **params):
+        rec.append(dict(image=np.array(image), probs=np.array(probs), params=params))
+        return np.stack([mask == 0, mask == 1]).astype(np.float32)  # the CRF output is the ground truth
+    monkeypatch.setattr(cobra.crf, "refine_probs", refine)
+    res = cobra.evaluate(StubSeg(), ds, ctx)
+    (r,) = rec
+    assert r["params"] == cobra.crf.PRESETS["deeplab_v2"]
+    np.testing.assert_array_equal(r["image"], img)
+    np.testing.assert_allclose(r["probs"], cobra.predict_seg_ms(StubSeg(), img, ctx, (1.0, 2.0)), atol=1e-6)
+    assert res["seg_crf/val"]["miou"] == pytest.approx(100.0)  # scored from the CRF output
+    assert res["seg_ms/val"]["miou"] == pytest.approx(25.0, abs=0.01)
+    args.seg_crf = False
+    rec.clear()
+    assert set(cobra.evaluate(StubSeg(), ds, ctx)) == {"seg/val", "seg_ms/val"} and rec == []

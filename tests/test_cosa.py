@@ -184,6 +184,26 @@ def test_raw_weights_hand_values_and_plain_ce_reduction():
     assert cosa.loss_c2s(logits, torch.full((1, 1, 2), 255), None).item() == 0.0
 
 
+def test_raw_weights_normalise_over_the_valid_pixels_only():
+    """Eq. (5) with non-constant P and an ignored pixel. Pixels (CPL, P): (1, 1), (0, 2), (255, 0.25); logits of
+    classes (0, 1) = (0, ln 3), (ln 3, 0), (0, 0): CE = ln(4/3) at both valid pixels. Over R the reliabilities
+    1/P = (1, 1/2) have mean 3/4, so w = (4/3, 2/3) and L = (4/3 + 2/3) ln(4/3) / 2 = ln(4/3). Normalising over
+    all three pixels (1/P = 1, 1/2, 4: mean 11/6) would give w = (6/11, 3/11) and (9/22) ln(4/3).
+    Catches: the normaliser or the mean over all pixels instead of R, the ignored pixel's weight kept."""
+    l3 = math.log(3)
+    logits = torch.tensor([[0.0, l3, 0.0], [l3, 0.0, 0.0]])[None, :, None, :]  # (1, 2, 1, 3)
+    cpl = torch.tensor([[[1, 0, 255]]])
+    ppl = torch.tensor([[[1.0, 2.0, 0.25]]])
+    assert cosa.loss_c2s(logits, cpl, ppl).item() == pytest.approx(math.log(4 / 3), abs=1e-6)
+    # another P at the ignored pixel: no change
+    other = torch.tensor([[[1.0, 2.0, 100.0]]])
+    assert cosa.loss_c2s(logits, cpl, other).item() == pytest.approx(math.log(4 / 3), abs=1e-6)
+    # unequal CE: CPL (1, 1) gives CE (ln 4/3, ln 4) with w = (4/3, 2/3)
+    cpl2 = torch.tensor([[[1, 1, 255]]])
+    expected = (4 / 3 * math.log(4 / 3) + 2 / 3 * math.log(4)) / 2
+    assert cosa.loss_c2s(logits, cpl2, ppl).item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_s2c_values():
     spl = torch.zeros(1, 3, 4, 4)
     spl[:, 1] = 1.0  # foreground class 1 (channel 1) everywhere
@@ -306,18 +326,28 @@ def test_histogram_em_matches_sklearn(name, values):
 
 
 def test_dynamic_threshold_queue():
+    """Eq. (6) through the class: 90 % background N(0.3, 0.1), 10 % foreground N(0.7, 0.1) pushed batch by
+    batch. The weighted densities cross at 0.5 + 0.1^2 ln(9) / 0.4 = 0.555, the midpoint of the means is 0.5:
+    update() must give the crossing. Catches: a midpoint (of the true or the fitted means) or an unweighted
+    crossing in DynamicThreshold, the queue not capped, the histogram of other values than the last Q batches."""
     dt = cosa.DynamicThreshold(queue_len=20, init=0.45)
-    rng = np.random.default_rng(1)
-    batch = lambda: torch.tensor(np.concatenate([rng.normal(0.3, 0.05, 50), rng.normal(0.9, 0.03, 50)]), dtype=torch.float32)[None]
+    rng = np.random.default_rng(2)
+    batch = lambda: torch.tensor(np.concatenate([rng.normal(0.3, 0.1, 900), rng.normal(0.7, 0.1, 100)]),
+                                 dtype=torch.float32)[None]
     dt.push(batch())
     assert dt.update() == 0.45  # fewer than Q/10 = 2 batches: start-up value
+    pushed = []
     for _ in range(30):
-        dt.push(batch())
+        pushed.append(batch())
+        dt.push(pushed[-1])
     assert len(dt.queue) == 20  # capped at Q batches
     xi = dt.update()
-    assert 0.45 < xi < 0.8 and xi != 0.45
-    # the queue is the last 20 batches: its histogram equals the histogram of their values
-    assert dt.total.sum() == 20 * 100 and len(dt.total) == dt.bins
+    crossing = 0.5 + 0.1 ** 2 * math.log(9) / 0.4
+    assert xi == pytest.approx(crossing, abs=0.01)
+    assert abs(xi - 0.5) > 0.04 and abs(xi - float(np.mean(dt.gmm[0]))) > 0.04  # not a midpoint
+    # the queue is the last 20 batches: its histogram holds exactly their values in (gmm_min, 1]
+    last = torch.cat(pushed[-20:], 1)
+    assert dt.total.sum() == int(((last > 0.05) & (last <= 1.0)).sum()) and len(dt.total) == dt.bins
     state = torch.load(save_and_reload(dt.state_dict()), weights_only=True)
     dt2 = cosa.DynamicThreshold(queue_len=20)
     dt2.load_state_dict(state)

@@ -12,10 +12,13 @@ COSA_PATH=/some/copy/cosa.py runs these tests against another copy of the script
 default the repository's cosa.py is imported.
 """
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import inspect
+import json
 import os
+import sys
 import types
 
 import numpy as np
@@ -32,6 +35,7 @@ def load_cosa():
         return importlib.import_module("cosa")
     spec = importlib.util.spec_from_file_location("cosa_under_test", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # inspect.getsource (main's argument parser) looks the module up here
     spec.loader.exec_module(module)
     return module
 
@@ -43,6 +47,8 @@ GRID = (CROP // PATCH,) * 2
 TERMS = ("cls", "cls_aux", "c2s", "c2s_aux", "s2c", "csc")
 CONST = dict(zip(TERMS, (0.11, 0.13, 0.17, 0.19, 0.23, 0.29)))  # the value each stub loss returns
 XI, XI_AUX, FIXED = 0.37, 0.61, 0.43  # DT values of M' and M†', and --fixed-thr
+STALE = 0.52  # a FakeDT's value before its update() of this iteration
+D = 5  # feature channels of the stub ON's F
 LAMBDA = dict(c2s=0.3, s2c=0.7, csc=0.2)  # distinct, so that a swapped weight shows
 
 
@@ -63,6 +69,8 @@ def hand_made(seed):
         "weak": torch.randn(B, 3, CROP, CROP, generator=g), "strong": torch.randn(B, 3, CROP, CROP, generator=g),
         "box": torch.tensor([[0, CROP, 0, CROP], [2, CROP, 0, CROP - 4]]),
         "mask": torch.randint(0, C + 1, (B, CROP, CROP), generator=g).index_fill_(2, torch.tensor([0]), 255),
+        # ON features F and classifier W, with W * F != the hand-made M (Tab. 4a detach variants)
+        "feat": torch.randn(B, D, *GRID, generator=g), "W": torch.randn(C, D, 1, 1, generator=g),
     }
 
 
@@ -80,22 +88,30 @@ class StubOnline(nn.Module):
         self.theta = nn.Parameter(torch.ones(()))
         self.probe = nn.Parameter(torch.zeros(len(TERMS)))
         self.backbone = types.SimpleNamespace(patch_embed=types.SimpleNamespace(patch_size=(PATCH, PATCH)))
+        self.classifier = nn.Conv2d(D, C, 1, bias=False)
+        self.classifier.weight.data.copy_(t["W"])
         self.inputs = []
 
     def forward(self, x):
         self.inputs.append(x)
-        return {k: self.t[k] * self.theta for k in ("cls_logits", "cls_logits_aux", "cam", "cam_aux", "seg")}
+        return {k: self.t[k] * self.theta for k in ("cls_logits", "cls_logits_aux", "cam", "cam_aux", "seg", "feat")}
 
 
 class FakeDT:
+    """value is STALE until update() is called, then the given value: a threshold read before this iteration's
+    update shows. .order records push / update."""
+
     def __init__(self, value):
-        self.value, self.pushed, self.updates = value, [], 0
+        self.target, self.value, self.pushed, self.updates, self.order = value, STALE, [], 0, []
 
     def push(self, nu):
         self.pushed.append(nu.clone())
+        self.order.append("push")
 
     def update(self):
         self.updates += 1
+        self.order.append("update")
+        self.value = self.target
         return self.value
 
 
@@ -155,6 +171,7 @@ class Run:
             record(name)
         batch = {"weak": t["weak"], "strong": t["strong"], "label": t["labels"], "box": t["box"], "mask": t["mask"]}
         autocast = lambda: torch.autocast("cpu", enabled=False)
+        Run.last = self  # for tests in which train_step raises
         self.log = cosa.train_step(self.online, self.an, batch, it, args, self.dts, self.opt, autocast)
         self.grad = dict(zip(TERMS, self.opt.probe_grad.tolist()))
 
@@ -213,6 +230,16 @@ def test_dt_queues_get_the_token_grid_class_max_of_their_own_cam(monkeypatch):
         assert len(dt.pushed) == 1 and same(dt.pushed[0], expected), key
         assert dt.updates == 1
     assert run.log["dt/xi"] == XI and run.log["dt/xi_aux"] == XI_AUX
+
+
+def test_dt_pushes_this_batch_before_the_fit_and_the_losses_read_the_new_value(monkeypatch):
+    """Alg. 1 l.12-13: the current batch joins the queue, then Eq. (6) is solved, then the CPL uses it. Catches:
+    update() before push() (the fit misses this batch), the threshold read before update() (last iteration's xi)."""
+    for xi_aux in ("separate", "shared"):
+        run = Run(monkeypatch, xi_aux=xi_aux)
+        assert run.dts[0].order == ["push", "update"], xi_aux
+        assert run.dts[1].order == (["push", "update"] if xi_aux == "separate" else []), xi_aux
+        assert run.call("cam_pseudo_label")["xi"] == XI != STALE and run.log["dt/xi"] == XI, xi_aux
 
 
 def test_cpl_and_perplexity_use_each_cams_own_threshold_and_the_box(monkeypatch):
@@ -308,6 +335,16 @@ def test_optimizer_order_and_ema_after_the_step(monkeypatch):
     assert run.opt.theta_grad is not None
 
 
+@pytest.mark.parametrize("term", TERMS)
+def test_a_non_finite_loss_stops_before_the_update_and_names_the_term(monkeypatch, term):
+    """Catches: check_finite deleted, moved after optimizer.step / the EMA (weights already corrupted), or given
+    another key filter (only losses/total, only some terms, the dt/ keys)."""
+    monkeypatch.setitem(CONST, term, float("nan") if term != "csc" else float("inf"))
+    with pytest.raises(cosa.NonFinite, match=f"losses/{term} is not finite"):
+        Run(monkeypatch)
+    assert "step" not in Run.last.events and "ema" not in Run.last.events
+
+
 # --------------------------------------------------------------------------------------- warm-ups
 def test_loss_warmup_only_classification_and_an_runs_for_the_last_q_iterations(monkeypatch):
     """it = loss_warmup - 1 (AN on, losses off) and it = loss_warmup - Q - 1 (AN off). Catches: > instead of >=
@@ -384,22 +421,44 @@ def test_ablation_rows_remove_exactly_their_terms(monkeypatch, row):
 
 
 # ----------------------------------------------------------------------------- stage (train_cosa)
+class Wrapped(nn.Module):
+    """What ctx.wrap returns (DDP under torchrun)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
 def test_train_cosa_builds_two_queues_the_optimizer_and_the_lr_schedule(monkeypatch):
     """Catches: DT queues with the wrong Q / start-up value / filter, the schedule with the wrong total or
-    warm-up, the step given the wrong networks, the checkpointed modules incomplete."""
+    warm-up, the step given the wrong networks (the raw ON instead of ctx.wrap's, the AN), the optimizer over
+    the AN, the checkpointed modules incomplete, the training views with the wrong crop / scale range /
+    magnitudes / normalisation, built from the wrong split, or carrying the mask when not needed (or not when
+    --supervision full / --gc-source gt need it)."""
     seen = {}
-    monkeypatch.setattr(cosa.data, "SegDataset", lambda *a, **k: ("dataset", k.get("transform")))
+    monkeypatch.setattr(cosa.data, "SegDataset", lambda *a, **k: ("dataset", k.get("transform"), a[1]))
     monkeypatch.setattr(cosa, "train_loop", lambda *a, **k: seen.update(args=a, kw=k))
     monkeypatch.setattr(cosa, "train_step", lambda *a: seen.update(step=a) or {})
     args = cosa.Args(iters=500, max_iters=0, warmup_iters=30, poly_power=0.8, queue_len=7, dt_init=0.41,
-                     gmm_min=0.07, batch_size=2, crop=CROP, input_norm="imagenet")
+                     gmm_min=0.07, batch_size=2, crop=CROP, input_norm="backbone", scale_min=0.7, scale_max=1.3,
+                     strong_magnitudes="code")
     online, an = nn.Linear(2, 2), nn.Linear(2, 2)
     online.backbone = nn.Linear(1, 1)
-    ctx = types.SimpleNamespace(args=args, spec=types.SimpleNamespace(root="r", dataset="voc"), splits={"train": "t"},
-                                wrap=lambda m: m, autocast="AC")
+    wrapped = []
+    ctx = types.SimpleNamespace(args=args, spec=types.SimpleNamespace(root="r", dataset="voc"),
+                                splits={"train": "t", "seed": "s", "val": "v"},
+                                wrap=lambda m: wrapped.append(Wrapped(m).eval()) or wrapped[-1], autocast="AC")
     cosa.train_cosa(ctx, online, an)
     stage, train_set, batch_size, total, step, modules = seen["args"][1:7]
     assert (stage, batch_size, total) == ("cosa", 2, 500)
+    transform = train_set[1]
+    assert train_set[2] == "t" and isinstance(transform, cosa.TrainTransform)
+    assert (transform.crop, tuple(transform.scale_range), transform.magnitudes) == (CROP, (0.7, 1.3), "code")
+    assert transform.strong_op is None and transform.with_mask is False
+    assert transform.mean_std == cosa.input_mean_std(args) == ((0.5,) * 3, (0.5,) * 3)
+    assert len(wrapped) == 1 and wrapped[0].module is online and wrapped[0].training and online.training  # .train()
+    opt_params = {id(q) for g in modules["optimizer"].param_groups for q in g["params"]}
+    assert opt_params == {id(q) for q in online.parameters()}
     dts = modules["dt"], modules["dt_aux"]
     assert all(d.queue.maxlen == 7 and d.init == 0.41 and d.min_value == 0.07 for d in dts) and dts[0] is not dts[1]
     assert modules["online"] is online and modules["assign"] is an
@@ -408,8 +467,12 @@ def test_train_cosa_builds_two_queues_the_optimizer_and_the_lr_schedule(monkeypa
     assert [lr(t) for t in (0, 15, 30, 200)] == pytest.approx([cosa.lr_factor(t, 500, 30, 0.8) for t in (0, 15, 30, 200)])
     step({"b": 1}, 3)
     net, assign_net, batch, it, step_args, thresholds, optimizer, autocast = seen["step"]
-    assert net is online and assign_net is an and batch == {"b": 1} and it == 3 and step_args is args
+    assert net is wrapped[0] and assign_net is an and batch == {"b": 1} and it == 3 and step_args is args
     assert list(thresholds) == list(dts) and optimizer is modules["optimizer"] and autocast == "AC"
+    for kw in (dict(supervision="full"), dict(gc_source="gt")):  # the ground truth follows the geometry
+        ctx.args = cosa.Args(**dict(dataclasses.asdict(args), **kw))
+        cosa.train_cosa(ctx, online, an)
+        assert seen["args"][2][1].with_mask is True, kw
 
 
 # -------------------------------------------------------------------------- end to end, real networks
@@ -651,3 +714,78 @@ def test_detach_variants_stop_the_seg2cam_gradient_of_f_or_w_only():
     assert torch.allclose(cls[w], base[w], atol=1e-7)  # W gets none
     assert all(torch.allclose(cls[n], full[n], atol=1e-6) for n in backbone)  # F gets all
     assert torch.allclose(feat["classifier_aux.weight"], base["classifier_aux.weight"])
+
+
+@pytest.mark.parametrize("gc_detach", ["feat", "cls"])
+def test_detach_changes_only_the_seg2cam_input_not_csc(monkeypatch, gc_detach):
+    """Tab. 4a detach variants on the stubs (W * F differs from the hand-made M). Catches: L_csc fed the
+    detached W * F instead of the ON's M, Seg2CAM still fed M (detach ignored), the wrong classifier (W†) or
+    features, the variant leaking into the other terms' weights."""
+    run = Run(monkeypatch, gc_detach=gc_detach)
+    w_f = F.conv2d(run.t["feat"], run.t["W"])
+    assert not same(w_f, run.t["cam"])
+    s2c = run.call("loss_s2c")["cam"]
+    assert same(s2c, w_f) and s2c.requires_grad
+    csc = run.call("loss_csc")["cam"]
+    assert same(csc, run.t["cam"]) and csc.requires_grad
+    assert run.grad == weights(FULL)
+
+
+def test_noise_guidance_through_train_step(monkeypatch):
+    """--gc-source noise in train_step. Catches: noise falling through to the SPL or to the ground-truth mask,
+    a target at the wrong size / not one-hot / with absent classes, the s2c weight changed."""
+    torch.manual_seed(0)
+    run = Run(monkeypatch, gc_source="noise")
+    assert run.calls["segmentation_pseudo_label"] == []
+    spl = run.call("loss_s2c")["spl"]
+    assert spl.shape == (B, C + 1, CROP, CROP)
+    assert set(spl.unique().tolist()) == {0.0, 1.0} and torch.equal(spl.sum(1), torch.ones(B, CROP, CROP))
+    for b in range(B):  # every pixel a random label among background and the image's classes: all of them drawn
+        present = {0} | {c + 1 for c in range(C) if run.t["labels"][b, c] > 0}
+        assert set(spl[b].argmax(0).unique().tolist()) == present, b
+    assert same(run.call("loss_s2c")["cam"], run.t["cam"])
+    assert run.grad == weights(FULL)
+
+
+# ------------------------------------------------------------------------------------------- main()
+def test_main_trains_an_eval_copy_of_on_and_evaluates_the_final_an(monkeypatch, toy_root, tmp_path):
+    """main() with train_cosa and evaluate stubbed. Catches: the AN not a copy of the ON at the start (no
+    load_state_dict), the AN left in train mode or with gradients, the ON's weights (not the AN's) saved as the
+    final weights or evaluated, the wrong split / seg flag / --seed-eval-limit per evaluation, a result key taken
+    from the wrong evaluation or missing (cam_ens/* included)."""
+    seen, calls = {}, []
+
+    def fake_train_cosa(ctx, online, assign_net, val_set=None):
+        seen.update(online=online, an=assign_net, val_split=val_set.split)
+        seen["an_is_copy"] = all(torch.equal(v, assign_net.state_dict()[k]) for k, v in online.state_dict().items())
+        seen["an_frozen"] = not assign_net.training and not any(p.requires_grad for p in assign_net.parameters())
+        seen["on_trainable"] = all(p.requires_grad for p in online.parameters())
+        with torch.no_grad():  # training moves both networks, differently
+            for p in online.parameters():
+                p.add_(1.0)
+            for p in assign_net.parameters():
+                p.add_(2.0)
+        seen["final"] = copy.deepcopy(assign_net.state_dict())
+
+    def fake_evaluate(net, dataset, args, device, *, seg=True, limit=0, label_dir=None, vis_path=None, autocast=None):
+        calls.append(dict(net=net, split=dataset.split, seg=seg, limit=limit,
+                          weights={k: v.clone() for k, v in net.state_dict().items()}))
+        i = len(calls)
+        keys = ("cam", "cam_ens") + (("seg", "seg_gtcls") if seg else ())
+        return {k: {"miou": 10.0 * i + j, "iou": {n: 1.0 for n in dataset.class_names}} for j, k in enumerate(keys)}
+
+    monkeypatch.setattr(cosa, "train_cosa", fake_train_cosa)
+    monkeypatch.setattr(cosa, "evaluate", fake_evaluate)
+    out = tmp_path / "run"
+    cosa.main(["--data", str(toy_root), "--preset", "toy", "--backbone-kwargs", "img_size=32,patch_size=8,embed_dim=32,"
+               "depth=3,num_heads=2", "--aux-block", "-2", "--decoder-dim", "8", "--crop", "32", "--workers", "0",
+               "--seed-eval-limit", "3", "--max-iters", "1", "--out", str(out)])
+    assert seen["an_is_copy"] and seen["an_frozen"] and seen["on_trainable"] and seen["val_split"] == "val"
+    assert [(c["net"] is seen["an"], c["split"], c["seg"], c["limit"]) for c in calls] == [
+        (True, "train", False, 3), (True, "val", True, 0)]
+    for c in calls:  # the AN's final weights, not the ON's
+        assert all(torch.equal(v, c["weights"][k]) for k, v in seen["final"].items())
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert {k: v["miou"] for k, v in results.items()} == {
+        "cam/train": 10.0, "cam_ens/train": 11.0, "cam/val": 20.0, "cam_ens/val": 21.0, "seg/val": 22.0,
+        "seg_gtcls/val": 23.0}

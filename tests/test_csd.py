@@ -114,27 +114,41 @@ def test_make_composites_hand_made():
 
 
 @pytest.mark.parametrize("bg_paste", ["source", "intersect"])
-def test_triplet_invariants(toy_root, bg_paste):
+def test_triplet_invariants(toy_root, bg_paste, monkeypatch):
+    """On the toy set with its real augmentation; M_bg and bg(x_m) are derived from the augmented priors (recorded
+    from weak_augment), as the triplet does not return them. Catches: composites pasting the wrong region, R_bg
+    not M_bg (source) or not M_bg & bg(x_m) (intersect), y_fg not y_m | {c_s}, x_m from the single-label pool."""
     raw = data.SegDataset(toy_root, "train")
     labels = raw.labels()
     P = csd.cooccurrence_matrix(csd.cooccurrence_counts(labels))
     tr = csd.CSDTransform(tiny_args(prior="gt", bg_paste=bg_paste), raw, labels, P, prior_key="mask")
+    priors, orig = [], csd.weak_augment
+
+    def recording(*a):
+        out = orig(*a)
+        priors.append(out[1][0])
+        return out
+
+    monkeypatch.setattr(csd, "weak_augment", recording)
     seen = 0
     for k in range(6):
+        priors.clear()
         t = tr.triplet(np.random.default_rng(k))
         if t["M_fg"].sum() == 0 and t["R_bg"].sum() == 0:
             continue
         seen += 1
         c = int(t["c_s"])
+        pr_s, pr_m = (torch.from_numpy(p.astype(np.int64)) for p in priors)  # x_s's, then x_m's augmented prior
+        M_bg, bg_m = (pr_s != c + 1) & (pr_s != 255), pr_m == 0
         assert torch.equal(t["y_s"], F.one_hot(torch.tensor(c), labels.shape[1]).float())  # x_s is single-label c
         M_fg, R_bg = t["M_fg"], t["R_bg"]
+        assert torch.equal(M_fg, pr_s == c + 1)
         assert torch.equal(t["x_fg"][:, M_fg], t["x_s"][:, M_fg])
         assert torch.equal(t["x_bg"][:, R_bg], t["x_s"][:, R_bg])
         rest = ~M_fg & ~R_bg  # both composites equal x_m there
         assert torch.equal(t["x_fg"][:, rest], t["x_bg"][:, rest])
         # Eq. (5): R_bg = M_bg(x_s) (paper, default); Deviation 15: within M_bg(x_s) & bg(x_m) (intersect)
-        assert torch.equal(R_bg, t["M_bg"] & t["bg_m"] if bg_paste == "intersect" else t["M_bg"])
-        assert not (M_fg & t["M_bg"]).any()
+        assert torch.equal(R_bg, M_bg & bg_m if bg_paste == "intersect" else M_bg)
         assert torch.equal(t["y_fg"], torch.maximum(t["y_bg"], t["y_s"]))  # y_fg = y_m | {c_s}
         assert t["y_bg"].sum() >= 2  # the target pool holds multi-label images only
     assert seen > 0

@@ -1,6 +1,8 @@
 """Wiring tests for csd.py: which tensor of which network and view feeds each loss of Eq. (6), teacher mode and
 stop-gradient, the loss weights and thresholds, each component switch, the triplet (x_m, c_s, x_s, M_fg, R_bg),
-train_step, the two training stages' closures (CSD gate, LR schedule, seeds) and the stage order in main().
+the classification view, train_step / optimizer_step, the training stages' optimisers and closures (CSD gate, LR
+schedule, seeds), the label stages (threshold, CRF preset, result keys) and the stage order in main() (crf / irn
+masks, --prior seeds / gt / dir:).
 
 Hand-made inputs, a small deterministic stub network whose maps depend on train/eval mode (a stand-in for
 drop-path), recording wrappers around the loss functions, and independent reference formulas.
@@ -13,6 +15,7 @@ import importlib.util
 import math
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,6 +96,7 @@ def hand_batch(seed=0):
     M_fg = torch.zeros(B, CROP, CROP, dtype=torch.bool)
     M_fg[0, :8, :11] = True  # tokens (0-1, 0-1) full, column 2 three quarters (majority, not full)
     M_fg[1, 4:16, 8:16] = True
+    # "M_bg" is a decoy: real triplets no longer return it (not in TRIPLET_KEYS); it catches T_bg built from M_bg.
     M_bg = ~M_fg
     M_bg[:, 0, :] = False  # a padded row in neither mask
     R_bg = M_bg.clone()
@@ -171,21 +175,28 @@ def test_forwards_student_views_then_teacher_in_eval_no_grad():
 def test_loss_fg_and_loss_bg_inputs(monkeypatch):
     """Catches: M_sm^fg / M_sm^bg slices swapped or off by B (the Eq. 5 typo: F(x_fg) in L_bg); the teacher
     from train mode or not detached; T_fg from R_bg, T_bg from M_fg or M_bg; the patch size; --token-mask,
-    --kl-temp, --kl-classes, --bg-dummy, --bg-kl, --reduce not passed (or passed to the other loss)."""
+    --kl-temp, --kl-classes, --bg-dummy, --bg-kl, --reduce not passed (or passed to the other loss); under
+    --csd-map fused_par a teacher (or student) that bypasses csd_score_map (net(x_s)["patch_cam"])."""
     fg, bg = recorder(monkeypatch, "loss_fg"), recorder(monkeypatch, "loss_bg")
-    for token_mode, reduce, kl_classes, bg_kl in (("full", "sum", "all", "saliency"), ("majority", "mean", "present", "full")):
+    for token_mode, reduce, kl_classes, bg_kl, csd_map in (("full", "sum", "all", "saliency", "patchcam"),
+                                                           ("majority", "mean", "present", "full", "patchcam"),
+                                                           ("full", "sum", "all", "saliency", "fused_par")):
         fg.clear(), bg.clear()
-        args = args_for(token_mask=token_mode, reduce=reduce, kl_classes=kl_classes, bg_kl=bg_kl)
+        args = args_for(token_mask=token_mode, reduce=reduce, kl_classes=kl_classes, bg_kl=bg_kl, csd_map=csd_map,
+                        layer_index=1)
         net, batch, _ = run_losses(args)
         (a_fg, k_fg, _), = fg
         (a_bg, k_bg, _), = bg
-        M_s = stub_maps(net, batch["x_s"], train=False)["patch_cam"]
-        M_f = stub_maps(net, batch["x_fg"], train=True)["patch_cam"]
-        M_b = stub_maps(net, batch["x_bg"], train=True)["patch_cam"]
+        # --csd-map fused_par: teacher AND students are the PAR-refined fused map (dev code), not the patch-CAM
+        score = (lambda o: o["patch_cam"]) if csd_map == "patchcam" else (lambda o: ref_localization(o, 1, par=True))
+        M_s = score(stub_maps(net, batch["x_s"], train=False))
+        M_f = score(stub_maps(net, batch["x_fg"], train=True))
+        M_b = score(stub_maps(net, batch["x_bg"], train=True))
         for a in (a_fg, a_bg):
-            assert torch.allclose(a[0], M_s) and not a[0].requires_grad
-        assert torch.allclose(a_fg[1], M_f) and a_fg[1].requires_grad
-        assert torch.allclose(a_bg[1], M_b) and a_bg[1].requires_grad
+            assert torch.allclose(a[0], M_s, atol=1e-6) and not a[0].requires_grad
+        assert torch.allclose(a_fg[1], M_f, atol=1e-6) and torch.allclose(a_bg[1], M_b, atol=1e-6)
+        if csd_map == "patchcam":  # the stub's attention holds no parameter: only the patch-CAM carries a gradient
+            assert a_fg[1].requires_grad and a_bg[1].requires_grad
         assert torch.equal(a_fg[2], ref_token_mask(batch["M_fg"], token_mode))
         assert torch.equal(a_bg[2], ref_token_mask(batch["R_bg"], token_mode))
         assert k_fg["temp"] == 1.7 and k_fg["classes"] == kl_classes and k_fg["reduce"] == reduce
@@ -401,6 +412,7 @@ def test_train_step_non_finite_stops_before_the_update():
 # ------------------------------------------------------------------------------------------------
 # The triplet: x_m from the target pool, c_s by COR, x_s from S_c, masks from the source prior
 # ------------------------------------------------------------------------------------------------
+TRIPLET_KEYS = {"x_s", "x_fg", "x_bg", "M_fg", "R_bg", "c_s", "y_fg", "y_bg", "y_s"}
 # classes 0, 1, 2; images 0-2 single-label (0, 0, 2), 3-5 multi-label
 TRIPLET_LABELS = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1]], np.float32)
 
@@ -422,10 +434,15 @@ class FakeRaw:
 
 
 def make_transform(monkeypatch, **kw):
-    monkeypatch.setattr(csd, "weak_augment", lambda image, masks, rng, crop, resize: (image, masks))
-    args = args_for(**kw)
+    """weak_augment is the identity here (so the priors stay readable), recording its arguments in tr.aug_calls."""
+    aug_calls = []
+    monkeypatch.setattr(csd, "weak_augment", lambda image, masks, rng, crop, resize:
+                        aug_calls.append((image, masks, crop, resize)) or (image, masks))
+    args = args_for(**{"csd_resize": 21, **kw})
     Pm = csd.cooccurrence_matrix(csd.cooccurrence_counts(TRIPLET_LABELS))
-    return csd.CSDTransform(args, FakeRaw(), TRIPLET_LABELS, Pm, "prior"), Pm
+    tr = csd.CSDTransform(args, FakeRaw(), TRIPLET_LABELS, Pm, "prior")
+    tr.aug_calls = aug_calls
+    return tr, Pm
 
 
 @pytest.mark.parametrize("forced", [0, 2])
@@ -433,8 +450,9 @@ def make_transform(monkeypatch, **kw):
 def test_triplet_masks_views_and_labels(monkeypatch, forced, bg_paste):
     """Pins M_fg = (source prior == c_s + 1), non-empty, for c_s = 0 and c_s > 0; M_bg = the rest minus 255;
     R_bg = M_bg (source) or M_bg & bg(x_m) (intersect); x_s from S_{c_s}; x_fg / x_bg pasted from x_s into
-    x_m; y_fg = y_m | c_s. Catches: an off-by-one class index, masks of the target, swapped composites,
-    --bg-paste inverted, x_s not from the drawn class."""
+    x_m; y_fg = y_m | c_s; each image augmented jointly with its own prior at (--crop-size, --csd-resize).
+    Catches: an off-by-one class index, masks of the target, swapped composites, --bg-paste inverted, x_s not
+    from the drawn class, the crop and the resize swapped in weak_augment, x_s augmented with x_m's prior."""
     tr, Pm = make_transform(monkeypatch, bg_paste=bg_paste)
     seen = []
 
@@ -445,6 +463,7 @@ def test_triplet_masks_views_and_labels(monkeypatch, forced, bg_paste):
     monkeypatch.setattr(csd, "cor_distribution", forced_dist)
     raw = FakeRaw()
     for k in range(6):
+        tr.aug_calls.clear()
         t = tr.triplet(np.random.default_rng(k))
         assert int(t["c_s"]) == forced
         y_m = seen[-1]
@@ -453,16 +472,42 @@ def test_triplet_masks_views_and_labels(monkeypatch, forced, bg_paste):
         s_index = [i for i in range(3) if torch.equal(t["x_s"], csd.augment.to_tensor(raw.load(i)["image"]))]
         assert len(s_index) == 1 and TRIPLET_LABELS[s_index[0]].argmax() == forced
         pr_s, pr_m = torch.from_numpy(raw.load(s_index[0])["prior"]), torch.from_numpy(raw.load(m)["prior"])
+        (img_s, (prior_s,), *crop_s), (img_m, (prior_m,), *crop_m) = tr.aug_calls
+        assert crop_s == crop_m == [CROP, 21]
+        assert np.array_equal(img_s, raw.load(s_index[0])["image"]) and np.array_equal(prior_s, pr_s.numpy())
+        assert np.array_equal(img_m, raw.load(m)["image"]) and np.array_equal(prior_m, pr_m.numpy())
         assert t["M_fg"].any() and torch.equal(t["M_fg"], pr_s == forced + 1)
-        assert torch.equal(t["M_bg"], (pr_s != forced + 1) & (pr_s != 255))
-        R_bg = t["M_bg"] & (pr_m == 0) if bg_paste == "intersect" else t["M_bg"]
-        assert torch.equal(t["R_bg"], R_bg)
+        M_bg = (pr_s != forced + 1) & (pr_s != 255)  # Eq. (5)'s M_bg, from the source prior
+        R_bg = M_bg & (pr_m == 0) if bg_paste == "intersect" else M_bg
+        assert torch.equal(t["R_bg"], R_bg) and set(t) == TRIPLET_KEYS
         x_s, x_m = t["x_s"], csd.augment.to_tensor(raw.load(m)["image"])
         assert torch.equal(t["x_fg"], torch.where(t["M_fg"], x_s, x_m))
         assert torch.equal(t["x_bg"], torch.where(R_bg, x_s, x_m))
         assert torch.equal(t["y_fg"], torch.from_numpy(np.maximum(y_m, np.eye(C, dtype=np.float32)[forced])))
-    if bg_paste == "intersect":
-        assert any(not torch.equal(t["R_bg"], t["M_bg"]) for t in [tr.triplet(np.random.default_rng(0))])
+    if bg_paste == "intersect":  # the target's objects are kept out of R_bg
+        assert not torch.equal(t["R_bg"], (pr_s != forced + 1) & (pr_s != 255))
+
+
+def test_triplet_empty_branch_keys_and_masks(monkeypatch):
+    """No class with a source image (cor_distribution all zeros): the empty triplet has the normal key set,
+    zero images, all-False masks and y_fg = y_bg = y_m, and collates with a normal triplet.
+    Catches: a key (R_bg, y_s, ...) missing from or added to the empty branch (default_collate fails only on a
+    batch that mixes both branches), non-zero images or masks."""
+    tr, _ = make_transform(monkeypatch)
+    orig, seen = csd.cor_distribution, []
+    monkeypatch.setattr(csd, "cor_distribution", lambda P_, y_m, *a: seen.append(y_m.copy()) or np.zeros(C))
+    t = tr.triplet(np.random.default_rng(0))
+    assert set(t) == TRIPLET_KEYS
+    for k in ("x_s", "x_fg", "x_bg"):
+        assert t[k].shape == (3, CROP, CROP) and not t[k].any()
+    for k in ("M_fg", "R_bg"):
+        assert t[k].dtype == torch.bool and t[k].shape == (CROP, CROP) and not t[k].any()
+    assert torch.equal(t["y_fg"], torch.from_numpy(seen[-1])) and torch.equal(t["y_bg"], t["y_fg"])
+    assert not t["y_s"].any() and t["y_s"].shape == (C,)
+    monkeypatch.setattr(csd, "cor_distribution", orig)
+    normal = tr.triplet(np.random.default_rng(0))
+    batch = torch.utils.data.default_collate([normal, t])
+    assert set(batch) == TRIPLET_KEYS
 
 
 @pytest.mark.parametrize("sampling", ["cor", "uniform", "uniform_image"])
@@ -486,6 +531,87 @@ def test_triplet_sampling_arguments(monkeypatch, sampling, pool):
         assert eligible.tolist() == [True, False, True] and sizes.tolist() == [2, 0, 1]
     n_labels = {int(c[1].sum()) for c in calls}
     assert n_labels == ({2, 3} if pool == "multi" else {1, 2, 3})
+
+
+def test_classification_view_timm_and_weak_branches(monkeypatch):
+    """--cls-aug timm: RandomResizedCrop(--crop-size) -> flip -> RandAugment -> to_tensor -> RandomErasing, in timm's
+    order, each on the previous output and the sample's rng; --cls-aug weak: weak_augment(--crop-size, --csd-resize).
+    Catches: a step dropped or reordered, erasing before normalisation, --csd-resize passed as the crop (or
+    swapped), the timm branch under weak (the --cls-aug switch inverted)."""
+    calls = []
+    image = np.zeros((24, 30, 3), np.uint8)
+
+    def rrc(img, rng, size, *a, **k):
+        calls.append(("rrc", img, rng, size, a, k))
+        return np.full((size, size, 3), 10, np.uint8)
+
+    def flip(img, rng, masks=()):
+        calls.append(("flip", img.copy(), rng))
+        return img + 1, masks, True
+
+    def rand_aug(img, rng):
+        calls.append(("ra", img.copy(), rng))
+        return img + 2
+
+    def erase(x, rng, *a, **k):
+        calls.append(("erase", x.clone(), rng, a, k))
+        return x + 100
+
+    def weak(img, masks, rng, crop, resize):
+        calls.append(("weak", img, masks, rng, crop, resize))
+        return np.full((crop, crop, 3), 50, np.uint8), masks
+
+    monkeypatch.setattr(csd, "random_resized_crop", rrc)
+    monkeypatch.setattr(csd.augment, "random_hflip", flip)
+    monkeypatch.setattr(csd.augment, "rand_augment", rand_aug)
+    monkeypatch.setattr(csd, "random_erasing", erase)
+    monkeypatch.setattr(csd, "weak_augment", weak)
+    rng = np.random.default_rng(0)
+    out = csd.CSDTransform(args_for(cls_aug="timm", csd_resize=21)).classification_view(image, rng)
+    assert [c[0] for c in calls] == ["rrc", "flip", "ra", "erase"] and all(c[2] is rng for c in calls[1:])
+    assert calls[0][1] is image and calls[0][2] is rng and calls[0][3:] == (CROP, (), {})  # timm's scale / ratio
+    assert (calls[1][1] == 10).all() and (calls[2][1] == 11).all() and calls[3][3:] == ((), {})  # p = 0.25
+    want = csd.augment.to_tensor(np.full((CROP, CROP, 3), 13, np.uint8))
+    assert torch.equal(calls[3][1], want) and torch.equal(out, want + 100)
+    calls.clear()
+    out = csd.CSDTransform(args_for(cls_aug="weak", csd_resize=21)).classification_view(image, rng)
+    assert [c[0] for c in calls] == ["weak"] and calls[0][1] is image and calls[0][2:] == ((), rng, CROP, 21)
+    assert torch.equal(out, csd.augment.to_tensor(np.full((CROP, CROP, 3), 50, np.uint8)))
+
+
+def test_csd_transform_call_adds_the_triplet_only_with_raw(monkeypatch):
+    """Catches: the triplet drawn without a prior dataset (or never drawn with one), the view of another image than
+    the sample's, the label not passed through, another rng than the sample's for the triplet."""
+    seen = []
+    monkeypatch.setattr(csd.CSDTransform, "classification_view", lambda self, image, rng: torch.tensor(float(image)))
+    monkeypatch.setattr(csd.CSDTransform, "triplet", lambda self, rng: seen.append(rng) or {"x_s": "triplet"})
+    sample, rng = {"image": 7, "label": np.array([1.0, 0, 1], np.float32)}, np.random.default_rng(0)
+    out = csd.CSDTransform(args_for())(sample, rng)
+    assert set(out) == {"image", "label"} and out["image"].item() == 7 and out["label"].tolist() == [1, 0, 1]
+    tr, _ = make_transform(monkeypatch)
+    out = tr(sample, rng)
+    assert set(out) == {"image", "label", "x_s"} and out["image"].item() == 7 and seen == [rng]
+
+
+def test_random_erasing_timm_pixel_mode():
+    """timm RandomErasing(p=0.25, mode='pixel'): one rectangle of 2-33 % of the area, aspect 0.3-3.3, filled with
+    N(0, 1) noise; the input tensor untouched. Catches: p inverted (erasing 75 %), in-place erasing, a constant
+    fill, the rectangle's area or aspect from another range."""
+    x = torch.full((3, 40, 40), 5.0)
+    erased = 0
+    for k in range(200):
+        y = csd.random_erasing(x, np.random.default_rng(k))
+        assert torch.equal(x, torch.full((3, 40, 40), 5.0))  # not in place
+        hit = (y != 5.0).any(0)
+        if not hit.any():
+            continue
+        erased += 1
+        rows, cols = hit.any(1).nonzero()[:, 0], hit.any(0).nonzero()[:, 0]
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert hit.sum() == h * w  # one rectangle
+        assert 0.02 * 1600 * 0.8 <= h * w <= 1600 / 3 * 1.2 and 0.3 / 1.5 <= h / w <= 3.3 * 1.5
+        assert y[:, hit].std() > 0.5 and abs(float(y[:, hit].mean())) < 1.0  # N(0, 1) noise
+    assert 30 <= erased <= 70  # p = 0.25 of 200
 
 
 def test_cor_distribution_hand_values():
@@ -567,17 +693,18 @@ def test_lr_factor_matches_mctformer_lagged_timm_schedule():
             sched.step(e)
 
 
+class TinySeg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.aspp = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.aspp(self.backbone(x))
+
+
 def test_train_seg_wiring(monkeypatch, toy_root, tmp_path):
     """Catches: the ASPP 10x lr group swapped, SGD momentum / decay, the loss on the wrong key, a missing
     ignore_index, the poly schedule's total, --supervision full still reading the pseudo labels."""
-
-    class TinySeg(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone, self.aspp = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-
-        def forward(self, x):
-            return self.aspp(self.backbone(x))
 
     for supervision in ("image", "full"):
         args = args_for(supervision=supervision, seg_optimizer="sgd", seg_lr=0.02, seg_iters=40, max_iters=0)
@@ -604,6 +731,221 @@ def test_train_seg_wiring(monkeypatch, toy_root, tmp_path):
         assert abs(log["losses/seg"] - expected) < 1e-6
 
 
+def test_optimizer_step_zero_grad_backward_update():
+    """optimizer_step (the IRN and segmentation stages' update): w <- w - lr dL/dw from a clean gradient, the log
+    entry losses/<name>, and a non-finite loss stopping before the update. Catches: no optimizer.step(), no (or a
+    late) zero_grad (the stale gradient 100 leaks in), the finite check after the step, the log key misnamed."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    w.grad = torch.full_like(w, 100.0)  # stale
+    opt = torch.optim.SGD([w], lr=0.5)
+    x = torch.tensor([3.0, 0.5])
+    loss = (w * x).sum() + (w ** 2).sum()  # L = 2 + 5, dL/dw = x + 2 w = (5, -3.5)
+    log = csd.optimizer_step(opt, loss, 4, "seg")
+    assert log == {"losses/seg": pytest.approx(2.0 + 5.0)}
+    assert torch.allclose(w.detach(), torch.tensor([1.0 - 0.5 * 5.0, -2.0 + 0.5 * 3.5]))
+    w0 = w.detach().clone()
+    with pytest.raises(csd.NonFinite, match="losses/irn"):
+        csd.optimizer_step(opt, (w * float("nan")).sum(), 5, "irn")
+    assert torch.equal(w.detach(), w0)
+
+
+def test_train_seg_adamw_toy_optimizer(monkeypatch, toy_root):
+    """--seg-optimizer adamw (the toy preset's): one AdamW group over all parameters at --seg-lr, weight decay 0.01,
+    no 10x head group. Catches: --seg-lr not passed (AdamW's 1e-3 default: 2e-3 is used here), the decay dropped
+    or the SGD 5e-4 taken, the SGD branch under adamw (the switch inverted)."""
+    args = args_for(seg_optimizer="adamw", seg_lr=2e-3, seg_iters=40, max_iters=0)
+    got = capture_loop(monkeypatch)
+    monkeypatch.setattr(csd, "build_segnet", lambda a, n, init_weights: TinySeg())
+    model = csd.train_seg(fake_ctx(args, toy_root), 4, toy_root / "SegmentationClass")
+    opt = got["modules"]["optimizer"]
+    (group,) = opt.param_groups
+    assert type(opt) is torch.optim.AdamW and [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+    assert group["lr"] == 2e-3 and group["weight_decay"] == 0.01 and got["total"] == 40
+
+
+def test_param_groups_no_decay_for_1d_pos_embed_cls_token():
+    """timm's add_weight_decay (MCTformer): no decay for 1-D parameters (biases, norms), pos_embed and cls_token;
+    frozen parameters left out. Catches: a bias or norm decayed (ndim < 1), pos_embed / cls_token decayed, the two
+    groups' decays swapped, frozen parameters in the optimizer."""
+    m = nn.Module()
+    m.pos_embed, m.cls_token = nn.Parameter(torch.zeros(1, 5, 4)), nn.Parameter(torch.zeros(1, 2, 4))
+    m.fc, m.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+    m.frozen = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+    decay, no_decay = csd.param_groups(m, 0.05)
+    ids = lambda ps: {id(p) for p in ps}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert ids(decay["params"]) == {id(m.fc.weight)}
+    assert ids(no_decay["params"]) == ids([m.pos_embed, m.cls_token, m.fc.bias, m.norm.weight, m.norm.bias])
+
+
+def test_train_classifier_optimizer_and_epochs_under_max_iters(monkeypatch, toy_root):
+    """AdamW(param_groups(model, --weight-decay), lr=--lr, eps=1e-8); under --max-iters the cosine runs over
+    ceil(total / ipe) epochs, not --epochs. Catches: the groups or --weight-decay not passed, AdamW's default lr /
+    eps, epochs from --epochs (or floored) under --max-iters, total not --max-iters."""
+    args = args_for(batch_size=4, epochs=5, max_iters=0, warmup_epochs=0, lr=3e-4, min_lr=1e-5, weight_decay=0.07,
+                    embed_dim=32, depth=2, num_heads=2, layer_index=2)
+    labels = csd.data.SegDataset(toy_root, "train").labels()
+    ipe = len(labels) // 4
+    args.max_iters = 2 * ipe + 1  # 3 epochs (ceil), 2 when floored, 5 by --epochs
+    got = capture_loop(monkeypatch)
+    model = csd.train_classifier(fake_ctx(args, toy_root), "stage1", labels.shape[1] + 1, labels, False)
+    opt = got["modules"]["optimizer"]
+    assert type(opt) is torch.optim.AdamW and opt.defaults["lr"] == 3e-4 and opt.defaults["eps"] == 1e-8
+    want = csd.param_groups(model, 0.07)
+    assert len(opt.param_groups) == 2
+    for g, w in zip(opt.param_groups, want):
+        assert g["weight_decay"] == w["weight_decay"] and [id(p) for p in g["params"]] == [id(p) for p in w["params"]]
+    assert {id(model.pos_embed), id(model.cls_token)} <= {id(p) for p in opt.param_groups[1]["params"]}
+    assert got["total"] == 2 * ipe + 1
+    lrs = [got["lr"](it) for it in range(got["total"])]
+    assert lrs == [csd.lr_factor(it // ipe, 3, args) for it in range(got["total"])]
+    assert lrs[-1] != csd.lr_factor(2, 5, args) and lrs[-1] != csd.lr_factor(2, 2, args)  # the cases differ
+
+
+@pytest.mark.parametrize("H,W", [(13, 21), (16, 16)])
+def test_seg_predict_pads_bottom_right_and_crops_back(H, W):
+    """Catches: padding on the top / left (predictions shifted), no crop back to (H, W), a stride not respected."""
+    seen = []
+
+    def model(x):
+        seen.append(x)
+        h, w = x.shape[2:]
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        return torch.stack([(xx == 0).float(), (yy == 0).float(), x[0].abs().sum(0)])[None]  # (1, 3, h, w)
+
+    image = np.full((H, W, 3), 200, np.uint8)
+    pred = csd.seg_predict(model, image, torch.device("cpu"), 8)
+    (x,) = seen
+    assert x.shape[2:] == (math.ceil(H / 8) * 8, math.ceil(W / 8) * 8) and pred.shape == (H, W)
+    assert (x[0, :, :H, :W] != 0).all() and (x[0, :, H:] == 0).all() and (x[0, :, :, W:] == 0).all()
+    assert (pred == 2).all()  # the image's own pixels win class 2 everywhere; padding (class 0 / 1 rows) cropped
+
+
+# ------------------------------------------------------------------------------------------------
+# Label stages: seeds -> labels (threshold, CRF preset), make_labels (sweep, keys, scored ids)
+# ------------------------------------------------------------------------------------------------
+def test_seeds_to_label_hand_values():
+    """argmax over [t, cams of the present classes] -> class index + 1. Catches: ties at t going to the class
+    (> vs >=), an absent class winning, 0-based ids, t ignored, an image without classes not all background."""
+    cam = np.array([[[0.4, 0.5, 0.2, 0.1, 0.45]],
+                    [[0.9, 0.9, 0.9, 0.9, 0.9]],  # class 1: absent, never wins
+                    [[0.1, 0.6, 0.3, 0.4, 0.45]]], np.float32)  # (3, 1, 5)
+    label = np.array([1, 0, 1], np.float32)
+    assert csd.seeds_to_label(cam, label, 0.4).tolist() == [[0, 3, 0, 0, 1]]
+    assert csd.seeds_to_label(cam, label, 0.3).tolist() == [[1, 3, 0, 3, 1]]  # 0.3 tie -> background
+    assert csd.seeds_to_label(cam, label, 0.05).tolist() == [[1, 3, 3, 3, 1]]
+    assert csd.seeds_to_label(cam, np.zeros(3, np.float32), 0.0).tolist() == [[0, 0, 0, 0, 0]]
+    assert csd.seeds_to_label(cam, label, 0.4).dtype == np.uint8
+
+
+class LabelSet:
+    """Two images (4 x 6) with classes {0, 2} and {1} of C = 3; ids given."""
+
+    class_names, num_classes = ["background", "a", "b", "c"], 4
+
+    def __init__(self, ids=("a", "b")):
+        self.ids = list(ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        label = np.array([[1, 0, 1], [0, 1, 0]][i % 2], np.float32)
+        return {"name": self.ids[i], "image": np.full((4, 6, 3), 30 * i, np.uint8), "label": label,
+                "mask": np.full((4, 6), i % 2 + 1, np.uint8)}
+
+
+def each_sample_stub(ctx, dataset, desc, fn=None, shard=False, limit=0):
+    for i in range(len(dataset)):
+        yield fn(dataset[i]) if fn else dataset[i]
+
+
+def label_cache(ids):
+    g = torch.Generator().manual_seed(0)
+    return {n: [torch.rand(2, 2 if i % 2 == 0 else 1, 2, 3, generator=g).half()] for i, n in enumerate(ids)}
+
+
+@pytest.mark.parametrize("use_crf", [False, True])
+def test_write_labels_threshold_psa_crf_and_scoring(monkeypatch, tmp_path, use_crf):
+    """Seeds at t (+ the dense CRF with MCTformer's PSA preset over the present classes, 0..n-1 in, class ids out),
+    the PNGs in out_dir, only score_ids scored. Catches: another CRF preset ('irn'), the CRF on all classes or on
+    the raw class ids, the CRF applied under --no-mask-crf, t not passed, every image scored."""
+    crf_calls, scored = [], []
+    monkeypatch.setattr(csd, "each_sample", each_sample_stub)
+
+    def refine(image, labels, n, **kw):
+        crf_calls.append((labels.copy(), n, kw))
+        return np.full(labels.shape, n - 1)  # the last present class everywhere
+
+    monkeypatch.setattr(csd.crf, "refine_labels", refine)
+    ds, cache = LabelSet(), label_cache(["a", "b"])
+    cm = SimpleNamespace(update=lambda lab, gt: scored.append((lab.copy(), gt)))
+    csd.write_labels(SimpleNamespace(), cache, ds, 0.35, tmp_path / "out", use_crf, "x", score_ids=["b"], cm=cm)
+    for i, name in enumerate(ds.ids):
+        s = ds[i]
+        seed = csd.seeds_to_label(csd.seed_from_lowres(cache[name], s["label"], (4, 6)), s["label"], 0.35)
+        keys = np.concatenate([[0], np.flatnonzero(s["label"]) + 1])
+        got = csd.data.read_mask(tmp_path / "out" / f"{name}.png")
+        if use_crf:
+            labels, n, kw = crf_calls[i]
+            assert kw == csd.crf.PRESETS["psa"] and n == len(keys)
+            assert np.array_equal(keys[labels], seed)  # the CRF sees indices into [bg, present classes]
+            assert (got == keys[-1]).all()
+        else:
+            assert np.array_equal(got, seed) and not crf_calls
+    assert len(scored) == 1 and np.array_equal(scored[0][1], ds[1]["mask"])
+    assert len({tuple(np.unique(csd.data.read_mask(tmp_path / "out" / f"{n}.png"))) for n in ds.ids}) == 2
+
+
+@pytest.mark.parametrize("stage", ["prior", "mask", "ir"])
+def test_make_labels_best_threshold_keys_and_scored_ids(monkeypatch, tmp_path, stage):
+    """t = 'best': the sweep on the seed split (its cache included, --sweep-max passed) gives t* to write_labels
+    and the result keys stage1_seed/<split> (prior) or seed/<split> (mask, ir); the masks are scored on the seed
+    split's ids and seed-split images outside the training split are written next to them; a float t skips the
+    sweep. Catches: the default threshold instead of t*, the prefixes swapped, the masks scored on no image or
+    on the training ids, the IR labels written as masks, --sweep-max not passed, a float t still sweeping."""
+    rec = {"writes": [], "sweeps": []}
+    args = args_for(sweep_max=0.47)
+    ctx = SimpleNamespace(args=args, splits={"seed": "trainS"}, run_dir=tmp_path)
+    train_set, seed_set = LabelSet(("a", "b")), LabelSet(("b", "c"))
+    monkeypatch.setattr(csd, "each_sample", each_sample_stub)
+    monkeypatch.setattr(csd, "compute_maps", lambda ctx, model, datasets, desc:
+                        rec.update(datasets=datasets, model=model) or "CACHE")
+    monkeypatch.setattr(csd, "evaluate_seeds", lambda cache, samples, n, sweep_max:
+                        rec["sweeps"].append((cache, n, sweep_max)) or {"all": {"best_threshold": 0.37}})
+    monkeypatch.setattr(csd, "seed_results", lambda res, names: {"": "R", "_single": "S"})
+    monkeypatch.setattr(csd, "miou_entry", lambda result, names, **kw: kw)
+
+    def write(ctx, cache, ds, t, out_dir, use_crf, desc, score_ids=(), cm=None, indices=None, ir=False):
+        rec["writes"].append(dict(cache=cache, ds=ds, t=t, out=out_dir, crf=use_crf, scored=tuple(score_ids),
+                                  indices=indices, ir=ir))
+
+    monkeypatch.setattr(csd, "write_labels", write)
+    out = tmp_path / stage
+    res, t = csd.make_labels(ctx, "MODEL", train_set, seed_set, stage, "best", True, out)
+    assert t == 0.37 and rec["datasets"] == [train_set, seed_set] and rec["model"] == "MODEL"
+    assert rec["sweeps"] == [("CACHE", 4, 0.47)]
+    prefix = "stage1_seed" if stage == "prior" else "seed"
+    keys = {f"{prefix}/trainS", f"{prefix}/trainS_single"} | ({"mask/trainS"} if stage == "mask" else set())
+    assert set(res) == keys
+    first = rec["writes"][0]
+    assert (first["ds"], first["t"], first["out"], first["crf"]) == (train_set, 0.37, out, True)
+    assert first["ir"] == (stage == "ir")
+    assert first["indices"] is None and first["cache"] == "CACHE"
+    if stage == "mask":
+        assert first["scored"] == ("b", "c") and res["mask/trainS"] == {"threshold": 0.37, "crf": True}
+        (rest,) = rec["writes"][1:]
+        assert rest["ds"] is seed_set and rest["indices"] == [1]
+        assert rest["out"] == tmp_path / "pseudo_labels" / "mask" / "trainS"
+    else:
+        assert first["scored"] == () and len(rec["writes"]) == 1
+    rec["writes"].clear(), rec["sweeps"].clear()
+    res, t = csd.make_labels(ctx, "MODEL", train_set, seed_set, stage, "0.3", False, out)
+    assert t == 0.3 and rec["sweeps"] == [] and rec["datasets"] == [train_set]
+    assert rec["writes"][0]["t"] == 0.3 and rec["writes"][0]["crf"] is False
+    assert set(res) == ({"mask/trainS"} if stage == "mask" else set())
+
+
 # ------------------------------------------------------------------------------------------------
 # main(): which stages run, with which thresholds and CRF switches
 # ------------------------------------------------------------------------------------------------
@@ -613,11 +955,20 @@ TINY = ["--preset", "toy", "--max-iters", "1", "--batch-size", "4", "--seg-batch
 
 
 @pytest.mark.parametrize("extra", [[], ["--csd", "off"], ["--prior", "gt"],
-                                   ["--prior-threshold", "0.3", "--prior-crf", "--no-mask-crf"]])
+                                   ["--prior-threshold", "0.3", "--prior-crf", "--no-mask-crf"],
+                                   ["--mask-method", "irn", "--irn-batch", "4", "--irn-crop", "64", "--no-mask-crf"],
+                                   ["--prior", "dir:"]],
+                         ids=["default", "csd-off", "prior-gt", "thresholds", "irn", "dir"])
 def test_main_stage_order_thresholds_and_crf(monkeypatch, toy_root, tmp_path, extra):
-    """Catches: stage 1 / prior run under --csd off or --prior gt, stage 2 with CSD off (or on under --csd off),
-    the prior's --prior-threshold / --prior-crf and the masks' 'best' / --mask-crf swapped, the segmentation
-    network not on the mask folder, the classifier of the wrong stage used for the masks."""
+    """Catches: stage 1 / prior run under --csd off, --prior gt or --prior dir:, stage 2 with CSD off (or on under
+    --csd off), the prior's --prior-threshold / --prior-crf and the masks' 'best' / --mask-crf swapped, the
+    segmentation network not on the mask folder, the classifier of the wrong stage used for the masks, --prior
+    dir:PATH not reaching stage 2; under --mask-method irn: the seeds written as masks instead of IR labels (or
+    to the mask folder), the IRN not trained or an untrained IRN / the stage-1 classifier in the random walk,
+    the masks written elsewhere than the folder the segmentation network reads."""
+    if extra == ["--prior", "dir:"]:
+        (tmp_path / "ext").mkdir()
+        extra = ["--prior", f"dir:{tmp_path / 'ext'}"]
     calls = []
 
     def fake_train_classifier(ctx, stage, num_classes, labels, csd_on, prior_dir=None):
@@ -636,9 +987,23 @@ def test_main_stage_order_thresholds_and_crf(monkeypatch, toy_root, tmp_path, ex
         calls.append(("seg", mask_dir))
         return csd.build_segnet(ctx.args, num_classes, init_weights=False)
 
+    def fake_train_irn(ctx):
+        calls.append(("irn",))
+        irn = csd.build_irn(ctx.args, init_weights=False)
+        with torch.no_grad():
+            irn.fuse.bias.fill_(3.0)  # the trained IRN
+        return irn
+
+    def fake_irn_masks(ctx, model, irn, train_set, seed_set, out_dir):
+        calls.append(("masks", out_dir, float(model.head.bias[0].detach()), float(irn.fuse.bias[0].detach())))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {}
+
     monkeypatch.setattr(csd, "train_classifier", fake_train_classifier)
     monkeypatch.setattr(csd, "make_labels", fake_make_labels)
     monkeypatch.setattr(csd, "train_seg", fake_train_seg)
+    monkeypatch.setattr(csd, "train_irn", fake_train_irn)
+    monkeypatch.setattr(csd, "irn_masks", fake_irn_masks)
     monkeypatch.setattr(csd, "evaluate", lambda ctx, segnet, ds: {"miou": 1.0, "iou": {}})
     monkeypatch.setattr(csd, "save_vis", lambda *a, **k: None)
     out = tmp_path / "run"
@@ -646,12 +1011,19 @@ def test_main_stage_order_thresholds_and_crf(monkeypatch, toy_root, tmp_path, ex
     split = csd.data.default_splits(csd.data.resolve_data(str(toy_root)))["train"]
     prior_dir = out / "pseudo_labels" / "prior" / split
     mask_dir = out / "pseudo_labels" / "mask" / split
-    off, gt = "--csd" in extra, "gt" in extra
+    off, gt, irn = "--csd" in extra, "gt" in extra, "irn" in extra
+    ext = next((Path(e[4:]) for e in extra if e.startswith("dir:")), None)
+    prior_dir = ext or prior_dir
     thr = "0.3" if "0.3" in extra else "best"
     prior_crf, mask_crf = "--prior-crf" in extra, "--no-mask-crf" not in extra
     expected = []
-    if not (off or gt):
+    if not (off or gt or ext):
         expected += [("train", "stage1", False, None), ("labels", "prior", thr, prior_crf, prior_dir, 1.0)]
-    expected += [("train", "classifier", not off, prior_dir), ("labels", "mask", "best", mask_crf, mask_dir, 2.0),
-                 ("seg", mask_dir)]
+    expected += [("train", "classifier", not off, prior_dir)]
+    if irn:
+        ir_dir = out / "pseudo_labels" / "ir" / split
+        expected += [("labels", "ir", "best", mask_crf, ir_dir, 2.0), ("irn",), ("masks", mask_dir, 2.0, 3.0)]
+    else:
+        expected += [("labels", "mask", "best", mask_crf, mask_dir, 2.0)]
+    expected += [("seg", mask_dir)]
     assert calls == expected

@@ -457,11 +457,15 @@ def test_smoke_run_outputs(smoke):
     assert proc.stdout.strip().splitlines()[-1].startswith("RESULT csrm seg/val mIoU=")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["primary"] == "seg/val" and metrics["method"] == "csrm"
-    for k in ("cam_init/train", "cam/train", "pseudo/train", "pseudo_crf/train", "pseudo/val", "seg/val", "seg_ms/val"):
+    for k in ("cam_init/train", "cam_init/val", "cam/train", "pseudo/train", "pseudo_crf/train", "pseudo/val", "seg/val", "seg_ms/val"):
         assert 0 <= metrics["results"][k]["miou"] <= 100, k
     assert len(metrics["results"]["cam/train"]["curve"]) == 16  # the Fig. 2 threshold sweep 0.05..0.80
     assert (out / "args.json").is_file() and (out / "checkpoints" / "last.pt").is_file() and (out / "vis" / "val.png").is_file()
     assert set(torch.load(out / "checkpoints" / "cam.pt", weights_only=True)) == {"backbone", "classifier"}  # --init-ckpt
+    # the CSRM stage saved the teacher, and main() loaded it before stages 2-3 (last.pt keeps the teacher it used)
+    trained = torch.load(out / "checkpoints" / "csrm.pt", weights_only=True)["teacher"]
+    used = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["weights"]["teacher"]
+    assert trained.keys() == used.keys() and all(torch.equal(trained[k], used[k]) for k in trained)
     assert len(list((out / "pseudo_labels" / "pseudo_crf" / "train_aug").glob("*.png"))) == 24
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in logs if r.get("stage") == "csrm" and "iteration" in r]
@@ -623,7 +627,8 @@ def test_full_supervision_trains_only_the_verification_network(toy_root, tmp_pat
     csrm.main(["--data", str(toy_root), "--out", str(tmp_path / "full"), *TINY, "--supervision", "full"])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT csrm seg/val mIoU=")
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    assert metrics["supervision"] == "full" and set(metrics["results"]) == {"cam_init/train", "seg/val", "seg_ms/val"}
+    assert metrics["supervision"] == "full" and set(metrics["results"]) == {"cam_init/train", "cam_init/val", "seg/val",
+                                                                          "seg_ms/val"}
     assert set(metrics["stage_seconds"]) == {"cam", "verify"} and (tmp_path / "full" / "vis" / "val.png").is_file()
     assert not list((tmp_path / "full" / "pseudo_labels").iterdir())
 

@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import types
@@ -53,6 +54,8 @@ ARGS = dict(epochs=5, steps_per_epoch=10, warmup_epochs=1, w_s2c=0.3, w_u=0.7, w
             grad_clip=0.77, tau=0.5, query_conf=0.3, neg_conf=1.0)
 STEP = 25  # epoch 2 (after the warm-up): lambda_s2c = 0.3 (0.1 + 0.9 (2 - 1) / 4), rho = 0.25 (1 - 2 / 5)
 W_S2C, RHO = 0.3 * (0.1 + 0.9 * 1 / 4), 0.25 * (1 - 2 / 5)
+
+CAST = {"depth": 0}  # > 0 inside the autocast context that a test passes to train_step
 
 ORIGINAL = {name: getattr(csrm, name) for name in (
     "loss_cls", "loss_seg", "loss_s2c", "loss_unsup", "loss_contrast", "cam_pseudo_labels", "classmix",
@@ -101,7 +104,7 @@ class StubStudent(nn.Module):
         self.calls = []
 
     def forward(self, x, seg=True, rep=True):
-        self.calls.append(dict(x=x, seg=seg, rep=rep, training=self.training))
+        self.calls.append(dict(x=x, seg=seg, rep=rep, training=self.training, cast=CAST["depth"] > 0))
         out = {"cam": self.t["cam"] * self.theta, "cls_logits": self.t["cls_logits"] * self.theta}
         if seg:
             out.update(seg=self.t["seg"] * self.theta, seg4=self.t["seg4"] * self.theta)
@@ -121,7 +124,8 @@ class StubTeacher(nn.Module):
         self.calls = []
 
     def forward(self, x, seg=True, rep=True):
-        self.calls.append(dict(x=x, seg=seg, rep=rep, training=self.training, grad=torch.is_grad_enabled()))
+        self.calls.append(dict(x=x, seg=seg, rep=rep, training=self.training, grad=torch.is_grad_enabled(),
+                               cast=CAST["depth"] > 0))
         m = "tt" if self.training else "te"
         out = {"cam": self.t[f"cam_{m}"] * self.phi, "cls_logits": self.t[f"cls_{m}"] * self.phi}
         if seg:
@@ -147,9 +151,10 @@ class FakeOptimizer:
 
 
 class Run:
-    """One train_step on the stubs; .calls[name] = bound-argument dicts, .log, .grad (probe grads = weights)."""
+    """One train_step on the stubs; .calls[name] = bound-argument dicts, .log, .grad (probe grads = weights).
+    nan_term: that loss returns nan, and .error holds the NonFinite raised; autocast: the context factory."""
 
-    def __init__(self, monkeypatch, step=STEP, seed=0, pool="POOL", **kw):
+    def __init__(self, monkeypatch, step=STEP, seed=0, pool="POOL", nan_term=None, autocast=None, **kw):
         self.t = t = hand_made(seed)
         self.args = args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, **kw})
         self.student, self.teacher = StubStudent(t), StubTeacher(t)
@@ -169,7 +174,8 @@ class Run:
                 out = (fn or original)(*a, **k)
                 if name in LOSS_FN:  # the loss value is replaced by probe[k] + const_k
                     term = LOSS_FN[name]
-                    return self.student.probe[TERMS.index(term)] + CONST[term] + 0.0 * out
+                    nan = float("nan") if term == nan_term else 0.0
+                    return self.student.probe[TERMS.index(term)] + CONST[term] + nan + 0.0 * out
                 return out
             monkeypatch.setattr(csrm, name, wrapper)
 
@@ -187,8 +193,15 @@ class Run:
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
         batch_l = {"image": t["x_l"], "label": t["labels_l"], "rgb": t["rgb_l"]}
         batch_u = {"image": t["x_u"], "label": t["labels_u"], "rgb": t["rgb_u"]}
-        self.log = csrm.train_step(args, self.student, self.teacher, self.opt, self.bank, batch_l, batch_u, step,
-                                   contextlib.nullcontext, pool)
+        self.error = None
+        try:
+            self.log = csrm.train_step(args, self.student, self.teacher, self.opt, self.bank, batch_l, batch_u, step,
+                                       autocast or contextlib.nullcontext, pool)
+        except csrm.NonFinite as e:
+            if nan_term is None:
+                raise
+            self.error = e
+            return
         self.grad = dict(zip(TERMS, self.opt.probe_grad.tolist()))
 
     def call(self, name, i=0):
@@ -440,6 +453,61 @@ def test_rank_window_is_zero_based_gamma_l_to_gamma_h_exclusive():
     assert m[1].flatten().tolist() == [True, True, True, False]  # u-half, absent: rule (a) adds rank 2
 
 
+def _gap_setup():
+    """K = 4, D = 4, two images (n_l = 1) of 2 x 3 pixels. A pixel of class c has R = e_c (student = teacher) and
+    p_c = 0.9 > delta_p (a query). No pixel is labelled 1, so the valid classes are {0, 2, 3}: a gap at 1. high is
+    empty, so nothing new enters the banks: bank 0 holds e1 (orthogonal to the class-0 queries), bank 1 e0 (never
+    used), bank 2 nothing, bank 3 e3 (the class-3 queries themselves)."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "queries": 8, "negatives": 50, "tau": 0.5, "query_conf": 0.3})
+    e = torch.eye(4)
+    labels4 = torch.tensor([[[0, 0, 2], [3, 3, 2]], [[0, 2, 2], [3, 0, 0]]])
+    rep = e[labels4].permute(0, 3, 1, 2).contiguous()  # (2, D, 2, 3)
+    prob4 = torch.full((2, 4, 2, 3), 0.1 / 3).scatter_(1, labels4[:, None], 0.9)
+    low, high = torch.ones(2, 2, 3, dtype=torch.bool), torch.zeros(2, 2, 3, dtype=torch.bool)
+    bank = csrm.MemoryBank(4, 4, 100, 100)
+    for c, key in ((0, e[1]), (1, e[0]), (3, e[3])):
+        bank.push(c, key.repeat(5, 1))
+    return args, rep, prob4, labels4, low, high, torch.ones(1, 4, dtype=torch.bool), bank
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_loss_contrast_class_gap_index_quirk_and_normaliser_hand_computed(quirk):
+    """Eq. (13), Deviation 11, review B14. Hand values (N = 50, tau = 0.5): a negative orthogonal to the query gives
+    log(1 + 50 e^-2), one equal to it log(51); the empty bank of class 2 adds 0 but still counts in the mean.
+      default: (class 0: orthogonal + class 2: 0 + class 3: log(51)) / 3;
+      --u2pl-index-quirk: class 3 sits at loop position 2 and takes class 2's queries and prototype (e2) against
+      bank 3 (e3): (orthogonal + 0 + orthogonal) / 3.
+    Catches: qi = i always, qi = c always (the flag ignored), the mean over the classes actually used (/ 2) or over
+    all K classes (/ 4), the bank indexed by the loop position."""
+    args, rep, prob4, labels4, low, high, present_u, bank = _gap_setup()
+    args.u2pl_index_quirk = quirk
+    orth, same_ = math.log(1 + 50 * math.exp(-2)), math.log(51)
+    want = (orth + 0 + orth) / 3 if quirk else (orth + 0 + same_) / 3
+    loss = ORIGINAL["loss_contrast"](rep, rep.clone(), prob4, labels4, low, high, present_u, 1, bank, args)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_overfull_enqueue_is_a_random_subset_kept_in_raster_order():
+    """Deviation 12: 12 negatives of class 1 into a bank of 3 keep a random 3, in batch-then-raster order. Catches:
+    the raster tail kept (U2PL; no subsampling), the subset left in random order, more keys than the cap."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, "rank_low": 2, "rank_high": 3})
+    rep_t = torch.ones(2, 2, 2, 3)  # D = 2: (raster index, 1)
+    rep_t[:, 0] = torch.arange(12.0).view(2, 2, 3)
+    prob4 = torch.tensor([0.1, 0.6, 0.2, 0.1]).view(1, 4, 1, 1).expand(2, 4, 2, 3)  # class 1 at rank 0 everywhere
+    labels4 = torch.zeros(2, 2, 3, dtype=torch.long)
+    present_u = torch.tensor([[True, False, True, True]])  # class 1 absent from the u-half image: rule (a)
+    low, high = torch.zeros(2, 2, 3, dtype=torch.bool), torch.ones(2, 2, 3, dtype=torch.bool)
+    picks = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        bank = csrm.MemoryBank(4, 2, 3, 100)
+        ORIGINAL["loss_contrast"](rep_t.clone(), rep_t, prob4, labels4, low, high, present_u, 1, bank, args)
+        idx = bank.queues[1][:, 0].tolist()
+        assert len(idx) == 3 and idx == sorted(set(idx)), idx
+        picks.append(idx)
+    assert any(p != [9.0, 10.0, 11.0] for p in picks) and len({tuple(p) for p in picks}) > 1
+
+
 def test_total_is_eq14_weighted_sum_in_gradient_and_log(monkeypatch):
     """Eq. (14). Catches: any weight missing, swapped, applied twice or to the wrong key, a term left out of the
     total or the log, the s2c ramp not applied."""
@@ -468,6 +536,29 @@ def test_optimizer_clip_step_then_ema_of_teacher_from_student(monkeypatch):
     assert ema["teacher"] is run.teacher and ema["student"] is run.student and ema["step"] == STEP + 1
     assert ema["args"] is run.args
     assert run.opt.theta_grad is not None and run.teacher.phi.grad is None
+
+
+def test_non_finite_loss_raises_before_any_update(monkeypatch):
+    """A nan L_s stops the run (exit 1 in run_guard) with the term and the 1-based iteration, before zero_grad, the
+    step and the EMA. Catches: check_finite dropped, or moved after optimizer.step() / ema_update()."""
+    run = Run(monkeypatch, nan_term="seg")
+    assert run.error is not None and "losses/seg" in str(run.error) and f"iteration {STEP + 1}" in str(run.error)
+    assert run.events == []
+
+
+def test_autocast_wraps_the_three_network_passes(monkeypatch):
+    """--amp: teacher pass 1, the student and teacher pass 2 run inside ctx.autocast(). Catches: autocast dropped
+    around any of the three (the stubs record whether they run inside the context)."""
+    @contextlib.contextmanager
+    def autocast():
+        CAST["depth"] += 1
+        try:
+            yield
+        finally:
+            CAST["depth"] -= 1
+    run = Run(monkeypatch, autocast=autocast)
+    assert [c["cast"] for c in run.teacher.calls] == [True, True] and run.student.calls[0]["cast"] is True
+    assert CAST["depth"] == 0 and [c["cast"] for c in Run(monkeypatch).teacher.calls] == [False, False]
 
 
 # ----------------------------------------------------------------------------- warm-up and schedules
@@ -554,7 +645,8 @@ def fake_ctx(args, **kw):
 def test_train_csrm_loaders_optimizer_bank_schedule_and_step(monkeypatch):
     """Catches: the weak transform on the l-half (or strong on the u-half), both loaders on one seed, the
     teacher and student swapped in the step, a bank with other caps or dimension, the wrong total, the optimiser
-    built on the teacher or with the lrs swapped, the final teacher not saved."""
+    built on the teacher or with the lrs swapped, the final teacher not saved or the student saved in its place
+    (finish_stage("csrm", weights={"teacher": student.state_dict()}))."""
     rec = Recorder()
     splits = []
     monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, target=None, seed=0, **kw: splits.append((kind, seed))
@@ -562,6 +654,8 @@ def test_train_csrm_loaders_optimizer_bank_schedule_and_step(monkeypatch):
     monkeypatch.setattr(csrm.data, "SegDataset", lambda *a, **k: "val_set")
     monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
     student, teacher = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        student.weight.fill_(1.0), teacher.weight.fill_(2.0)
     student.pretrained_parameters = lambda: [student.weight]
     monkeypatch.setattr(csrm, "build_model", lambda args, n, w=None: (student, teacher))
     seen = {}
@@ -593,16 +687,21 @@ def test_train_csrm_loaders_optimizer_bank_schedule_and_step(monkeypatch):
     assert a[0] is args and a[1] is student and a[2] is teacher and a[3] is mods["optimizer"] and a[4] is bank
     assert a[5] == "BL" and a[6] == "BU" and a[7] == 9
     assert seen["val"] == [(teacher, "val_set")]  # end of epoch 0 (it 9): the teacher, on the seed split
-    assert ctx.finished[-1][0] == "csrm" and ctx.finished[-1][1]["weights"]["teacher"] is not None
+    assert ctx.finished[-1][0] == "csrm"
+    saved = ctx.finished[-1][1]["weights"]["teacher"]
+    assert saved.keys() == teacher.state_dict().keys() and torch.equal(saved["weight"], teacher.weight)
 
 
 def test_train_cam_step_uses_unsmoothed_eq5_on_the_cam_logits(monkeypatch):
-    """Stage 0. Catches: label smoothing in stage 0, the CAM map instead of the logits."""
+    """Stage 0. Catches: label smoothing in stage 0, the CAM map instead of the logits; cam_init/* (Table 2 row 1)
+    scored on another split (cam_miou(ctx, cam_net, ctx.splits["train"]) for the seed split) or another network,
+    cam_init/val missing (review B17)."""
     rec = Recorder()
     monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, **k: types.SimpleNamespace(
         kind=kind, labels=lambda: np.ones((8, 3))))
     monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
-    monkeypatch.setattr(csrm, "cam_miou", lambda *a: {})
+    scored = []
+    monkeypatch.setattr(csrm, "cam_miou", lambda ctx, model, split: scored.append((model, split)) or {"split": split})
     calls = []
     monkeypatch.setattr(csrm, "loss_cls", lambda z, y, eps: calls.append((z, y, eps)) or (z * 0).sum())
     args = csrm.Args(**{**csrm.PRESETS["toy"], "cam_batch": 2})
@@ -617,6 +716,9 @@ def test_train_cam_step_uses_unsmoothed_eq5_on_the_cam_logits(monkeypatch):
     y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     loop["step"]({"image": torch.zeros(2, 3, 4, 4), "label": y}, 0)
     assert calls[0][0] is z and calls[0][1] is y and calls[0][2] == 0.0
+    assert scored == [(net, "train"), (net, "val")]  # fake_ctx: seed split "train", train split "train_aug"
+    stage, facts = ctx.finished[-1]
+    assert stage == "cam" and facts["results"] == {"cam_init/train": {"split": "train"}, "cam_init/val": {"split": "val"}}
 
 
 @pytest.mark.parametrize("supervision", ["image", "full"])
@@ -661,6 +763,16 @@ def test_build_model_teacher_is_a_frozen_copy_of_the_student():
     assert torch.equal(student.classifier.weight, cam.classifier.weight)
 
 
+def _stub_pl_inputs(monkeypatch, samples):
+    """A K-class dataset stub: SegDataset -> it, split_ids -> the samples' names, each_sample -> the samples.
+    -> the dataset stub."""
+    ds = types.SimpleNamespace(num_classes=K, class_names=[f"c{i}" for i in range(K)])
+    monkeypatch.setattr(csrm.data, "SegDataset", lambda *a, **k: ds)
+    monkeypatch.setattr(csrm.data, "split_ids", lambda *a, **k: [s["name"] for s in samples])
+    monkeypatch.setattr(csrm, "each_sample", lambda ctx, d, desc, *a, **k: iter(samples))
+    return ds
+
+
 def test_make_pseudo_labels_teacher_tta_cams_pl_threshold_crf_and_oracle_note(monkeypatch):
     """Stage 2 (Sec. 4 inference). Catches: the CAMs not normalised by the present classes' max, another
     background threshold than --pl-thr, absent classes in the argmax, the CRF with other parameters or on the
@@ -673,10 +785,7 @@ def test_make_pseudo_labels_teacher_tta_cams_pl_threshold_crf_and_oracle_note(mo
     label = np.array([1.0, 0.0, 1.0], np.float32)
     sample = {"name": "a", "image": np.zeros((Hs, Ws, 3), np.uint8), "label": label,
               "mask": np.zeros((Hs, Ws), np.int64)}
-    ds = types.SimpleNamespace(num_classes=K, class_names=[f"c{i}" for i in range(K)])
-    monkeypatch.setattr(csrm.data, "SegDataset", lambda *a, **k: ds)
-    monkeypatch.setattr(csrm.data, "split_ids", lambda *a, **k: ["a"])
-    monkeypatch.setattr(csrm, "each_sample", lambda ctx, d, desc, *a, **k: iter([sample]))
+    _stub_pl_inputs(monkeypatch, [sample])
     tta, crfs, saved = [], [], {}
     monkeypatch.setattr(csrm, "tta_cams", lambda model, x, scales, flip: tta.append((model, scales, flip)) or cams.clone())
     monkeypatch.setattr(csrm.crf, "refine_labels", lambda img, lab, n, gt_prob=None, **p: crfs.append(
@@ -696,3 +805,119 @@ def test_make_pseudo_labels_teacher_tta_cams_pl_threshold_crf_and_oracle_note(mo
     assert crfs[0][3] == {**csrm.crf.PRESETS["irn"], "n_iters": 4}
     assert res["pseudo/train"]["threshold"] == 0.37 and res["pseudo_crf/val"]["threshold"] == 0.37
     assert "optimistic" in res["cam/train"]["threshold_selection"] and "optimistic" in res["cam/val"]["threshold_selection"]
+
+
+@pytest.mark.parametrize("flags", [{"pl_crf": False}, {"crf_iters": 0}])
+def test_make_pseudo_labels_without_the_inference_crf(monkeypatch, flags):
+    """--no-pl-crf, and --crf-iters 0 (one count for both CRFs, review B28): no dCRF call, no pseudo_crf PNG and no
+    pseudo_crf/* key, the plain pseudo labels still written and scored. Catches: the inference CRF gated on
+    --crf-iters only (crf_params = ... if args.crf_iters > 0), or on --pl-crf only (a 0-iteration CRF)."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "crf_iters": 4, "tta_scales": (1.0,), **flags})
+    sample = {"name": "a", "image": np.zeros((4, 5, 3), np.uint8), "label": np.array([1.0, 0.0, 0.0], np.float32),
+              "mask": np.zeros((4, 5), np.int64)}
+    _stub_pl_inputs(monkeypatch, [sample])
+    monkeypatch.setattr(csrm, "tta_cams", lambda model, x, scales, flip: torch.rand(C, 4, 5))
+    crfs, saved = [], []
+    monkeypatch.setattr(csrm.crf, "refine_labels", lambda img, lab, *a, **k: crfs.append(lab) or lab)
+    monkeypatch.setattr(csrm.data, "save_mask", lambda path, m: saved.append(Path(path).parts[-3]))
+    res = csrm.make_pseudo_labels(fake_ctx(args), nn.Conv2d(1, 1, 1), Path("pl"))
+    assert crfs == [] and saved == ["pseudo", "pseudo"]  # train, val
+    assert {"pseudo/train", "pseudo/val", "cam/train", "cam/val"} == set(res)
+
+
+def test_evaluate_seg_val_single_scale_seg_ms_tta_and_the_vis_columns(monkeypatch, tmp_path):
+    """Sec. 4 / Deviation 15. The stubbed tta_seg returns logits that predict the ground truth only for the single-scale
+    call (scale 1.0, no flip), so seg/val = 100 and seg_ms/val is the score of the TTA logits. Catches: seg/val
+    from the TTA call or with flip, seg_ms/val from the single-scale prediction, another --tta-scales / --tta-flip,
+    the network left in train mode, the vis grid's CAM not single-scale or its pseudo-label column read from
+    another folder, the columns' captions out of order."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "tta_scales": (0.5, 1.5), "tta_flip": True, "vis": 1})
+    Hs, Ws = 4, 6
+    mask = np.zeros((Hs, Ws), np.int64)
+    mask[:, 3:] = 1
+    samples = [{"name": n, "image": np.full((Hs, Ws, 3), i, np.uint8), "label": np.array([1.0, 0.0, 0.0], np.float32),
+                "mask": mask} for i, n in enumerate(("a", "b"))]
+    right = F.one_hot(torch.as_tensor(mask), K).permute(2, 0, 1).float()  # (K, H, W), argmax = mask
+    wrong = torch.zeros(K, Hs, Ws)
+    wrong[2, :, :2] = 1  # predicts background everywhere but class 2 on two columns
+    calls = {"seg": [], "cam": [], "read": [], "grid": []}
+    ds = _stub_pl_inputs(monkeypatch, samples)
+    monkeypatch.setattr(csrm, "tta_seg", lambda net, x, scales, flip: calls["seg"].append((net, tuple(scales), flip))
+                        or (right if (tuple(scales), flip) == ((1.0,), False) else wrong).clone())
+    cams = torch.rand(C, Hs, Ws)
+    monkeypatch.setattr(csrm, "tta_cams", lambda net, x, scales, flip: calls["cam"].append((net, tuple(scales), flip))
+                        or cams.clone())
+    pl = np.full((Hs, Ws), 3, np.uint8)
+    monkeypatch.setattr(csrm.data, "read_mask", lambda path: calls["read"].append(Path(path)) or pl)
+    monkeypatch.setattr(csrm, "save_grid", lambda path, rows, captions: calls["grid"].append((path, rows, captions)))
+    seg_net, teacher = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
+    ctx = fake_ctx(args)
+    ctx.run_dir = tmp_path
+    res = csrm.evaluate(ctx, seg_net, teacher, ds, Path("pl_dir"))
+    assert calls["seg"] == [(seg_net, (1.0,), False), (seg_net, (0.5, 1.5), True)] * 2 and not seg_net.training
+    assert res["seg/val"]["miou"] == 100.0
+    cm = csrm.miou.ConfusionMatrix(K)
+    for _ in samples:
+        cm.update(wrong.argmax(0).numpy(), mask)
+    assert res["seg_ms/val"] == csrm.miou_entry(cm.compute(), ds.class_names) and res["seg_ms/val"]["miou"] < 100
+    assert calls["cam"] == [(teacher, (1.0,), False)] and calls["read"] == [Path("pl_dir") / "a.png"]
+    path, rows, captions = calls["grid"][0]
+    assert path == tmp_path / "vis" / "val.png" and len(rows) == 1
+    assert captions == ["image", "teacher CAM", "pseudo label", "prediction", "ground truth"]
+    assert (rows[0][2] == csrm.colour_labels(pl)).all() and (rows[0][3] == csrm.colour_labels(mask)).all()
+
+
+MAIN_ARGV = ["--preset", "toy", "--crop", "64", "--workers", "0", "--width", "8", "--low-width", "4", "--rep-dim", "4"]
+
+
+def run_main_with_stub_stages(monkeypatch, toy_root, out, *argv):
+    """main() on the toy data with every stage replaced: stage 0 saves the CAM weights, "CSRM training" saves a
+    teacher whose every float tensor differs from a fresh build_model() teacher; the others record what main gives
+    them. -> (trained teacher state, record)."""
+    seen = {}
+    clone = lambda sd: {k: v.detach().clone() for k, v in sd.items()}  # noqa: E731
+
+    def train_cam(ctx, cam_net):
+        ctx.finish_stage("cam", weights={"backbone": cam_net.backbone.state_dict(),
+                                         "classifier": cam_net.classifier.state_dict()})
+
+    def train_csrm(ctx, n):
+        teacher = csrm.build_model(ctx.args, n, ctx.stage_weights("cam"))[1]
+        with torch.no_grad():
+            for v in teacher.state_dict().values():
+                if v.is_floating_point():
+                    v.add_(torch.rand_like(v) + 1.0)
+        seen["trained"] = clone(teacher.state_dict())
+        ctx.finish_stage("csrm", weights={"teacher": teacher.state_dict()})
+
+    def verify(ctx, seg_net, pl_dir, keep):
+        seen.update(verify=pl_dir, keep=clone(keep["teacher"]))
+        ctx.finish_stage("verify", weights={**keep, "seg": seg_net.state_dict()}, final=True)
+    monkeypatch.setattr(csrm, "train_cam", train_cam)
+    monkeypatch.setattr(csrm, "train_csrm", train_csrm)
+    monkeypatch.setattr(csrm, "make_pseudo_labels", lambda ctx, teacher, out_dir, sam=None: seen.update(
+        infer=clone(teacher.state_dict()), pl_root=out_dir) or {})
+    monkeypatch.setattr(csrm, "train_verify", verify)
+    monkeypatch.setattr(csrm, "evaluate", lambda ctx, net, teacher, ds, pl_dir: seen.update(
+        vis=pl_dir, evaluated=clone(teacher.state_dict())) or {})
+    csrm.main(["--data", str(toy_root), "--out", str(out), *MAIN_ARGV, *argv])
+    return seen
+
+
+@pytest.mark.parametrize("argv, folder", [([], "pseudo_crf"), (["--no-pl-crf"], "pseudo"),
+                                          (["--crf-iters", "0"], "pseudo")])
+def test_main_infers_with_the_trained_teacher_and_verifies_on_the_last_refinement(monkeypatch, toy_root, tmp_path,
+                                                                                   capsys, argv, folder):
+    """main() with stub stages. Catches: the trained teacher not loaded before the pseudo labels (deleting
+    load_weights(teacher, ctx.stage_weights("csrm")["teacher"], ...)), so that stage 2, the vis grid and last.pt
+    get the freshly built teacher; the verification network (and the vis column) reading pseudo/ while the dCRF
+    runs, or pseudo_crf/ under --no-pl-crf / --crf-iters 0 (no PNGs there)."""
+    out = tmp_path / "run"
+    seen = run_main_with_stub_stages(monkeypatch, toy_root, out, *argv)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT csrm seg/val")
+    trained = seen["trained"]
+    for got in (seen["infer"], seen["evaluated"], seen["keep"]):
+        assert got.keys() == trained.keys() and all(torch.equal(got[k], trained[k]) for k in trained)
+    pl = out / "pseudo_labels"
+    assert seen["pl_root"] == pl
+    assert seen["verify"] == pl / folder / "train_aug" and seen["vis"] == pl / folder / "val"

@@ -513,19 +513,21 @@ TOY_KNOBS = {
     "sal_blobs": 0.35,        # stand-in saliency: probability of a false blob
     "sal_noise": 12.0,        # stand-in saliency: pixel noise std (0-255 scale; 0 = noise-free)
     "sal_blur": (1.0, 2.5),   # stand-in saliency: Gaussian blur radius range (min, max); (0, 0) = sharp
+    "limb": 1.0,              # width of the thin parts (cow legs, bird wings) as a multiple of v3's
 }
 # Knobs added after TOY_VERSION 3 without a version bump: at their defaults they reproduce the v3 toy
 # byte for byte (same draws, same stamp), so README.txt lists them only when changed, as a folder made
 # before they existed has it.
-_TOY_KNOBS_ADDED = ("sal_noise", "sal_blur")
+_TOY_KNOBS_ADDED = ("sal_noise", "sal_blur", "limb")
 _TOY_PROBABILITIES = ("body_shared", "context_p", "stray_context_p", "sal_miss", "sal_blobs")
 _TOY_STDS = ("colour_spread", "noise", "sal_noise")
+_TOY_POSITIVE = ("limb",)
 _TOY_RANGES = ("size", "distractors", "sal_blur")
 
 
 def _check_toy_knobs(knobs: dict) -> None:
     """ValueError naming the first knob whose value is out of range (probabilities in [0, 1], stds >= 0,
-    (min, max) ranges with 0 <= min <= max, size > 0)."""
+    limb > 0, (min, max) ranges with 0 <= min <= max, size > 0)."""
     def number(v):
         return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
 
@@ -534,6 +536,8 @@ def _check_toy_knobs(knobs: dict) -> None:
             ok, want = number(v) and 0 <= v <= 1, "a probability in [0, 1]"
         elif k in _TOY_STDS:
             ok, want = number(v) and v >= 0, "a finite number >= 0"
+        elif k in _TOY_POSITIVE:
+            ok, want = number(v) and v > 0, "a finite number > 0"
         elif k in _TOY_RANGES:
             ok = (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(number, v))
                   and (0 < v[0] if k == "size" else 0 <= v[0]) and v[0] <= v[1]
@@ -546,8 +550,9 @@ def _check_toy_knobs(knobs: dict) -> None:
             raise ValueError(f"invalid toy knob {k}={v!r}: must be {want}")
 
 
-def _toy_polygon(cls: int, rng, size: float) -> list[np.ndarray]:
-    """Parts of a class's shape as polygons around the origin (before rotation); see TOY_SIGNATURE_PARTS."""
+def _toy_polygon(cls: int, rng, size: float, limb: float = 1.0) -> list[np.ndarray]:
+    """Parts of a class's shape as polygons around the origin (before rotation); see TOY_SIGNATURE_PARTS.
+    `limb` widens the thin parts (legs, wings) that a stride-8 output cannot resolve."""
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     ellipse = lambda a, b, cx=0.0, cy=0.0: np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1)
     jitter = lambda: rng.uniform(0.85, 1.15)
@@ -564,12 +569,13 @@ def _toy_polygon(cls: int, rng, size: float) -> list[np.ndarray]:
     if cls == 3:  # cow: a big body, a head, four legs
         body = ellipse(size, 0.55 * size * jitter())
         head = ellipse(0.3 * size, 0.25 * size, cx=1.05 * size, cy=-0.35 * size)
-        legs = [np.array([[x - 0.08 * size, 0.3 * size], [x + 0.08 * size, 0.3 * size],
-                          [x + 0.08 * size, 0.95 * size], [x - 0.08 * size, 0.95 * size]]) for x in (-0.7 * size, -0.4 * size, 0.4 * size, 0.7 * size)]
+        half = 0.08 * limb * size
+        legs = [np.array([[x - half, 0.3 * size], [x + half, 0.3 * size],
+                          [x + half, 0.95 * size], [x - half, 0.95 * size]]) for x in (-0.7 * size, -0.4 * size, 0.4 * size, 0.7 * size)]
         return [body, head, *legs]
     if cls == 4:  # bird: a small body with two swept wings
         body = ellipse(0.45 * size, 0.22 * size)
-        wing = lambda s: np.array([[-0.1 * size, 0.0], [s * 0.2 * size, -0.9 * size * jitter()], [0.25 * size, 0.0]])
+        wing = lambda s: np.array([[-0.1 * limb * size, 0.0], [s * 0.2 * size, -0.9 * size * jitter()], [0.25 * limb * size, 0.0]])
         return [body, wing(-1), wing(1)]
     if cls == 5:  # car: a low box, a cabin and two wheels
         w = 1.1 * size * jitter()
@@ -670,7 +676,7 @@ def _toy_sample(rng, knobs: dict = TOY_KNOBS) -> tuple[np.ndarray, np.ndarray, n
         sign = np.clip(TOY_SIGNATURE[cls - 1] + rng.normal(0, knobs["colour_spread"] / 2, 3), 0, 255)
         parts = Image.new("L", (w, h), 0)  # 1 body, 2 signature part
         draw = ImageDraw.Draw(parts)
-        for k, poly in enumerate(_toy_polygon(cls, rng, size)):
+        for k, poly in enumerate(_toy_polygon(cls, rng, size, knobs["limb"])):
             pts = (poly * [flip, 1.0]) @ rot.T + [cx, cy]
             draw.polygon([tuple(p) for p in pts], fill=2 if k in TOY_SIGNATURE_PARTS[cls] else 1)
         parts = np.asarray(parts)

@@ -303,7 +303,8 @@ def test_toy_saliency_noise_and_blur_knobs(tmp_path):
     # made before these knobs existed (same stamp, README.txt lists them only when changed).
     assert data.TOY_KNOBS["sal_noise"] == 12.0 and data.TOY_KNOBS["sal_blur"] == (1.0, 2.5)
     plain = data.make_toy(tmp_path / "a", num_train=4, num_val=1)
-    same = data.make_toy(tmp_path / "s", num_train=4, num_val=1, knobs={"sal_noise": 12, "sal_blur": (1.0, 2.5)})
+    same = data.make_toy(tmp_path / "s", num_train=4, num_val=1,
+                         knobs={"sal_noise": 12, "sal_blur": (1.0, 2.5), "limb": 1.0})
     files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(same) for p in same.rglob("*") if p.is_file())
     assert all((plain / f).read_bytes() == (same / f).read_bytes() for f in files)
@@ -343,7 +344,51 @@ def test_toy_saliency_noise_and_blur_knobs(tmp_path):
 
     # Out-of-range values are refused before anything is written, with the unknown-knob error's type.
     for bad in ({"sal_noise": -1.0}, {"sal_noise": float("nan")}, {"sal_blur": (2.5, 1.0)}, {"sal_blur": (-1, 1)},
-                {"sal_blur": 2.0}, {"sal_miss": 1.5}, {"distractors": (0, 1.5)}):
+                {"sal_blur": 2.0}, {"sal_miss": 1.5}, {"distractors": (0, 1.5)}, {"limb": 0}, {"limb": -1.0}):
         with pytest.raises(ValueError, match=f"invalid toy knob {next(iter(bad))}="):
             data.make_toy(tmp_path / "bad", num_train=2, num_val=1, knobs=bad)
         assert not (tmp_path / "bad").exists()
+
+
+def test_toy_limb_knob_widens_legs_and_wings_only():
+    # limb scales the half-width of the cow's legs and the base of the bird's wings (the thin parts a stride-8
+    # output cannot resolve); the other parts, the draws and the boat's sail stay as they are. Hand values for
+    # size 10: a leg spans x +- 0.8 (limb 1) or +- 1.6 (limb 2) around its centre; a wing's base runs from
+    # -1 to 2.5 (limb 1) or -2 to 5 (limb 2). Catches the knob ignored, applied to the wrong part, or squared.
+    def parts(cls, limb):
+        return data._toy_polygon(cls, np.random.default_rng(3), 10.0, limb)
+    cow1, cow2 = parts(3, 1.0), parts(3, 2.0)
+    for leg1, leg2, centre in zip(cow1[2:], cow2[2:], (-7.0, -4.0, 4.0, 7.0)):
+        assert np.allclose(np.ptp(leg1[:, 0]), 1.6) and np.allclose(np.ptp(leg2[:, 0]), 3.2)
+        assert np.allclose(leg2[:, 0].mean(), centre) and np.allclose(leg2[:, 1], leg1[:, 1])
+    assert all(np.array_equal(a, b) for a, b in zip(cow1[:2], cow2[:2]))  # body and head unchanged
+    bird1, bird2 = parts(4, 1.0), parts(4, 2.0)
+    for w1, w2 in zip(bird1[1:], bird2[1:]):
+        assert np.allclose(w1[[0, 2], 0], [-1.0, 2.5]) and np.allclose(w2[[0, 2], 0], [-2.0, 5.0])
+        assert np.allclose(w1[1], w2[1])  # the tip stays
+    for cls in (1, 2, 5, 6):  # boat, train, car, person have no such parts
+        assert all(np.array_equal(a, b) for a, b in zip(parts(cls, 1.0), parts(cls, 2.0)))
+    # limb 1.0 is v3 to the bit: the same float expressions as v3's hard-coded 0.08 * size and (-0.1, 0.25) * size
+    assert all(np.array_equal(leg[[0, 1], 0], [x - 0.08 * 10.0, x + 0.08 * 10.0])
+               for leg, x in zip(cow1[2:], (-0.7 * 10.0, -0.4 * 10.0, 0.4 * 10.0, 0.7 * 10.0)))
+    assert all(np.array_equal(w[[0, 2], 0], [-0.1 * 10.0, 0.25 * 10.0]) for w in bird1[1:])
+
+
+def test_toy_limb_knob_reaches_the_generated_masks(tmp_path):
+    # make_toy must hand the knob to the shapes: with limb 2 the masks of images holding a cow or a bird change,
+    # the others stay byte-equal (no draw moves), and the stamp and README.txt name the knob. Catches the knob
+    # dropped between make_toy and _toy_polygon (the unit test above calls _toy_polygon directly).
+    plain = data.make_toy(tmp_path / "a", num_train=12, num_val=1)
+    wide = data.make_toy(tmp_path / "w", num_train=12, num_val=1, knobs={"limb": 2.0})
+    assert "limb" in (wide / "toy_version.txt").read_text() and "limb" in (wide / "README.txt").read_text()
+    changed = kept = 0
+    for i in range(12):
+        a = data.read_mask(plain / "SegmentationClass" / f"train_{i:05d}.png")
+        b = data.read_mask(wide / "SegmentationClass" / f"train_{i:05d}.png")
+        if np.isin(a, [3, 4]).any():  # a cow or a bird
+            changed += not np.array_equal(a, b)
+            assert np.isin(b, [3, 4]).sum() > np.isin(a, [3, 4]).sum()  # wider limbs: more of those pixels
+        else:
+            kept += 1
+            assert np.array_equal(a, b)
+    assert changed > 0 and kept > 0

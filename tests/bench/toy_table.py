@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # paper compares against; the others are the rows of the paper's main ablation table.
 ROWS = {
     "cosa": {"baseline": ["--ablation", "base"], "gc": ["--ablation", "gc"], "gc_sa": ["--ablation", "gc_sa"],
-             "gc_sa_raw": ["--ablation", "gc_sa_raw"], "gc_sa_raw_csc": ["--ablation", "gc_sa_raw_csc"]},
+             "gc_sa_raw": ["--ablation", "gc_sa_raw"], "gc_sa_csc": ["--ablation", "gc_sa_csc"],
+             "gc_sa_raw_csc": ["--ablation", "gc_sa_raw_csc"]},
     "csrm": {"baseline": ["--no-s2c", "--no-u", "--no-m"], "s2c": ["--no-u", "--no-m"], "s2c_u": ["--no-m"]},
     "cobra": {"baseline": ["--branches", "cnn", "--until", "seed"], "vit": ["--branches", "vit", "--until", "seed"],
               "seed": ["--until", "seed"], "no_aux": ["--losses", "none", "--until", "seed"],
-              "no_cam": ["--losses", "cap,sap", "--until", "seed"], "no_cap": ["--losses", "cam,sap", "--until", "seed"]},
+              "no_cam": ["--losses", "cap,sap", "--until", "seed"], "no_cap": ["--losses", "cam,sap", "--until", "seed"],
+              "cam": ["--losses", "cam", "--until", "seed"], "cam_cap": ["--losses", "cam,cap", "--until", "seed"]},
     "auxsegnet": {"baseline": ["--variant", "baseline"], "mt": ["--variant", "mt"], "mt_ct": ["--variant", "mt_ct"],
                   # the finer single-stage rows of the paper's Tables 4-5 (auxsegnet.py Deviation 16)
                   "seg_cls": ["--variant", "mt", "--tasks", "seg+cls"], "seg_sal": ["--variant", "mt", "--tasks", "seg+sal"],
@@ -42,10 +44,12 @@ ROWS = {
                   # the paper's 4 stages instead of the toy preset's 3 (Deviation 12)
                   "stages4": ["--num-stages", "4"]},
     "csd": {"baseline": ["--csd", "off"], "uniform": ["--sampling", "uniform"],
-            # the paper's mask rows: MCTformer + IRN and MCTformer + CSD + IRN (csd.py Deviation 18)
+            # MCTformer-V2 seeds + IRN masks, without / with CSD: not Table 1 rows (its "IRN (ResNet-50)" / "IRN w/ CSD"
+            # rows use IRN's own ResNet-50 CAM classifier, not implemented: csd.py Deviations 6, 8, 13, 18)
             "baseline_irn": ["--csd", "off", "--mask-method", "irn"], "irn": ["--mask-method", "irn"]},
 }
-KEYS = ("seg/val", "cam/train", "cam/val", "seed/train", "mask/train", "pseudo/train", "pseudo_pr/train", "cpl/train")
+KEYS = ("seg/val", "seg_gtcls/val", "seg_ms/val", "seg_crf/val", "cam_init/train", "cam/train", "cam/val", "cam_ens/train",
+        "seed/train", "mask/train", "mask_nocrf/train", "pseudo/train", "pseudo_crf/train", "pseudo_pr/train", "cpl/train")
 
 
 def run(method, row, seed, args):

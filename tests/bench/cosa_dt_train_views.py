@@ -1,0 +1,66 @@
+"""CoSA's dynamic threshold (Eq. (6)) as train_step meets it: the trained AN of a finished run on the weak views of
+the run's own TrainTransform (rescale, flip, crop, blur), nu = max_c M' on the token grid exactly as train_step
+queues it, fitted by DynamicThreshold over 50 batches of 8 train images; printed: the GMM, xi, and the CPL's
+foreground recall / background kept / fg-vs-bg IoU at a few thresholds. cosa_dt_tokens.py does the same on whole
+images resized to the crop (no augmentation), which is not what the queue holds.
+
+    python tests/bench/cosa_dt_train_views.py runs/cosa/<run> [--scale-min 0.5 --scale-max 2.0]
+
+One thread; the README's CoSA section quotes its output.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import cosa  # noqa: E402
+from common import data  # noqa: E402
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("run")
+ap.add_argument("--scale-min", type=float, default=None, help="default: the run's own")
+ap.add_argument("--scale-max", type=float, default=None)
+opt = ap.parse_args()
+torch.set_num_threads(1)
+args = cosa.args_from(json.load(open(f"{opt.run}/args.json")))
+ck = torch.load(f"{opt.run}/checkpoints/last.pt", weights_only=True)
+spec = data.resolve_data(args.data)
+net = cosa.build_model(args, len(data.read_class_names(spec.root)) - 1, init_weights=False)
+net.load_state_dict(ck["weights"]["assign"])
+net.eval()
+ds = data.SegDataset(spec.root, "train")
+scales = (opt.scale_min or args.scale_min, opt.scale_max or args.scale_max)
+tf = cosa.TrainTransform(args.crop, scales, args.strong_magnitudes, with_mask=True, mean_std=cosa.input_mean_std(args))
+grid = (args.crop // net.backbone.patch_embed.patch_size[0],) * 2
+rng, dt = np.random.default_rng(0), cosa.DynamicThreshold(50, 0.45, args.gmm_min)
+fg, bg, absent, pairs = [], [], 0, 0
+with torch.no_grad():
+    for i in range(0, 400, 8):
+        batch = [tf(ds.load(j), rng) for j in range(i, i + 8)]
+        x, y = torch.stack([b["weak"] for b in batch]), torch.stack([b["label"] for b in batch])
+        cam, _, _ = cosa.assign(net, x, y, args.pseudo_scales, args.ms_cam_merge)
+        nu = F.interpolate(cam, size=grid, mode="bilinear", align_corners=False).amax(1)  # (B, g, g): the queue rows
+        dt.push(nu.flatten(1))
+        m = F.interpolate(torch.stack([b["mask"] for b in batch]).float()[:, None], size=grid, mode="nearest")[:, 0]
+        fg.append(nu[(m > 0) & (m < 255)])
+        bg.append(nu[m == 0])
+        for b in batch:  # labelled classes with no pixel in the crop: min-max stretches their noise to 1
+            inside = set(np.unique(b["mask"].numpy()).tolist())
+            for c in np.flatnonzero(b["label"].numpy()):
+                pairs, absent = pairs + 1, absent + (c + 1 not in inside)
+xi = dt.update()
+fg, bg = torch.cat(fg).numpy(), torch.cat(bg).numpy()
+mu, var, pi = dt.gmm
+print(f"rescale {scales}: labelled classes absent from the crop {absent}/{pairs}; tokens fg {fg.size}, bg {bg.size}")
+print(f"GMM on nu > {args.gmm_min}: mu {mu.round(3)} sd {np.sqrt(var).round(3)} pi {pi.round(3)} -> xi {xi:.3f}")
+for t in (0.1, 0.2, 0.3, 0.45, 0.6, xi):
+    kept_fg, kept_bg = (fg >= t).sum(), (bg >= t).sum()
+    print(f"thr {t:.3f}: fg recall {kept_fg / fg.size:.3f}, bg above {kept_bg / bg.size:.3f}, "
+          f"fg-vs-bg IoU {kept_fg / (fg.size + kept_bg):.3f}")
+print("hist fg (10 bins):", np.histogram(fg, bins=10, range=(0, 1))[0].tolist())
+print("hist bg (10 bins):", np.histogram(bg, bins=10, range=(0, 1))[0].tolist())

@@ -47,7 +47,9 @@ Deviations (paper -> this file; the card's open choices are flags with the defau
     1. Eq. (5)'s printed normaliser is garbled ((P_ij P_xy)^-1 in one sum). We use the card's reading:
        reliability 1/P normalised to mean 1 over the valid pixels R, i.e. sum(P^-1 CE) / sum(P^-1).
     2. Eq. (6) is solved as the crossing point of the two weighted GMM densities between the means
-       (grid search on [0.01, 0.99]); the official code takes the largest bg-cluster sample instead.
+       (grid search on [0.01, 0.99]); the official code takes the largest bg-cluster sample instead (card §5;
+       per card §8 item 3 its released configs and logs have DT off, usegmm=False, and its rungmm, when on, fits
+       3 components with a low and a high threshold).
        Values <= 0.05 are dropped before fitting (official code, utils/seg_helper.py gmmfilter_thre);
        xi = 0.45 is used until the queue holds Q/10 batches (the card's choice: the official code starts
        from a queue of uniform noise and EMA-smooths xi with decay 0.99). The official code refits scikit-learn's
@@ -61,8 +63,8 @@ Deviations (paper -> this file; the card's open choices are flags with the defau
        value in the paper is the SPL's 0.01 (Sec. 4.1); read literally, tau_c = 0.01 turns cosine
        similarities in [-1, 1] into logits in [-100, 100], so every anchor's loss is decided by its single
        hardest negative (the card's default 0.1 is the common InfoNCE range). The official code has no CSC
-       to settle it; --tau-csc 0.01 gives the literal reading. It is computed on the token grid (the
-       full-resolution version is O((HW)^2)).
+       to settle it; --tau-csc 0.01 gives the literal reading (on the toy it costs 7-9 points: README, CoSA).
+       It is computed on the token grid (the full-resolution version is O((HW)^2)).
     4. The M† ensemble max-merges the scales like M' (Alg. 1); the official code keeps only the last
        scale for M†, by accident (card §8.8). --ms-cam-merge sum gives the code's scale merge for CAMs.
     5. Head LR x10 and the 1.5K-iteration LR warm-up come from the official code; the paper only says

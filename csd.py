@@ -74,8 +74,8 @@ Deviations (also marked `Deviation:` at the code):
   6. --mask-method crf (default): masks are seeds + dense CRF (label unary, MCTformer's PSA pairwise parameters,
      crf.PRESETS["psa"]), not PSA's AffinityNet random walk (out of scope). mask/train is therefore NOT the
      paper's "Mask" column. There is no hook for external final masks (PSA; --prior dir: of Deviation 5 replaces
-     only the stage-1 prior). --mask-method irn: IRNet's masks (the mask method of Table 1's
-     IRN rows) on the MCTformer-V2 seeds (Deviation 18) - a combination Table 1 does not report.
+     only the stage-1 prior). --mask-method irn: IRNet's masks (the mask method of Table 1's IRN rows) on the
+     MCTformer-V2 seeds (Deviation 18) - a combination Table 1 does not report.
   7. Segmentation network: the paper uses MCTformer's DeepLab with a ResNet-38 backbone (not in timm).
      Paper preset: DeepLab-v2 (ASPP, rates 6/12/18/24) on timm ResNet-101 at output stride 8,
      SGD poly schedule (DeepLab-v2 VOC defaults). Toy preset: the same ASPP head on a tiny

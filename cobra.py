@@ -22,6 +22,7 @@ Reading guide (paper section -> code)
     Sec. 3.4 / supp. 9.2 seeds, M_fuse             -> infer_cams(), fuse_cams(), seed_label(), evaluate_seeds()
     Supp. 9.1 / 11 attention-derived thresholds    -> attention_bg(), ir_thresholds(), make_ir_label()
     Supp. 10 IRN mask refinement                   -> IRNEdge, loss_irn_affinity(), random_walk(), final_mask()
+    Sec. 4.1 Table 1 seed / mask on train GT       -> evaluate_seeds(), sweep_mask_alpha(), evaluate_masks()
     Sec. 4 segmentation network                    -> SegNet, train_seg(), evaluate()
 
 Equation map
@@ -36,7 +37,8 @@ Equation map
                 M_tran = M_tran (x) A_obj, multi-scale + flip (Sec. 3.4, supp. 10)   -> infer_cams()
                 M_fuse = max((M_cnn + M_tran)/2, M_tran) (Sec. 3.4)                  -> fuse_cams()
                 seed bg / IR thresholds from A (supp. 9.1)                           -> attention_bg(), ir_thresholds()
-                mask thr_c = alpha max(r_c) + min(r_c) (official)                    -> final_mask()
+                mask thr_c = alpha max(r_c) + min(r_c) (official)                    -> final_mask(), alpha_mask()
+                alpha swept on train GT (card Sec. 7; Deviation 18)                  -> sweep_mask_alpha()
 
 Notation: M_cnn / M_tran (B, C, N, N) CAMs (C = 21 on VOC, channel 0 = background), v (B, N^2, D)
 L2-normalised projections, A_bar (B, 1+N^2, 1+N^2) head-averaged layer-summed attention,
@@ -71,7 +73,7 @@ Deviations (each repeated at the code as `# Deviation:`)
        fixed (not attention-derived) thresholds, one inference scale - random-init attention is flat -
        and SGD momentum 0.9 with the ViT lr x3: from random init, 248 momentum-free steps leave both
        classifiers near chance, and the small ViT learns slower than the CNN under SGD (a ViT-only check
-       on toy train seeds: 15.0 at x1 vs 18.2 at x3).
+       on toy v2 train seeds: 15.0 at x1 vs 18.2 at x3).
    12. --max-iters N caps every training stage (CoBra, IRN, seg) at N iterations; the warm-up gate is
        not rescaled.
    13. The random walk starts from the strided M_tran (official step/make_cam.py key `cam`, read by
@@ -89,8 +91,17 @@ Deviations (each repeated at the code as `# Deviation:`)
        class; the two readings differ when fewer than k+ patches carry the class.
    17. Training list: the standard 10,582-image train_aug list (paper, common/), not the official
        voc12/train_aug.txt (9,761 ids, 5 VOC-train ids missing).
-   18. The mask threshold is the official fixed alpha = 0.31 (step/gen_seg_label.py); the alpha sweep on
-       train GT (card Sec. 7) is not run.
+   18. Mask alpha (thr_c = alpha max(r_c) + min(r_c)): the paper states no value and no search. The masks use
+       the official fixed 0.31: step/gen_seg_label.py ignores the value run_sample.py passes it and thresholds
+       at 0.31. The official step/eval_sem_seg_thres.py sweeps another variable (an attention-percentile
+       background padded onto the walk, from 0.20 in steps of 0.01, with the CRF; it does not run as released,
+       card Sec. 8 row 16). Card Sec. 7's alpha sweep on train GT is run and reported instead (mask_sweep/train,
+       log mask_sweep/curve): alpha = 0.20, 0.21, ..., 0.50 on the seed split's walks, scored without the CRF
+       to keep the cost at one walk per image (a CRF per alpha would cost 31 CRFs per image), over the full grid
+       (no climb that stops at the first drop); a tie keeps the smaller alpha. The sweep walks the seed split once more (VOC: +1,464 walks to 10,582); the paper_coco and
+       toy presets turn it off, as their seed split is the whole train split. --mask-alpha-sweep use trains on masks
+       at the swept alpha (train GT then shapes the training labels); off skips the sweep, as does --mask-method
+       crf (its masks have no alpha).
 
 Run
     python cobra.py                                   (toy data, CPU, minutes)
@@ -98,11 +109,13 @@ Run
     python cobra.py --data COCO2014 --pretrained
     python cobra.py --branches cnn | --branches vit | --losses cam,sap ...   (Table 3 rows)
     python cobra.py --mask-source cnn|tran|avg|max|fuse                      (Table 5 rows)
+    python cobra.py --mask-alpha-sweep use     (masks at the alpha swept on train GT, card Sec. 7; Deviation 18)
     python cobra.py --supervision full     (upper bound: the segmentation network on ground-truth masks;
                                             CoBra, CAMs, seeds, IR labels, IRN and masks are skipped)
     --weights FILE: a torch file holding a dict with any of cnn / vit / irn / seg -> backbone state dict.
-    Keys: seed/train, mask/train, mask_nocrf/train (Table 9), seg/val (single scale), seg_ms/val (multi-scale
-    + flip), seg_crf/val (then CRF: the paper's test protocol). ImageNet weights: timm resnet152.tv_in1k
+    Keys: seed/train, mask/train, mask_nocrf/train (Table 9; threshold = the masks' alpha), mask_sweep/train
+    (the best alpha of the sweep, no CRF), seg/val (single scale), seg_ms/val (multi-scale + flip), seg_crf/val
+    (then CRF: the paper's test protocol). ImageNet weights: timm resnet152.tv_in1k
     (torchvision v1, as IRN / CoBra load) for the CNN and the IRN, deit_small_patch16_224.fb_in1k, and
     resnet101.tv_in1k for the segmentation network.
 """
@@ -219,7 +232,8 @@ class Args:
     rw_radius: int = 5  # IRNet: radius of the random-walk affinity
     rw_beta: float = 10.0  # IRNet beta
     rw_exp_times: int = 8  # IRNet: T squared 8 times = 256 steps
-    mask_alpha: float = 0.31  # official: step/gen_seg_label.py (Deviation 18: no alpha sweep)
+    mask_alpha: float = 0.31  # official: step/gen_seg_label.py; the masks' alpha unless --mask-alpha-sweep use
+    mask_alpha_sweep: str = "report"  # Deviation 18: report (alpha swept on train GT into mask_sweep/train) | use (masks at it) | off
     mask_crf: bool = True  # final CRF (Table 9: with / without)
     # --- segmentation network (Sec. 4; Deviation 10) ---
     seg_backbone: str = "resnet101.tv_in1k"  # DeepLabV3 R101 substitute for DeepLabV3+ (Sec. 4 R101; torchvision ImageNet weights)
@@ -237,7 +251,9 @@ class Args:
 PAPER = dict(seed=2022, log_every=20, ckpt_every=200)
 PRESETS = {
     "paper_voc": PAPER,
-    "paper_coco": PAPER,  # the paper gives no separate COCO schedule for CoBra; the VOC values are used
+    # the paper gives no separate COCO schedule for CoBra; the VOC values are used. No alpha sweep: COCO's seed
+    # split is its whole train split, which the sweep would walk a second time (Deviation 18)
+    "paper_coco": {**PAPER, "mask_alpha_sweep": "off"},
     # card Sec. 10: minutes on 2 CPU cores, random init. Deviation 11: BN train mode, fixed thresholds,
     # momentum 0.9 and ViT lr x3 are toy-only choices.
     "toy": dict(PAPER, pretrained=False, workers=2, ckpt_every=100, cnn="resnet18", vit="deit_tiny_patch16_224",
@@ -246,11 +262,12 @@ PRESETS = {
                 lr=0.05, momentum=0.9, vit_lr_scale=3.0, scales=(1.0,), seed_bg="fixed", ir_thresh="fixed",
                 irn_backbone="resnet18", irn_crop=128, irn_batch=16, irn_epochs=2, irn_radius=5, rw_exp_times=5,
                 seg_backbone="resnet18", seg_crop=96, seg_batch=16, seg_iters=200, seg_lr=0.01,
-                seg_scale_range=(0.75, 1.25), seg_test_scales=(0.75, 1.0, 1.25)),
+                seg_scale_range=(0.75, 1.25), seg_test_scales=(0.75, 1.0, 1.25),
+                mask_alpha_sweep="off"),  # the toy's seed split is its train split: a second walk of every image
 }
 CHOICES = {"branches": ("cnn", "vit", "both"), "mask_source": ("cnn", "tran", "avg", "max", "fuse"),
            "mask_method": ("irn", "crf"), "rw_source": ("tran", "same"), "until": ("seed", "mask", "seg"),
-           "seed_bg": ("attn-pct", "fixed"), "ir_thresh": ("attn", "fixed")}
+           "seed_bg": ("attn-pct", "fixed"), "ir_thresh": ("attn", "fixed"), "mask_alpha_sweep": ("report", "use", "off")}
 LIMITS = {**{k: ">0" for k in ("batch_size", "epochs", "lr", "tau", "proj_dim", "irn_batch", "irn_epochs", "irn_lr",
                                "irn_crop", "seg_batch", "seg_iters", "seg_lr", "seg_crop", "rw_beta", "scales",
                                "resize_long", "seg_scale_range", "seg_test_scales")},
@@ -287,6 +304,8 @@ def validate(args):
         check(getattr(args, k) % env_world() == 0, f"--{k.replace('_', '-')} {getattr(args, k)} (global) is not "
               f"divisible by the {env_world()} processes")
     check(args.seg_batch // env_world() >= 2, "--seg-batch must give at least 2 images per process (ASPP's pooled BN)")
+    check(args.mask_alpha_sweep != "use" or args.mask_method == "irn", "--mask-alpha-sweep use needs --mask-method "
+          "irn: the crf masks have no alpha")
     check(args.supervision == "image" or args.until == "seg", "--supervision full trains only the segmentation "
           "network; drop --until")
     check(not args.eval_only or args.until == "seg", f"--eval-only evaluates the segmentation network, which a "
@@ -836,20 +855,32 @@ def random_walk(x, edge, radius=5, beta=10.0, exp_times=8, dense=False):
     return vt.t().reshape(K, h, w)
 
 
-def final_mask(rw, keys, H, W, alpha):
+def upsample_walk(rw, H, W):
+    """rw (K, h4, w4) -> (K, H, W). Impl. (MICV-yonsei/Cobra, step/make_sem_seg_labels_npy.py): the walk is
+    resized straight to (H, W) (IRNet's make_sem_seg_labels upsamples x4 and crops instead)."""
+    if not len(rw):  # an image without GT classes: torch cannot resize zero channels
+        return rw.new_zeros((0, H, W))
+    return F.interpolate(rw[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+
+
+def alpha_mask(up, keys, alpha):
     """Impl. (MICV-yonsei/Cobra, step/gen_seg_label.py): per class thr_c = alpha max(r_c) + min(r_c).
 
-    rw (K, h4, w4) -> uint8 (H, W): values below thr_c become 0, bg where every class is 0.
+    up (K, H, W) upsampled walk -> uint8 (H, W): values below thr_c become 0, bg where every class is 0.
+    Separate from the resize so that the alpha sweep (sweep_mask_alpha) resizes each walk once.
     """
-    if len(keys) == 0:
-        return np.zeros((H, W), np.uint8)
-    # Impl. (MICV-yonsei/Cobra, step/make_sem_seg_labels_npy.py): the walk is resized straight to (H, W)
-    # (IRNet's make_sem_seg_labels upsamples x4 and crops instead).
-    up = F.interpolate(rw[None], size=(H, W), mode="bilinear", align_corners=False)[0]  # (K, H, W)
     thr = alpha * up.flatten(1).amax(1) + up.flatten(1).amin(1)
     up = torch.where(up < thr[:, None, None], torch.zeros_like(up), up)
-    label = torch.as_tensor(keys, dtype=torch.long)[up.argmax(0)]
-    return torch.where(up.amax(0) > 0, label, torch.zeros_like(label)).numpy().astype(np.uint8)
+    # a zero background channel in front: the first maximum is bg where every class is 0
+    scores = F.pad(up, (0, 0, 0, 0, 1, 0))  # (1 + K, H, W)
+    keys_all = torch.as_tensor(np.concatenate([[0], keys]), dtype=torch.long)
+    # max(0).indices = argmax(0) (both the first maximum), several times faster on CPU; the sweep calls this 31x
+    return keys_all[scores.max(0).indices].numpy().astype(np.uint8)
+
+
+def final_mask(rw, keys, H, W, alpha):
+    """The mask of one image at one alpha: rw (K, h4, w4) -> uint8 (H, W)."""
+    return alpha_mask(upsample_walk(rw, H, W), keys, alpha)
 
 
 @torch.no_grad()
@@ -1033,21 +1064,77 @@ def mask_dirs(ctx):
     return base / "mask" / ctx.splits["train"], base / "mask_nocrf" / ctx.splits["train"]
 
 
-def stage_masks(ctx, irn, ds):
+def image_walk(ctx, irn, s, cams):
+    """The random walk of one image: rw (K, ceil(H/4), ceil(W/4)) from the IRN edge and the strided seed map."""
     args = ctx.args
-    out_crf, out_raw = mask_dirs(ctx)
-    use_crf = crf.available()
     # Deviation 13: the walk starts from the strided M_tran (official), --rw-source same from the seed map (paper)
     rw_src = "tran" if args.rw_source == "tran" and args.branches != "cnn" else args.mask_source
+    seed = torch.from_numpy(source_map(cams, rw_src, strided=True))
+    if not len(cams["keys"]):
+        return seed
+    edge = infer_edge(irn, s["image"], args.irn_crop, ctx.device).float().cpu()
+    return random_walk(seed, edge, args.rw_radius, args.rw_beta, args.rw_exp_times)
+
+
+# Deviation 18: the grid starts where the official step/eval_sem_seg_thres.py starts (0.20, steps of 0.01). That
+# script climbs until the mIoU drops; a full grid cannot stop in a dip of a small split. The cap 0.50 lies well
+# past the official 0.31 (a best at either end is flagged: then the grid was too short).
+MASK_ALPHAS = tuple(round(0.20 + 0.01 * i, 2) for i in range(31))  # 0.20, 0.21, ..., 0.50
+
+
+def sweep_mask_alpha(ctx, irn, ds):
+    """Card Sec. 7: the alpha of the mask rule chosen on the seed split (train GT). Walks this rank's share of
+    the split and scores every alpha of MASK_ALPHAS. The walks are not kept (stage_masks walks these images
+    again): on COCO the seed split is the whole train split, whose walks would take ~19 GB.
+
+    Scored without the CRF: a CRF per alpha would cost 31 CRFs per image. A tie keeps the
+    smaller alpha (the first maximum). Returns {"mask_sweep/train": entry, threshold = best alpha}, on every rank.
+    """
+    cms = [miou.ConfusionMatrix(ds.num_classes) for _ in MASK_ALPHAS]
+    for s in each_sample(ctx, ds, "alpha sweep", shard=True):
+        cams = load_cams(ctx, s["name"])
+        rw = image_walk(ctx, irn, s, cams)
+        up = upsample_walk(rw, *s["image"].shape[:2])  # (K, H, W) as stage_masks resizes it; once, then per alpha
+        for cm, alpha in zip(cms, MASK_ALPHAS):
+            cm.update(alpha_mask(up, cams["keys"], alpha), s["mask"])
+    if dist.is_initialized():  # sum every rank's share: every rank then picks the same alpha
+        total = torch.from_numpy(np.stack([cm.matrix for cm in cms]))  # (len(MASK_ALPHAS), C, C)
+        total = total.to(ctx.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+        for cm, matrix in zip(cms, total.cpu().numpy()):
+            cm.matrix = matrix
+    curve = [cm.compute() for cm in cms]
+    best = int(np.argmax([c["miou"] for c in curve]))
+    ctx.log({"stage": "masks", "mask_sweep/curve": [[a, round(100 * c["miou"], 2)] for a, c in zip(MASK_ALPHAS, curve)]})
+    entry = miou_entry(curve[best], ds.class_names, threshold=MASK_ALPHAS[best],
+                       note="best alpha of thr_c = alpha max(r_c) + min(r_c) on train GT, no CRF")
+    if ctx.main:
+        print(f"mask_sweep/train (best alpha {MASK_ALPHAS[best]}, no CRF): mIoU={entry['miou']:.2f}")
+        if best in (0, len(MASK_ALPHAS) - 1):
+            print(f"note: the best alpha {MASK_ALPHAS[best]} is an end of MASK_ALPHAS; extend the grid in cobra.py")
+    return {"mask_sweep/train": entry}
+
+
+def stage_masks(ctx, irn, ds, seed_ds):
+    """The masks of `ds` (pseudo_labels/mask and mask_nocrf) at the alpha of --mask-alpha-sweep (Deviation 18).
+    Returns (that alpha, the sweep's results: {} without a sweep)."""
+    args = ctx.args
+    alpha, sweep = args.mask_alpha, {}
+    if args.mask_method == "irn" and args.mask_alpha_sweep != "off":
+        # The seed split first: under "use" every label depends on the sweep. This walks the seed split twice
+        # (VOC: 1,464 of the 10,582 images again; the paper_coco and toy presets turn the sweep off for that reason).
+        sweep = sweep_mask_alpha(ctx, irn, seed_ds)
+        if args.mask_alpha_sweep == "use":  # Deviation 18: by default the masks keep the official fixed alpha
+            alpha = sweep["mask_sweep/train"]["threshold"]
+    out_crf, out_raw = mask_dirs(ctx)
+    use_crf = crf.available()
     for s in each_sample(ctx, ds, "masks", shard=True):
         cams = load_cams(ctx, s["name"])
         keys = cams["keys"]
         H, W = s["image"].shape[:2]
         if args.mask_method == "irn":
-            edge = infer_edge(irn, s["image"], args.irn_crop, ctx.device).float().cpu()
-            seed = torch.from_numpy(source_map(cams, rw_src, strided=True))
-            rw = random_walk(seed, edge, args.rw_radius, args.rw_beta, args.rw_exp_times) if len(keys) else seed
-            raw = final_mask(rw, keys, H, W, args.mask_alpha)
+            rw = image_walk(ctx, irn, s, cams)
+            raw = final_mask(rw, keys, H, W, alpha)
         else:
             raw = seed_label(source_map(cams, args.mask_source), keys, seed_bg_value(ctx, cams))
         final = raw
@@ -1059,6 +1146,7 @@ def stage_masks(ctx, irn, ds):
             final = keys_all[crf.refine_labels(np.array(s["image"]), idx, len(keys_all), gt_prob=0.7, **params)]
         data.save_mask(out_crf / f"{s['name']}.png", final)
         data.save_mask(out_raw / f"{s['name']}.png", raw)
+    return alpha, sweep
 
 
 # --- Stage 7: the segmentation network on the final masks (DeepLab VOC recipe; Deviation 10) ---
@@ -1143,10 +1231,12 @@ def evaluate_seeds(ctx, ds):
 
 
 # --- Stage 6: masks, with and without the final CRF (Table 9) ---
-def evaluate_masks(ctx, ds):
+def evaluate_masks(ctx, ds, alpha):
+    """mask/train and mask_nocrf/train of the written masks; `alpha`: the one stage_masks used (IRN masks)."""
     args = ctx.args
-    note = ("IRN random walk + alpha rule" if args.mask_method == "irn"
-            else "CRF-refined seed (no IRN) - not comparable with the paper's Mask column")
+    is_irn = args.mask_method == "irn"
+    note = "IRN random walk + alpha rule" if is_irn else "CRF-refined seed (no IRN) - not comparable with the paper's Mask column"
+    extra = {"threshold": alpha} if is_irn else {}
     cms = {key: miou.ConfusionMatrix(ds.num_classes) for key in ("mask/train", "mask_nocrf/train")}
     for s in each_sample(ctx, ds, "mask eval"):
         for (key, cm), folder in zip(cms.items(), mask_dirs(ctx)):
@@ -1155,7 +1245,7 @@ def evaluate_masks(ctx, ds):
     for key, cm in cms.items():
         if key == "mask/train" and not (args.mask_crf or args.mask_method == "crf"):
             continue
-        results[key] = miou_entry(cm.compute(), ds.class_names, note=note)
+        results[key] = miou_entry(cm.compute(), ds.class_names, note=note, **extra)
         print(f"{key} ({note}{'' if 'nocrf' in key else ', CRF'}): mIoU={results[key]['miou']:.2f}")
     results.setdefault("mask/train", results["mask_nocrf/train"])
     return results
@@ -1899,9 +1989,9 @@ def main(argv=None):
         if todo("masks"):
             if irn is not None:
                 load_weights(irn, ctx.stage_weights("irn")["irn"], "the IRN")
-            stage_masks(ctx, irn, sets["train"])
+            alpha, sweep = stage_masks(ctx, irn, sets["train"], sets["seed"])
             barrier()  # every rank's masks are written
-            finish("masks", results=evaluate_masks(ctx, sets["seed"]) if ctx.main else {})
+            finish("masks", results={**sweep, **evaluate_masks(ctx, sets["seed"], alpha)} if ctx.main else {})
         if todo("seg"):
             train_seg(ctx, seg)
             finish("seg", weights={"seg": seg.state_dict()})

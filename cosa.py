@@ -63,7 +63,7 @@ Deviations (paper -> this file; the card's open choices are flags with the defau
        value in the paper is the SPL's 0.01 (Sec. 4.1); read literally, tau_c = 0.01 turns cosine
        similarities in [-1, 1] into logits in [-100, 100], so every anchor's loss is decided by its single
        hardest negative (the card's default 0.1 is the common InfoNCE range). The official code has no CSC
-       to settle it; --tau-csc 0.01 gives the literal reading (on the toy it costs 7-9 points: README, CoSA).
+       to settle it; --tau-csc 0.01 gives the literal reading (on toy v3 it costs 7-9 points: README, CoSA).
        It is computed on the token grid (the full-resolution version is O((HW)^2)).
     4. The M† ensemble max-merges the scales like M' (Alg. 1); the official code keeps only the last
        scale for M†, by accident (card §8.8). --ms-cam-merge sum gives the code's scale merge for CAMs.

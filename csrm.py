@@ -89,9 +89,10 @@ Deviations (paper vs this file; "official" = lucasdavid/wsss-csrm + lucasdavid/P
       10 x 0.02 a toy DeepLabV3+ trained on GROUND TRUTH for 120 steps stayed all-background (11%
       val mIoU) vs 31% at 10 x 0.001; CSRM at lr 0.01 moved the teacher's CAM mIoU (100 train images)
       from 27.3 to 22.6 in 60 steps, at 0.002 to 26.7. The toy preset's thresholds are the toy CAMs', not
-      VOC's: the stage-0 CAM's mIoU on the TRAIN split peaks at the lowest swept threshold (35.64 at 0.05;
-      31.3 at PNOC's 0.40), so --pl-thr is 0.05 and --fg-thr 0.10, the next value above --bg-thr 0.05
-      (3-seed means, L_s-only row: pseudo_crf/train 32.41 -> 46.20, seg/val 24.38 -> 39.69; README, CSRM).
+      VOC's: on toy v3 the stage-0 CAM's mIoU on the TRAIN split peaks at the lowest swept threshold (35.64 at
+      0.05; 31.3 at PNOC's 0.40), so --pl-thr is 0.05 and --fg-thr 0.10, the next value above --bg-thr 0.05
+      (3-seed means, L_s-only row: pseudo_crf/train 32.41 -> 46.20, seg/val 24.38 -> 39.69; README, CSRM). On
+      toy v4 (the default since) it peaks at 0.10 (seed 0: cam_init/train 45.76); the preset was not re-tuned.
   17. s^t (the teacher probabilities of Eqs. (8), (9), (12) and the L_m labels of the u-half) is the softmax
       renormalised over background + the image's labels after mixing (official product-and-renormalise
       form), not Eq. (3)'s plain softmax: absent classes can never be targets, and the Eq. (8) confidences

@@ -25,7 +25,7 @@ __all__ = [
     "IGNORE_INDEX", "VOC_CLASSES", "COCO_CLASSES", "COCO_CATEGORY_IDS", "IMAGENET_MEAN", "IMAGENET_STD",
     "DataError", "DataSpec", "voc_palette", "save_mask", "read_image", "read_mask", "read_class_names",
     "split_ids", "image_labels", "SegDataset", "make_toy", "resolve_data", "default_splits",
-    "TOY_VERSION", "REPO_ROOT",
+    "TOY_VERSION", "TOY_V3_KNOBS", "REPO_ROOT",
 ]
 
 IGNORE_INDEX = 255
@@ -473,7 +473,7 @@ def default_splits(spec: DataSpec) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # The toy dataset
 # ---------------------------------------------------------------------------------------------
-TOY_VERSION = 3
+TOY_VERSION = 4
 TOY_CLASSES = ("background", "boat", "train", "cow", "bird", "car", "person")
 # Unlabeled context (stays background in the masks) that comes with a class, like water under
 # boats, rails under trains and grass under cows: plain CAMs learn it as evidence and spill into it.
@@ -496,14 +496,17 @@ TOY_COOCCUR = np.array([
 TOY_SIGNATURE = np.array([[235, 40, 40], [250, 210, 30], [150, 60, 230], [30, 200, 230], [40, 220, 70],
                           [250, 120, 200]], float)
 TOY_SIGNATURE_PARTS = {1: {1}, 2: {1}, 3: {1}, 4: {1, 2}, 5: {2, 3}, 6: {1}}
-# Body colour of each class; with probability body_shared a body takes another class's colour instead,
-# so that the body alone does not always say the class (the segmentation network sees the whole shape).
+# Body colour of each class. With probability body_shared a body takes a random class's colour instead
+# (v3: 0.3), so that the body alone does not always say the class; v4 sets it to 0: the shared bodies made
+# recognition, not WSSS, the hard part (data/README.md: calibration).
 TOY_BODY = np.array([[175, 105, 80], [95, 110, 165], [130, 100, 70], [150, 140, 90], [80, 150, 150],
                      [185, 150, 120]], float)
-# The knobs that calibrate the toy (data/README.md says what each does to the measured numbers).
+# The knobs that calibrate the toy (data/README.md says what each does to the measured numbers). Toy v4 is
+# v3 with body_shared 0.3 -> 0.0 and limb 1.0 -> 2.0 in the same code, so make_toy(knobs=TOY_V3_KNOBS) writes
+# v3's images, masks and maps byte for byte.
 TOY_KNOBS = {
     "size": (0.3, 0.55),      # object scale as a fraction of the shorter side (trains, cows x 0.75)
-    "body_shared": 0.3,       # probability that a body takes another class's body colour
+    "body_shared": 0.0,       # probability that a body takes another class's body colour
     "colour_spread": 18.0,    # std of the per-object colour jitter
     "context_p": 0.9,         # probability that a class's context is painted when the class is present
     "stray_context_p": 0.08,  # probability of one context without its class
@@ -513,12 +516,9 @@ TOY_KNOBS = {
     "sal_blobs": 0.35,        # stand-in saliency: probability of a false blob
     "sal_noise": 12.0,        # stand-in saliency: pixel noise std (0-255 scale; 0 = noise-free)
     "sal_blur": (1.0, 2.5),   # stand-in saliency: Gaussian blur radius range (min, max); (0, 0) = sharp
-    "limb": 1.0,              # width of the thin parts (cow legs, bird wings) as a multiple of v3's
+    "limb": 2.0,              # width of the thin parts (cow legs, bird wings) as a multiple of v3's
 }
-# Knobs added after TOY_VERSION 3 without a version bump: at their defaults they reproduce the v3 toy
-# byte for byte (same draws, same stamp), so README.txt lists them only when changed, as a folder made
-# before they existed has it.
-_TOY_KNOBS_ADDED = ("sal_noise", "sal_blur", "limb")
+TOY_V3_KNOBS = {"body_shared": 0.3, "limb": 1.0}
 _TOY_PROBABILITIES = ("body_shared", "context_p", "stray_context_p", "sal_miss", "sal_blobs")
 _TOY_STDS = ("colour_spread", "noise", "sal_noise")
 _TOY_POSITIVE = ("limb",)
@@ -747,8 +747,7 @@ def make_toy(root, *, num_train: int = 1000, num_val: int = 200, seed: int = 0, 
     for sub in ("JPEGImages", "SegmentationClass", "saliency", "context", "ImageSets/Segmentation"):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
     (tmp / "classes.txt").write_text("\n".join(TOY_CLASSES) + "\n")
-    (tmp / "README.txt").write_text(TOY_README.format(version=TOY_VERSION, seed=seed, knobs={
-        k: v for k, v in knobs.items() if k not in _TOY_KNOBS_ADDED or TOY_KNOBS[k] != v}))
+    (tmp / "README.txt").write_text(TOY_README.format(version=TOY_VERSION, seed=seed, knobs=knobs))
     splits = {"train": [f"train_{i:05d}" for i in range(num_train)], "val": [f"val_{i:05d}" for i in range(num_val)]}
     for split_index, (split, ids) in enumerate(splits.items()):
         for index, name in enumerate(ids):

@@ -363,7 +363,8 @@ def test_paper_preset_one_iteration(toy_root):
 # ---------------------------------------------------------------------------------------------
 TINY = ["--preset", "toy", "--crop", "64", "--k-sap-pos", "2", "--k-sap-neg", "1", "--k-cap-pos", "1",
         "--k-cap-neg", "2", "--max-iters", "2", "--batch-size", "4", "--irn-batch", "4", "--irn-crop", "64",
-        "--seg-batch", "4", "--seg-crop", "64", "--warmup-epochs", "0", "--workers", "0"]
+        "--seg-batch", "4", "--seg-crop", "64", "--warmup-epochs", "0", "--workers", "0",
+        "--mask-alpha-sweep", "report"]  # the toy preset turns the sweep off (Deviation 18); these runs check it
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
@@ -389,8 +390,19 @@ def test_smoke_outputs(smoke_run):
     assert re.fullmatch(r"RESULT cobra seg/val mIoU=\d+\.\d+", last)
     m = json.loads((out / "metrics.json").read_text())
     assert m["primary"] == "seg/val" and m["method"] == "cobra"
-    for key in ("seed/train", "mask/train", "mask_nocrf/train", "seg/val", "seg_ms/val"):
+    for key in ("seed/train", "mask/train", "mask_nocrf/train", "mask_sweep/train", "seg/val", "seg_ms/val"):
         assert 0 <= m["results"][key]["miou"] <= 100
+    # Deviation 18 (report): the sweep's best alpha is reported, the masks keep the official 0.31
+    assert m["results"]["mask_sweep/train"]["threshold"] in cobra.MASK_ALPHAS
+    assert m["results"]["mask/train"]["threshold"] == m["results"]["mask_nocrf/train"]["threshold"] == 0.31
+    (curve,) = [r["mask_sweep/curve"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+                if "mask_sweep/curve" in r]
+    assert [a for a, _ in curve] == list(cobra.MASK_ALPHAS)
+    best = max(v for _, v in curve)
+    assert m["results"]["mask_sweep/train"]["miou"] == best
+    assert m["results"]["mask_sweep/train"]["threshold"] == next(a for a, v in curve if v == best)
+    assert dict(curve)[0.31] == m["results"]["mask_nocrf/train"]["miou"]  # the sweep scores the written no-CRF mask
+    assert not (out / "walks").exists()  # the sweep keeps no walks (COCO's would take ~19 GB)
     assert "multi-scale" not in m["results"]["seg/val"]["network"] and "flip" in m["results"]["seg_ms/val"]["network"]
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "args.json").is_file()
     assert any((out / "pseudo_labels" / "mask" / "train_aug").glob("*.png"))
@@ -438,6 +450,8 @@ def test_bad_input_subprocess(toy_root, tmp_path):
     (["--branches", "cnnn"], "invalid choice"),
     (["--resume", "/nonexistent/run"], "no args.json"),
     (["--eval-only"], "needs --ckpt"),
+    (["--mask-alpha-sweep", "use", "--mask-method", "crf"], "needs --mask-method irn"),
+    (["--mask-alpha-sweep", "best"], "invalid choice"),
 ])
 def test_bad_inputs_in_process(toy_root, tmp_path, capsys, extra, needle):
     """Same entry point as the CLI (main), without paying a subprocess start per case."""
@@ -475,11 +489,15 @@ def test_torchrun_two_processes(toy_root, tmp_path):
     """2 CPU processes (gloo), on the attention-derived thresholds and two scales (paths the toy preset skips)."""
     out = tmp_path / "ddp"
     p = cli("--data", str(toy_root), "--out", str(out), *TINY, "--seed-bg", "attn-pct", "--ir-thresh", "attn",
-            "--scales", "1.0", "0.5", "--mask-source", "max",
+            "--scales", "1.0", "0.5", "--mask-source", "max", "--mask-alpha-sweep", "use",
             runner=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "cobra.py"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "RESULT cobra seg/val mIoU=" in p.stdout
     r = results(out)
     assert "seg/val" in r and r["seed/train"]["threshold"].startswith("attention percentile")
+    # --mask-alpha-sweep use: the masks of both ranks are made at the alpha swept over both ranks' shares, so the
+    # sweep's score at that alpha is the score of the written no-CRF masks
+    assert r["mask/train"]["threshold"] == r["mask_nocrf/train"]["threshold"] == r["mask_sweep/train"]["threshold"]
+    assert r["mask_sweep/train"]["miou"] == r["mask_nocrf/train"]["miou"]
     log = (out / "log.jsonl").read_text()
     assert "seed_attn/curve" in log and "ir/tau_fg_mean" in log

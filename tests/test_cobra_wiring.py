@@ -607,7 +607,7 @@ def test_random_walk_seed_and_parameters(monkeypatch, rw_source, mask_source, wa
     swapped, alpha not passed to final_mask, the no-CRF mask not written."""
     cams = _cams()
     args = args_for(rw_source=rw_source, mask_source=mask_source, rw_radius=3, rw_beta=7.0, rw_exp_times=2,
-                    mask_alpha=0.42, mask_crf=False)
+                    mask_alpha=0.42, mask_crf=False, mask_alpha_sweep="off")
     ctx, saved, ds = _stage_ctx(monkeypatch, args, cams)
     rec = {}
     monkeypatch.setattr(cobra, "infer_edge", lambda irn, image, crop, device: torch.full((1, 1), 0.25))
@@ -615,7 +615,7 @@ def test_random_walk_seed_and_parameters(monkeypatch, rw_source, mask_source, wa
                         rec.update(x=x, edge=edge, params=(radius, beta, exp_times)) or x * 2)
     monkeypatch.setattr(cobra, "final_mask", lambda rw, keys, H, W, alpha:
                         rec.update(rw=rw, HW=(H, W), alpha=alpha) or np.full((H, W), 9, np.uint8))
-    cobra.stage_masks(ctx, object(), ds)
+    assert cobra.stage_masks(ctx, object(), ds, []) == (0.42, {})  # no sweep: --mask-alpha, no results
     np.testing.assert_array_equal(rec["x"].numpy(), cams[want])
     assert rec["params"] == (3, 7.0, 2) and rec["alpha"] == 0.42 and rec["HW"] == (4, 4)
     torch.testing.assert_close(rec["rw"], torch.from_numpy(cams[want]) * 2)
@@ -890,7 +890,8 @@ def test_stage_masks_crf_branch(monkeypatch, method, mask_crf, applied):
     --mask-method crf without the CRF unless --mask-crf (or / and), --no-mask-crf ignored, the CRF run on a
     blank image; for --mask-method crf: the raw seed from another map or background score than stage 3's."""
     cams = _cams_two_keys()
-    args = args_for(mask_method=method, mask_crf=mask_crf, mask_source="fuse", seed_bg="attn-pct")
+    args = args_for(mask_method=method, mask_crf=mask_crf, mask_source="fuse", seed_bg="attn-pct",
+                    mask_alpha_sweep="off")
     ctx, saved, ds = _stage_ctx(monkeypatch, args, cams)
     img = np.random.default_rng(2).integers(0, 256, (4, 4, 3), dtype=np.uint8)
     ds[0]["image"] = img
@@ -904,7 +905,7 @@ def test_stage_masks_crf_branch(monkeypatch, method, mask_crf, applied):
         rec.append(dict(image=np.array(image), labels=np.array(labels), n=n_labels, gt_prob=gt_prob, params=params))
         return (np.asarray(labels) + 1) % n_labels  # a visible change: index i -> i + 1
     monkeypatch.setattr(cobra.crf, "refine_labels", refine)
-    cobra.stage_masks(ctx, object(), ds)
+    cobra.stage_masks(ctx, object(), ds, [])
     if method == "irn":
         raw = RAW_IRN
     else:  # M_fuse against stage 3's background score: the 80th attention percentile
@@ -935,6 +936,123 @@ def test_seg_label_dir_follows_the_crf_switch(method, mask_crf, want):
     ctx = SimpleNamespace(args=args_for(mask_method=method, mask_crf=mask_crf), run_dir=cobra.Path("/r"),
                           splits={"train": "tr"})
     assert cobra.seg_label_dir(ctx) == cobra.Path("/r/pseudo_labels") / want / "tr"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 6's alpha sweep (Deviation 18)
+# ---------------------------------------------------------------------------------------------
+def test_alpha_mask_is_final_mask_at_every_alpha():
+    """Catches: final_mask resizing to (W, H) or not passing its alpha on (a fixed 0.31), the sweep's grid not
+    0.20, 0.21, ..., 0.50 (a range one short or long, another start or step), an image without GT classes
+    crashing the resize (the zero-channel guard dropped)."""
+    assert cobra.MASK_ALPHAS[0] == 0.20 and cobra.MASK_ALPHAS[-1] == 0.50 and len(cobra.MASK_ALPHAS) == 31
+    assert np.allclose(np.diff(cobra.MASK_ALPHAS), 0.01)
+    g = torch.Generator().manual_seed(3)
+    rw = torch.rand(2, 3, 5, generator=g) + torch.tensor([0.0, 0.2])[:, None, None]  # class 7: min > 0
+    keys = np.array([4, 7])
+    up = cobra.upsample_walk(rw, 7, 9)
+    assert up.shape == (2, 7, 9)
+    masks = [cobra.alpha_mask(up, keys, a) for a in cobra.MASK_ALPHAS]
+    for a, m in zip(cobra.MASK_ALPHAS, masks):
+        np.testing.assert_array_equal(m, cobra.final_mask(rw, keys, 7, 9, a))
+    assert not all((m == masks[0]).all() for m in masks)  # the grid changes the mask on this walk
+    empty = cobra.final_mask(torch.zeros(0, 3, 5), np.array([], np.int64), 7, 9, 0.3)
+    np.testing.assert_array_equal(empty, np.zeros((7, 9), np.uint8))
+
+
+def test_alpha_mask_against_the_official_rule():
+    """alpha_mask against a transcription of the official rule (gen_seg_label.py: zero below thr_c, then the
+    argmax over the classes, background where every class is 0) on integer walks with ties between classes,
+    negative values and all-zero pixels. Catches a non-zero background pad (bg where a class value is 0.5),
+    ties resolved to the last class, the class max or min dropped from thr_c, the keys offset by one."""
+    g = torch.Generator().manual_seed(0)
+    rw = torch.randint(-2, 4, (3, 6, 7), generator=g).float()  # (K, H, W): many ties and zeros
+    rw[:, 0, 0] = 0.0
+    keys = np.array([2, 5, 9])
+    for alpha in (0.0, 0.2, 0.31, 0.5):
+        thr = alpha * rw.flatten(1).amax(1) + rw.flatten(1).amin(1)
+        kept = torch.where(rw < thr[:, None, None], torch.zeros_like(rw), rw).numpy()
+        want = np.where(kept.max(0) > 0, keys[kept.argmax(0)], 0)  # numpy argmax: the first maximum
+        np.testing.assert_array_equal(cobra.alpha_mask(rw, keys, alpha), want)
+    half = torch.full((1, 2, 2), 0.5)
+    np.testing.assert_array_equal(cobra.alpha_mask(half, np.array([3]), 0.0), np.full((2, 2), 3))
+
+
+# Two 1 x 4 images; the walks have the masks' size, so the resize is the identity and thr_c = alpha max + min:
+#   A (class 1): r = [1, .455, .455, 0], GT [1, 1, 1, 0]; thr = alpha.
+#   B (class 2): r = [.5, .2275, .1775, 0], GT [2, 0, 0, 0]; thr = 0.5 alpha (the same cuts as r / 0.5).
+# alpha 0.20-0.35: A right, B 2 false positives. bg IoU 2/4, c1 3/3, c2 1/3 -> mIoU 11/18 = 61.11
+# alpha 0.36-0.45: A right, B 1 false positive.  bg 3/4, c1 3/3, c2 1/2 -> 3/4 = 75.00 (best)
+# alpha 0.46-0.50: A 2 misses, B right.          bg 4/6, c1 1/3, c2 1/1 -> 2/3 = 66.67
+# Best plateau 0.36-0.45, the tie rule keeps its smallest alpha: 0.36. Image A alone would pick 0.20 and B
+# alone 0.46, so a sweep that keeps one image only shows.
+WALKS = {"A": (torch.tensor([[[1.0, 0.455, 0.455, 0.0]]]), np.array([1])),
+         "B": (torch.tensor([[[0.5, 0.2275, 0.1775, 0.0]]]), np.array([2])),
+         "C": (torch.tensor([[[1.0, 0.4, 0.0, 0.0]]]), np.array([1]))}  # a train_aug image outside the seed split
+GT = {"A": np.array([[1, 1, 1, 0]], np.uint8), "B": np.array([[2, 0, 0, 0]], np.uint8)}
+
+
+class Split(list):
+    num_classes, class_names = 3, ["background", "c1", "c2"]
+
+
+def _sweep_ctx(tmp_path, args, logged):
+    return SimpleNamespace(args=args, run_dir=tmp_path, splits={"train": "t"}, main=True, rank=0, device="cpu",
+                           log=logged.append)
+
+
+def _stub_walks(monkeypatch):
+    """load_cams -> the keys of WALKS, image_walk -> its walk (the names it walked are returned, in order)."""
+    monkeypatch.setattr(cobra, "load_cams", lambda ctx, name: {"keys": WALKS[name][1]})
+    walked = []
+    monkeypatch.setattr(cobra, "image_walk", lambda ctx, irn, s, cams: walked.append(s["name"]) or WALKS[s["name"]][0])
+    stub_each_sample(monkeypatch)
+    return walked
+
+
+def test_alpha_sweep_picks_the_best_alpha_of_two_images(monkeypatch, tmp_path):
+    """Catches: the last maximum (0.45) or the minimum kept, the alpha one step past the best (0.37, the
+    official off-by-one), one image only scored (confusion matrices made per image: 0.46 or 0.20), alpha
+    applied without the class max (B's cuts move), another image's keys (B scored as class 1), the logged curve
+    or the reported mIoU / IoU of another alpha."""
+    walked = _stub_walks(monkeypatch)
+    logged = []
+    seed = Split({"name": n, "image": np.zeros((1, 4, 3), np.uint8), "mask": GT[n]} for n in ("A", "B"))
+    entry = cobra.sweep_mask_alpha(_sweep_ctx(tmp_path, args_for(), logged), object(), seed)["mask_sweep/train"]
+    assert entry["threshold"] == 0.36 and entry["miou"] == 75.0
+    assert entry["iou"] == {"background": 75.0, "c1": 100.0, "c2": 50.0}
+    (rec,) = logged
+    curve = dict(map(tuple, rec["mask_sweep/curve"]))
+    assert list(curve) == list(cobra.MASK_ALPHAS)
+    assert {a: curve[a] for a in (0.2, 0.35, 0.36, 0.45, 0.46, 0.5)} == \
+        {0.2: 61.11, 0.35: 61.11, 0.36: 75.0, 0.45: 75.0, 0.46: 66.67, 0.5: 66.67}
+    assert walked == ["A", "B"]
+
+
+@pytest.mark.parametrize("mode", ["use", "report", "off"])
+def test_masks_use_the_swept_alpha_only_under_use(monkeypatch, tmp_path, mode):
+    """Catches: the masks at --mask-alpha under 'use' or at the swept alpha under 'report' / 'off' (the default
+    must stay the official fixed alpha), the sweep run under 'off' or not reported under 'report', an image
+    of the training split skipped, the returned alpha not the one the masks used."""
+    args = args_for(mask_alpha_sweep=mode, mask_alpha=0.46, mask_crf=False)
+    walked = _stub_walks(monkeypatch)
+    saved = {}
+    monkeypatch.setattr(cobra.data, "save_mask", lambda path, m: saved.__setitem__(cobra.Path(path), m))
+    monkeypatch.setattr(cobra.crf, "available", lambda: False)
+    image = np.zeros((1, 4, 3), np.uint8)
+    seed = Split({"name": n, "image": image, "mask": GT[n]} for n in ("A", "B"))
+    train = [{"name": n, "image": image} for n in ("A", "B", "C")]
+    alpha, sweep = cobra.stage_masks(_sweep_ctx(tmp_path, args, []), object(), train, seed)
+    want = 0.36 if mode == "use" else 0.46
+    assert alpha == want
+    assert (sweep["mask_sweep/train"]["threshold"] == 0.36) if mode != "off" else sweep == {}
+    # the sweep walks the seed split (A, B), the masks every training image (A, B, C)
+    assert walked == (["A", "B"] if mode != "off" else []) + ["A", "B", "C"]
+    for name in ("A", "B", "C"):
+        written = saved[tmp_path / "pseudo_labels" / "mask_nocrf" / "t" / f"{name}.png"]
+        np.testing.assert_array_equal(written, cobra.final_mask(*WALKS[name], 1, 4, want))
+    # the two alphas give different masks here, so the check above tells them apart
+    assert not (cobra.final_mask(*WALKS["C"], 1, 4, 0.36) == cobra.final_mask(*WALKS["C"], 1, 4, 0.46)).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1146,3 +1264,12 @@ def test_evaluate_seg_crf_preset_and_inputs(monkeypatch):
     args.seg_crf = False
     rec.clear()
     assert set(cobra.evaluate(StubSeg(), ds, ctx)) == {"seg/val", "seg_ms/val"} and rec == []
+
+
+def test_alpha_sweep_presets():
+    """The sweep is reported on VOC (its seed split, train, is 1,464 of the 10,582 walked images) and off on COCO
+    and the toy (the seed split is the whole train split: a second walk of every image). Catches a preset flipped."""
+    assert cobra.Args().mask_alpha_sweep == "report" and "mask_alpha_sweep" not in cobra.PRESETS["paper_voc"]
+    assert cobra.PRESETS["paper_coco"]["mask_alpha_sweep"] == "off"
+    assert {k: v for k, v in cobra.PRESETS["paper_coco"].items() if k != "mask_alpha_sweep"} == cobra.PRESETS["paper_voc"]
+    assert cobra.PRESETS["toy"]["mask_alpha_sweep"] == "off"

@@ -299,22 +299,25 @@ def test_toy_knobs(tmp_path):
 
 
 def test_toy_saliency_noise_and_blur_knobs(tmp_path):
-    # The defaults are the values v3 hard-coded: the same draws, so a default toy is byte-identical to one
-    # made before these knobs existed (same stamp, README.txt lists them only when changed).
+    # Knobs set to their default values change nothing: the same draws, files and stamp.
     assert data.TOY_KNOBS["sal_noise"] == 12.0 and data.TOY_KNOBS["sal_blur"] == (1.0, 2.5)
     plain = data.make_toy(tmp_path / "a", num_train=4, num_val=1)
     same = data.make_toy(tmp_path / "s", num_train=4, num_val=1,
-                         knobs={"sal_noise": 12, "sal_blur": (1.0, 2.5), "limb": 1.0})
+                         knobs={"sal_noise": 12.0, "sal_blur": (1.0, 2.5), "limb": 2.0, "body_shared": 0.0})
     files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(same) for p in same.rglob("*") if p.is_file())
     assert all((plain / f).read_bytes() == (same / f).read_bytes() for f in files)
     assert "knobs={}" in (plain / "toy_version.txt").read_text()
-    assert "sal_noise" not in (plain / "README.txt").read_text()
-    # ... and v3's random stream: after one sample the generator is where v3's left it (values recorded with the
-    # v3 code of f9ee24c; catches draws added, dropped or reordered, without depending on Pillow's blur output)
-    for seed, after in ((0, 0.21017200058310326), (5, 0.787424314977918)):
+    # v3's random stream under TOY_V3_KNOBS, and v4's: after one sample the generator is where it was left when
+    # the values were recorded (v3 seeds 0, 2, 5: the v3 code of f9ee24c gives these values; v4 seeds 2, 7: the
+    # v4 commit). Seeds 2 and 7 draw a shared body under v3's body_shared 0.3 (one more number drawn), so v3 and
+    # v4 part there; seeds 0 and 5 draw none. Catches draws added, dropped or reordered, and a v3 knob that
+    # no longer reproduces v3, without depending on Pillow's blur output.
+    v3 = {**data.TOY_KNOBS, **data.TOY_V3_KNOBS}
+    for knobs, seed, after in ((v3, 0, 0.21017200058310326), (v3, 5, 0.787424314977918), (v3, 2, 0.8104042264322372),
+                               (data.TOY_KNOBS, 2, 0.5966359850034825), (data.TOY_KNOBS, 7, 0.2707434532531674)):
         rng = np.random.default_rng(seed)
-        data._toy_sample(rng)
+        data._toy_sample(rng, knobs)
         assert rng.random() == after
 
     # sal_noise=0: noise-free maps, nothing else changes; the default map is that map plus N(0, 12) noise.
@@ -375,15 +378,17 @@ def test_toy_limb_knob_widens_legs_and_wings_only():
 
 
 def test_toy_limb_knob_reaches_the_generated_masks(tmp_path):
-    # make_toy must hand the knob to the shapes: with limb 2 the masks of images holding a cow or a bird change,
-    # the others stay byte-equal (no draw moves), and the stamp and README.txt name the knob. Catches the knob
-    # dropped between make_toy and _toy_polygon (the unit test above calls _toy_polygon directly).
-    plain = data.make_toy(tmp_path / "a", num_train=12, num_val=1)
-    wide = data.make_toy(tmp_path / "w", num_train=12, num_val=1, knobs={"limb": 2.0})
-    assert "limb" in (wide / "toy_version.txt").read_text() and "limb" in (wide / "README.txt").read_text()
+    # make_toy must hand the knob to the shapes: with v4's limb 2 (the default) instead of v3's 1 the masks of
+    # images holding a cow or a bird change, the others stay byte-equal (no draw moves), and the stamp names the
+    # changed knob. Catches the knob dropped between make_toy and _toy_polygon (the unit test above calls
+    # _toy_polygon directly).
+    narrow = data.make_toy(tmp_path / "n", num_train=12, num_val=1, knobs={"limb": 1.0})
+    wide = data.make_toy(tmp_path / "w", num_train=12, num_val=1)
+    assert "limb" in (narrow / "toy_version.txt").read_text() and "limb" not in (wide / "toy_version.txt").read_text()
+    assert "'limb': 2.0" in (wide / "README.txt").read_text()  # README.txt lists every knob's value
     changed = kept = 0
     for i in range(12):
-        a = data.read_mask(plain / "SegmentationClass" / f"train_{i:05d}.png")
+        a = data.read_mask(narrow / "SegmentationClass" / f"train_{i:05d}.png")
         b = data.read_mask(wide / "SegmentationClass" / f"train_{i:05d}.png")
         if np.isin(a, [3, 4]).any():  # a cow or a bird
             changed += not np.array_equal(a, b)
@@ -392,3 +397,33 @@ def test_toy_limb_knob_reaches_the_generated_masks(tmp_path):
             kept += 1
             assert np.array_equal(a, b)
     assert changed > 0 and kept > 0
+
+
+def test_toy_v4_is_v3_with_two_knobs_changed(tmp_path):
+    # The version bump regenerates an old folder; TOY_V3_KNOBS names exactly the two knobs v4 changed (so a
+    # reader can rebuild v3); body_shared 0 gives every body its own class's colour. Catches a default changed
+    # without updating TOY_V3_KNOBS, or body_shared still drawing another class's colour at 0.
+    assert data.TOY_VERSION == 4 and data.TOY_V3_KNOBS == {"body_shared": 0.3, "limb": 1.0}
+    assert {k: data.TOY_KNOBS[k] for k in data.TOY_V3_KNOBS} == {"body_shared": 0.0, "limb": 2.0}
+    old = data.make_toy(tmp_path / "toy", num_train=3, num_val=1)
+    (old / "toy_version.txt").write_text("version=3 num_train=3 num_val=1 seed=0 knobs={}\n")  # a v3 folder's stamp
+    (old / "README.txt").write_text("v3")
+    data.make_toy(old, num_train=3, num_val=1)
+    assert (old / "toy_version.txt").read_text() == "version=4 num_train=3 num_val=1 seed=0 knobs={}\n"
+    assert (old / "README.txt").read_text().startswith("Toy dataset generated by common.data.make_toy (version 4")
+    # Every body wears its own class's colour: with the colour jitter and pixel noise off (they draw the same
+    # numbers at std 0), most pixels of an object lie within 12 (JPEG) of one TOY_BODY row, and under v4 that row
+    # is the object's own class for every object of the first 40 train images (v3's body_shared 0.3: 14 of 57
+    # objects wear another class's body).
+    flat = {"colour_spread": 0.0, "noise": 0.0}
+    for knobs, want_other in ((flat, 0), ({**flat, **data.TOY_V3_KNOBS}, 14)):
+        root = data.make_toy(tmp_path / f"flat-{want_other}", num_train=40, num_val=1, knobs=knobs)
+        other = 0
+        for i in range(40):
+            image = np.asarray(Image.open(root / "JPEGImages" / f"train_{i:05d}.jpg").convert("RGB"), float)
+            mask = data.read_mask(root / "SegmentationClass" / f"train_{i:05d}.png")
+            for c in [c for c in np.unique(mask) if 0 < c < 255]:
+                dist = np.abs(image[mask == c][:, None] - data.TOY_BODY[None]).max(-1)  # (pixels, 6)
+                votes = np.bincount(dist.argmin(1)[dist.min(1) < 12], minlength=6)
+                other += int(votes.argmax() != c - 1)
+        assert other == want_other

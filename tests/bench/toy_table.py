@@ -4,9 +4,10 @@ fully supervised upper bound (--supervision full), over several seeds, as mean +
     python tests/bench/toy_table.py                              (all five, 3 seeds: hours on 2 CPU cores)
     python tests/bench/toy_table.py --methods cosa --seeds 0 --rows default,baseline,oracle --jobs 2
 
-Runs go to --out (default runs/toy_table/<method>/<row>-s<seed>/); a finished run (metrics.json present) is
-reused, so the table can be built up over several sessions. Every run uses --threads threads per process
-(default 1; float results change slightly with the thread count, so compare tables made with the same one).
+Runs go to --out (default runs/toy_table_v<toy version>/<method>/<row>-s<seed>/, so that a run on an older
+toy is not taken for one on the current toy); a finished run (metrics.json present) is reused, so the table
+can be built up over several sessions. Every run uses --threads threads per process (default 1; float results
+change slightly with the thread count, so compare tables made with the same one).
 --knobs '{"sal_miss": 0.4}' runs every row on a toy generated with other knobs (common.data.TOY_KNOBS), made
 once under --out/data-<knobs> and run with --preset toy; give such a table its own --out.
 Printed: one markdown table per method, with the seconds per run and the keys of KEYS; the column "vs oracle"
@@ -24,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from common import data  # noqa: E402  (the toy's version and knobs)
 
 # Rows per method: the flags that turn the default run into the row. "baseline" is the row each method's
 # paper compares against; the others are the rows of the paper's main ablation table.
@@ -88,15 +91,13 @@ def main():
     ap.add_argument("--rows", default="", help="comma list (default: default, every row of ROWS, oracle)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", default="toy")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "toy_table"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / f"toy_table_v{data.TOY_VERSION}"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2, help="runs at the same time")
     ap.add_argument("--knobs", default="", help="JSON dict of toy knobs: run on a toy made with them")
     args = ap.parse_args()
     args.data_flags = []
     if args.knobs:  # a toy with other knobs is a dataset folder to the scripts, so name the preset
-        sys.path.insert(0, str(ROOT))
-        from common import data
         knobs = json.loads(args.knobs)
         name = "data-" + "-".join(f"{k}{v}" for k, v in sorted(knobs.items())).replace(" ", "")
         args.data, args.data_flags = str(data.make_toy(Path(args.out) / name, knobs=knobs)), ["--preset", "toy"]

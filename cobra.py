@@ -1087,8 +1087,8 @@ def sweep_mask_alpha(ctx, irn, ds):
     the split and scores every alpha of MASK_ALPHAS. The walks are not kept (stage_masks walks these images
     again): on COCO the seed split is the whole train split, whose walks would take ~19 GB.
 
-    Scored without the CRF: a CRF per alpha would cost 31 CRFs per image. A tie keeps the
-    smaller alpha (the first maximum). Returns {"mask_sweep/train": entry, threshold = best alpha}, on every rank.
+    Scored without the CRF: a CRF per alpha would cost 31 CRFs per image. A tie keeps the smaller alpha (the
+    first maximum). Returns {"mask_sweep/train": entry, threshold = best alpha}, on every rank.
     """
     cms = [miou.ConfusionMatrix(ds.num_classes) for _ in MASK_ALPHAS]
     for s in each_sample(ctx, ds, "alpha sweep", shard=True):

@@ -91,17 +91,17 @@ Deviations (each repeated at the code as `# Deviation:`)
        class; the two readings differ when fewer than k+ patches carry the class.
    17. Training list: the standard 10,582-image train_aug list (paper, common/), not the official
        voc12/train_aug.txt (9,761 ids, 5 VOC-train ids missing).
-   18. Mask alpha (thr_c = alpha max(r_c) + min(r_c)): the paper states no value and no search. The masks use
-       the official fixed 0.31: step/gen_seg_label.py ignores the value run_sample.py passes it and thresholds
-       at 0.31. The official step/eval_sem_seg_thres.py sweeps another variable (an attention-percentile
-       background padded onto the walk, from 0.20 in steps of 0.01, with the CRF; it does not run as released,
-       card Sec. 8 row 16). Card Sec. 7's alpha sweep on train GT is run and reported instead (mask_sweep/train,
-       log mask_sweep/curve): alpha = 0.20, 0.21, ..., 0.50 on the seed split's walks, scored without the CRF
-       to keep the cost at one walk per image (a CRF per alpha would cost 31 CRFs per image), over the full grid
-       (no climb that stops at the first drop); a tie keeps the smaller alpha. The sweep walks the seed split once more (VOC: +1,464 walks to 10,582); the paper_coco and
-       toy presets turn it off, as their seed split is the whole train split. --mask-alpha-sweep use trains on masks
-       at the swept alpha (train GT then shapes the training labels); off skips the sweep, as does --mask-method
-       crf (its masks have no alpha).
+   18. Mask alpha (thr_c = alpha max(r_c) + min(r_c)): the paper states no value and no search. The masks use the
+       official fixed 0.31: step/gen_seg_label.py ignores the value run_sample.py passes it and thresholds at
+       0.31. The official step/eval_sem_seg_thres.py sweeps another variable (an attention-percentile background
+       padded onto the walk, from 0.20 in steps of 0.01, with the CRF; it does not run as released, card Sec. 8
+       row 16). Card Sec. 7's alpha sweep on train GT is run and reported instead (mask_sweep/train, log
+       mask_sweep/curve): alpha = 0.20, 0.21, ..., 0.50 on the seed split's walks, scored without the CRF to keep
+       the cost at one walk per image (a CRF per alpha would cost 31 CRFs per image), over the full grid (no
+       climb that stops at the first drop); a tie keeps the smaller alpha. The sweep walks the seed split once
+       more (VOC: +1,464 walks to 10,582); the paper_coco and toy presets turn it off, as their seed split is the
+       whole train split. --mask-alpha-sweep use trains on masks at the swept alpha (train GT then shapes the
+       training labels); off skips the sweep, as does --mask-method crf (its masks have no alpha).
 
 Run
     python cobra.py                                   (toy data, CPU, minutes)

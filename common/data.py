@@ -506,7 +506,7 @@ TOY_BODY = np.array([[175, 105, 80], [95, 110, 165], [130, 100, 70], [150, 140, 
 # v3's images, masks and maps byte for byte.
 TOY_KNOBS = {
     "size": (0.3, 0.55),      # object scale as a fraction of the shorter side (trains, cows x 0.75)
-    "body_shared": 0.0,       # probability that a body takes another class's body colour
+    "body_shared": 0.0,       # probability that a body takes a random class's body colour (v3: 0.3)
     "colour_spread": 18.0,    # std of the per-object colour jitter
     "context_p": 0.9,         # probability that a class's context is painted when the class is present
     "stray_context_p": 0.08,  # probability of one context without its class

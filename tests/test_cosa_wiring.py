@@ -338,7 +338,7 @@ def test_optimizer_order_and_ema_after_the_step(monkeypatch):
 @pytest.mark.parametrize("term", TERMS)
 def test_a_non_finite_loss_stops_before_the_update_and_names_the_term(monkeypatch, term):
     """Catches: check_finite deleted, moved after optimizer.step / the EMA (weights already corrupted), or given
-    another key filter (only losses/total, only some terms, the dt/ keys)."""
+    another key filter (only losses/total, only some terms)."""
     monkeypatch.setitem(CONST, term, float("nan") if term != "csc" else float("inf"))
     with pytest.raises(cosa.NonFinite, match=f"losses/{term} is not finite"):
         Run(monkeypatch)
@@ -436,7 +436,7 @@ def test_train_cosa_builds_two_queues_the_optimizer_and_the_lr_schedule(monkeypa
     magnitudes / normalisation, built from the wrong split, or carrying the mask when not needed (or not when
     --supervision full / --gc-source gt need it)."""
     seen = {}
-    monkeypatch.setattr(cosa.data, "SegDataset", lambda *a, **k: ("dataset", k.get("transform"), a[1]))
+    monkeypatch.setattr(cosa.data, "SegDataset", lambda *a, **k: ("dataset", k.get("transform"), a[1], k))
     monkeypatch.setattr(cosa, "train_loop", lambda *a, **k: seen.update(args=a, kw=k))
     monkeypatch.setattr(cosa, "train_step", lambda *a: seen.update(step=a) or {})
     args = cosa.Args(iters=500, max_iters=0, warmup_iters=30, poly_power=0.8, queue_len=7, dt_init=0.41,
@@ -453,6 +453,7 @@ def test_train_cosa_builds_two_queues_the_optimizer_and_the_lr_schedule(monkeypa
     assert (stage, batch_size, total) == ("cosa", 2, 500)
     transform = train_set[1]
     assert train_set[2] == "t" and isinstance(transform, cosa.TrainTransform)
+    assert train_set[3]["dataset"] == "voc" and train_set[3]["seed"] == args.seed
     assert (transform.crop, tuple(transform.scale_range), transform.magnitudes) == (CROP, (0.7, 1.3), "code")
     assert transform.strong_op is None and transform.with_mask is False
     assert transform.mean_std == cosa.input_mean_std(args) == ((0.5,) * 3, (0.5,) * 3)
@@ -729,6 +730,8 @@ def test_detach_changes_only_the_seg2cam_input_not_csc(monkeypatch, gc_detach):
     csc = run.call("loss_csc")["cam"]
     assert same(csc, run.t["cam"]) and csc.requires_grad
     assert run.grad == weights(FULL)
+    # which factor is detached: W gets no gradient path under "cls", a (zero) gradient under "feat"
+    assert (run.online.classifier.weight.grad is None) == (gc_detach == "cls")
 
 
 def test_noise_guidance_through_train_step(monkeypatch):

@@ -28,16 +28,16 @@ ap.add_argument("--scale-max", type=float, default=None)
 opt = ap.parse_args()
 torch.set_num_threads(1)
 args = cosa.args_from(json.load(open(f"{opt.run}/args.json")))
-ck = torch.load(f"{opt.run}/checkpoints/last.pt", weights_only=True)
+ck = cosa.load_run_checkpoint(f"{opt.run}/checkpoints/last.pt", "the run")
 spec = data.resolve_data(args.data)
 net = cosa.build_model(args, len(data.read_class_names(spec.root)) - 1, init_weights=False)
-net.load_state_dict(ck["weights"]["assign"])
+cosa.load_weights(net, ck["weights"]["assign"], "the run's assignment network")
 net.eval()
-ds = data.SegDataset(spec.root, "train")
+ds = data.SegDataset(spec.root, data.default_splits(spec)["seed"], dataset=spec.dataset)  # a split with GT masks
 scales = (opt.scale_min or args.scale_min, opt.scale_max or args.scale_max)
 tf = cosa.TrainTransform(args.crop, scales, args.strong_magnitudes, with_mask=True, mean_std=cosa.input_mean_std(args))
 grid = (args.crop // net.backbone.patch_embed.patch_size[0],) * 2
-rng, dt = np.random.default_rng(0), cosa.DynamicThreshold(50, 0.45, args.gmm_min)
+rng, dt = np.random.default_rng(0), cosa.DynamicThreshold(50, args.dt_init, args.gmm_min)
 fg, bg, absent, pairs = [], [], 0, 0
 with torch.no_grad():
     for i in range(0, 400, 8):
@@ -55,6 +55,8 @@ with torch.no_grad():
                 pairs, absent = pairs + 1, absent + (c + 1 not in inside)
 xi = dt.update()
 fg, bg = torch.cat(fg).numpy(), torch.cat(bg).numpy()
+if dt.gmm is None:
+    sys.exit("no GMM fitted: too few values above --gmm-min in the 50 batches")
 mu, var, pi = dt.gmm
 print(f"rescale {scales}: labelled classes absent from the crop {absent}/{pairs}; tokens fg {fg.size}, bg {bg.size}")
 print(f"GMM on nu > {args.gmm_min}: mu {mu.round(3)} sd {np.sqrt(var).round(3)} pi {pi.round(3)} -> xi {xi:.3f}")

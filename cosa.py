@@ -627,6 +627,14 @@ def gmm_threshold(mu, var, pi):
     return float(np.clip((mu[bg] + mu[fg]) / 2, 0.01, 0.99))  # no switch between the means: the midpoint
 
 
+def queue_rows(cam, grid):
+    """The nu values that one batch adds to the DT queue: the C normalised maps downsampled to the token grid,
+    then the max over classes (the official code's order; taking the max first would smooth a different map).
+    (B, C, H, W) -> (B, h*w)."""
+    # Impl. (youshyee/CoSA; methods/cosa.md, DT "Queue"): F.interpolate to the token grid, then the class max
+    return F.interpolate(cam, size=grid, mode="bilinear", align_corners=False).amax(1).flatten(1)
+
+
 class DynamicThreshold:
     """Eq. (6) on a FIFO queue of the nu maps of the last Q batches (one instance per CAM).
 
@@ -761,9 +769,7 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
             # Deviation 11: xi† has its own queue only with --xi-aux separate (official camaux_queue)
             queued = ((cam_a, thresholds[0]),) + (((cam_aux_a, thresholds[1]),) if args.xi_aux == "separate" else ())
             for cam, dt in queued:
-                # queue rows: downsample the C maps to the token grid, then take the class max (code order)
-                nu_rows = F.interpolate(cam, size=grid, mode="bilinear", align_corners=False).amax(1).flatten(1)
-                dt.push(nu_rows)
+                dt.push(queue_rows(cam, grid))
                 dt.update()
     if args.no_dt:
         xi = xi_aux = args.fixed_thr

@@ -359,6 +359,20 @@ def test_dynamic_threshold_queue():
     assert dt3.total.sum() == 2
 
 
+def test_queue_rows_downsample_then_class_max():
+    """The DT queue rows of one batch, hand-computed: a 4x4 map on a 2x2 token grid. Bilinear 4 -> 2
+    (align_corners=False) samples the centre of each 2x2 block, i.e. its mean. Class 0 is 1 at (0, 0) and
+    class 1 at (0, 1): each top-left block mean is 0.25, so the row starts with max(0.25, 0.25) = 0.25;
+    taking the class max first would give a block mean of 0.5. Catches: the max before the downsampling,
+    min or mean over classes, nearest instead of bilinear (0 or 1, not 0.25), a row per class."""
+    cam = torch.zeros(1, 2, 4, 4)
+    cam[0, 0, 0, 0] = cam[0, 1, 0, 1] = 1.0
+    cam[0, 1, 3, 3] = 0.8  # bottom-right block: class 1 only -> 0.2
+    rows = cosa.queue_rows(cam, (2, 2))
+    assert rows.shape == (1, 4)
+    assert torch.allclose(rows, torch.tensor([[0.25, 0.0, 0.0, 0.2]]))
+
+
 def save_and_reload(obj):
     import io
     buf = io.BytesIO()

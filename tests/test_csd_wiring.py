@@ -612,6 +612,16 @@ def test_random_erasing_timm_pixel_mode():
         h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
         assert hit.sum() == h * w  # one rectangle
         assert 0.02 * 1600 * 0.8 <= h * w <= 1600 / 3 * 1.2 and 0.3 / 1.5 <= h / w <= 3.3 * 1.5
+        # exactly timm's draw: area ~ U(0.02, 1/3) of the image, log-aspect ~ U(log 0.3, log 3.3), replayed
+        # from the same generator (the bounds above alone let a slightly wrong range pass on most seeds)
+        r = np.random.default_rng(k)
+        assert r.random() < 0.25
+        while True:
+            area, aspect = 1600 * r.uniform(0.02, 1 / 3), math.exp(r.uniform(math.log(0.3), math.log(3.3)))
+            eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if eh < 40 and ew < 40:
+                break
+        assert (int(rows[0]), int(cols[0]), h, w) == (int(r.integers(0, 41 - eh)), int(r.integers(0, 41 - ew)), eh, ew)
         # N(0, 1) noise per pixel and channel (timm's 'rand' mode, one value per channel, has a per-channel std of 0)
         assert all(y[c][hit].std() > 0.5 for c in range(3)) and abs(float(y[:, hit].mean())) < 1.0
     assert 30 <= erased <= 70  # p = 0.25 of 200

@@ -35,7 +35,7 @@ with torch.no_grad():
         x = torch.as_tensor(cosa.to_input(img, cosa.input_mean_std(args)))[None]
         y = torch.as_tensor(s["label"], dtype=torch.float32)[None]
         cam, _, _ = cosa.assign(net, x, y, args.pseudo_scales, args.ms_cam_merge)
-        nu = F.interpolate(cam, size=(g, g), mode="bilinear", align_corners=False).amax(1).flatten()
+        nu = cosa.queue_rows(cam, (g, g)).flatten()
         mm = torch.as_tensor(m.astype(np.int64))[None, None].float()
         mt = F.interpolate(mm, size=(g, g), mode="nearest").flatten().long()
         keep = mt != 255

@@ -44,7 +44,7 @@ with torch.no_grad():
         batch = [tf(ds.load(j), rng) for j in range(i, i + 8)]
         x, y = torch.stack([b["weak"] for b in batch]), torch.stack([b["label"] for b in batch])
         cam, _, _ = cosa.assign(net, x, y, args.pseudo_scales, args.ms_cam_merge)
-        nu = F.interpolate(cam, size=grid, mode="bilinear", align_corners=False).amax(1)  # (B, g, g): the queue rows
+        nu = cosa.queue_rows(cam, grid).view(len(batch), *grid)  # (B, g, g): the queue rows
         dt.push(nu.flatten(1))
         m = F.interpolate(torch.stack([b["mask"] for b in batch]).float()[:, None], size=grid, mode="nearest")[:, 0]
         fg.append(nu[(m > 0) & (m < 255)])

@@ -73,7 +73,11 @@ Deviations (each repeated at the code as `# Deviation:`)
        fixed (not attention-derived) thresholds, one inference scale - random-init attention is flat -
        and SGD momentum 0.9 with the ViT lr x3: from random init, 248 momentum-free steps leave both
        classifiers near chance, and the small ViT learns slower than the CNN under SGD (a ViT-only check
-       on toy v2 train seeds: 15.0 at x1 vs 18.2 at x3).
+       on toy v2 train seeds: 15.0 at x1 vs 18.2 at x3). The toy's masks are the CRF-refined seeds
+       (--mask-method crf), not IRN's: IRN's frozen backbone is ImageNet-pretrained in the paper and
+       random here, and its random walk then makes masks BELOW the seeds it starts from (toy v4, the same
+       trained CoBra networks, 3 seeds: mask/train 24.32 with IRN vs 36.17-41.53 seeds; README, CoBra).
+       --mask-method irn runs the paper's IRN stage on the toy.
    12. --max-iters N caps every training stage (CoBra, IRN, seg) at N iterations; the warm-up gate is
        not rescaled.
    13. The random walk starts from the strided M_tran (official step/make_cam.py key `cam`, read by
@@ -104,7 +108,8 @@ Deviations (each repeated at the code as `# Deviation:`)
        training labels); off skips the sweep, as does --mask-method crf (its masks have no alpha).
 
 Run
-    python cobra.py                                   (toy data, CPU, minutes)
+    python cobra.py                                   (toy data, CPU, minutes; masks = CRF-refined seeds, Deviation 11)
+    python cobra.py --mask-method irn                 (toy data with the paper's IRN mask stage)
     python cobra.py --data VOC2012 --pretrained       (CUDA, paper settings)
     python cobra.py --data COCO2014 --pretrained
     python cobra.py --branches cnn | --branches vit | --losses cam,sap ...   (Table 3 rows)
@@ -263,6 +268,7 @@ PRESETS = {
                 irn_backbone="resnet18", irn_crop=128, irn_batch=16, irn_epochs=2, irn_radius=5, rw_exp_times=5,
                 seg_backbone="resnet18", seg_crop=96, seg_batch=16, seg_iters=200, seg_lr=0.01,
                 seg_scale_range=(0.75, 1.25), seg_test_scales=(0.75, 1.0, 1.25),
+                mask_method="crf",  # Deviation 11: a random-init IRN's walk makes masks below their seeds
                 mask_alpha_sweep="off"),  # the toy's seed split is its train split: a second walk of every image
 }
 CHOICES = {"branches": ("cnn", "vit", "both"), "mask_source": ("cnn", "tran", "avg", "max", "fuse"),

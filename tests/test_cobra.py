@@ -364,6 +364,7 @@ def test_paper_preset_one_iteration(toy_root):
 TINY = ["--preset", "toy", "--crop", "64", "--k-sap-pos", "2", "--k-sap-neg", "1", "--k-cap-pos", "1",
         "--k-cap-neg", "2", "--max-iters", "2", "--batch-size", "4", "--irn-batch", "4", "--irn-crop", "64",
         "--seg-batch", "4", "--seg-crop", "64", "--warmup-epochs", "0", "--workers", "0",
+        "--mask-method", "irn",  # the toy preset's masks skip IRN (Deviation 11); these runs check the IRN stage
         "--mask-alpha-sweep", "report"]  # the toy preset turns the sweep off (Deviation 18); these runs check it
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 

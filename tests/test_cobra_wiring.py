@@ -37,11 +37,12 @@ cobra = _load()
 
 
 def args_for(**kw):
-    """Toy preset at 32 px (2x2 grids, N^2 = 4) with distinct k, tau and lambdas so a swap shows."""
+    """Toy preset at 32 px (2x2 grids, N^2 = 4) with distinct k, tau and lambdas so a swap shows, and the paper's
+    IRN masks (the toy preset's CRF masks, Deviation 11, are pinned in test_toy_masks_skip_irn_paper_keeps_it)."""
     args = cobra.Args()
     for k, v in cobra.PRESETS["toy"].items():
         setattr(args, k, v)
-    args.crop = 32
+    args.crop, args.mask_method = 32, "irn"
     args.k_sap_pos, args.k_sap_neg, args.k_cap_pos, args.k_cap_neg = 3, 1, 2, 4
     args.tau, args.lambda_cam, args.lambda_sap, args.lambda_cap = 0.37, 0.3, 0.7, 1.9
     for k, v in kw.items():
@@ -1285,3 +1286,10 @@ def test_alpha_sweep_presets():
     assert cobra.PRESETS["paper_coco"]["mask_alpha_sweep"] == "off"
     assert {k: v for k, v in cobra.PRESETS["paper_coco"].items() if k != "mask_alpha_sweep"} == cobra.PRESETS["paper_voc"]
     assert cobra.PRESETS["toy"]["mask_alpha_sweep"] == "off"
+
+
+def test_toy_masks_skip_irn_paper_keeps_it():
+    """Deviation 11: the toy's masks are the CRF-refined seeds (a random-init IRN walks below its seeds), the
+    paper presets keep IRN. Catches the toy value leaking into the Args default or a paper preset."""
+    assert cobra.Args().mask_method == "irn" and cobra.PRESETS["toy"]["mask_method"] == "crf"
+    assert all("mask_method" not in cobra.PRESETS[p] for p in ("paper_voc", "paper_coco"))

@@ -76,8 +76,8 @@ Deviations (each repeated at the code as `# Deviation:`)
        on toy v2 train seeds: 15.0 at x1 vs 18.2 at x3). The toy's masks are the CRF-refined seeds
        (--mask-method crf), not IRN's: IRN's frozen backbone is ImageNet-pretrained in the paper and
        random here, and its random walk then makes masks BELOW the seeds it starts from (toy v4, the same
-       trained CoBra networks, 3 seeds: mask/train 24.32 with IRN vs 36.17-41.53 seeds; README, CoBra).
-       --mask-method irn runs the paper's IRN stage on the toy.
+       trained CoBra networks, 3 seeds, seed/train 39.37: mask/train 24.32 with IRN, 50.16 with the CRF;
+       seg/val 21.72 vs 49.58; README, CoBra). --mask-method irn runs the paper's IRN stage on the toy.
    12. --max-iters N caps every training stage (CoBra, IRN, seg) at N iterations; the warm-up gate is
        not rescaled.
    13. The random walk starts from the strided M_tran (official step/make_cam.py key `cam`, read by

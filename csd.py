@@ -5,14 +5,14 @@ development fork zaiquanyang/PSD_WSSS of xulianuwa/MCTformer, cited below as "de
 
 What the paper does. Localization maps are reliable on images with ONE class (the source domain)
 and ambiguous on images with several (the target domain). CSD is a training-time plug-in for a
-WSSS classifier (here MCTformer-V2): it copy-pastes the foreground (and, separately, the
-background) of a single-label image into a multi-label image, chosen by co-occurrence oriented
+WSSS classifier (here MCTformer-V2, or IRN's ResNet-50 CAM network): it copy-pastes the foreground
+(and, separately, the background) of a single-label image into a multi-label image, chosen by co-occurrence oriented
 resampling (COR), and asks the network's pixel-wise class distribution on the pasted region to
 match the one it gives on the single-label image (a FixMatch-style KL consistency). Seeds, masks
 and the segmentation network are the baseline's, unchanged.
 
 Pipeline of this file (python csd.py runs all of it; stages named as in checkpoints/ and --resume):
-  stage1      train the baseline MCTformer-V2 (train_classifier, csd off)       -> stage1_seed/train
+  stage1      train the baseline classifier (train_classifier, csd off)         -> stage1_seed/train
   prior       its seeds at the best background threshold (+ optional CRF)     -> pseudo_labels/prior
   classifier  retrain from the same initialisation with CSD (train_classifier) -> seed/train (+ subsets)
   seeds       seeds of the stage-2 classifier + dense CRF                      -> mask/train
@@ -21,8 +21,10 @@ With --mask-method irn the masks come from IRNet (Ahn et al., CVPR 2019) instead
   seeds       the same seeds -> IR labels (confident fg / bg / 255)           -> pseudo_labels/ir
   irn         IRNet's boundary branch trained on them (train_irn)
   masks       random walk of the seeds on the IRN's boundary map (irn_masks)  -> mask/train
-With --csd off, stage 1 and the prior are skipped and stage 2 is the plain baseline. With --supervision
-full (the fully supervised upper bound) only `seg` runs, on the ground-truth masks: the stages before it
+The classifier is MCTformer-V2 (default) or, with --classifier irn, IRNet's CAM network (ResNet-50, its optimiser,
+schedule, augmentation and multi-scale max-normalised CAM seeds: IRN_PRESETS); --classifier irn --mask-method irn is
+Table 1's IRN pipeline. With --csd off, stage 1 and the prior are skipped and stage 2 is the plain baseline. With
+--supervision full (the fully supervised upper bound) only `seg` runs, on the ground-truth masks: the stages before it
 produce nothing the oracle uses.
 
 Reading guide:
@@ -34,6 +36,9 @@ Reading guide:
   Sec. 3.2 "Dual Semantic Consistency Learning" -> background_distribution(), loss_bg()
   Sec. 3.2 "Loss Function"                      -> csd_losses(), train_step()
   Baseline (MCTformer-V2, CVPR 2022)           -> MCTformerV2, localization_map(), seed_map()
+  Table 1 IRN classifier (--classifier irn)     -> IRN_PRESETS, classifier_preset(), IRNCAM, build_irn_cam(),
+                                                   loss_cls(), irn_augment(), irn_param_groups(), train_classifier(),
+                                                   lowres_maps(), seed_from_lowres()
   Table 1 IRN mask method (IRNet, CVPR 2019)    -> make_ir_label(), IRNEdge, loss_irn_affinity(), train_irn(),
                                                    infer_edge(), random_walk(), final_mask(), irn_masks()
 
@@ -41,7 +46,8 @@ Equation map:
   Eq. (1) co-occurrence prior P_ij = N_ij / sum_k N_ik and P_j = sum_k P_{c_k, j}
           (N_ij: images holding i and j; N_ii: single-label images of i, Deviation 14)
                                              -> cooccurrence_counts(), cooccurrence_matrix(), cor_distribution()
-  Eq. (2) score maps M_s = F(x_s), M_sm^fg = F(x_sm^fg)  (C x H x W)      -> csd_score_map(), csd_losses()
+  Eq. (2) score maps M_s = F(x_s), M_sm^fg = F(x_sm^fg)  (C x H x W; MCTformer-V2's patch-CAM, IRN's pre-ReLU CAM)
+                                                                           -> csd_score_map(), csd_losses()
   Eq. (3) L_fg = sum_hw 1[(h,w) in M_fg] KL(M_s || M_sm^fg)              -> loss_fg()
   Eq. (4) RECONSTRUCTED (lost in the paper text): dummy channel M' and saliency sigma:
           pi = softmax([M' ; M]), b = (pi_0, sigma(pi) = sum_{c>=1} pi_c) -> background_distribution()
@@ -62,7 +68,8 @@ Deviations (also marked `Deviation:` at the code):
      C+1, saliency = 1 - pi_0, and a 2-way KL. Alternatives: --bg-kl {full,bgterm,rawsum}.
   2. Eq. (5) prints M_sm^fg; it must be M_sm^bg (the background composite), as the text says.
   3. The score map M ("the last output feature map") is MCTformer-V2's patch-CAM logits
-     (--csd-map patchcam); the dev code used the PAR-refined fused attention map (--csd-map fused_par).
+     (--csd-map patchcam); the dev code used the PAR-refined fused attention map (--csd-map fused_par). With
+     --classifier irn it is IRN's CAM before ReLU (the classifier conv on the last feature map; fused_par: exit 2).
   4. Reduction: sum over masked tokens (as Eqs. 3/5 are sums), mean over the batch; the dev code
      used a per-image weighted mean with lambda = 1 (--reduce mean).
   5. Stage-1 masks: the paper uses "an off-the-shelf WSSS method" without thresholds. Here the
@@ -74,15 +81,16 @@ Deviations (also marked `Deviation:` at the code):
   6. --mask-method crf (default): masks are seeds + dense CRF (label unary, MCTformer's PSA pairwise parameters,
      crf.PRESETS["psa"]), not PSA's AffinityNet random walk (out of scope). mask/train is therefore NOT the
      paper's "Mask" column. There is no hook for external final masks (PSA; --prior dir: of Deviation 5 replaces
-     only the stage-1 prior). --mask-method irn: IRNet's masks (the mask method of Table 1's IRN rows) on the
-     MCTformer-V2 seeds (Deviation 18) - a combination Table 1 does not report.
+     only the stage-1 prior). --mask-method irn: IRNet's masks (the mask method of Table 1's IRN rows, Deviation 18)
+     on the classifier's seeds: with --classifier irn Table 1's IRN rows; on the MCTformer-V2 seeds a combination
+     Table 1 does not report.
   7. Segmentation network: the paper uses MCTformer's DeepLab with a ResNet-38 backbone (not in timm).
      Paper preset: DeepLab-v2 (ASPP, rates 6/12/18/24) on timm ResNet-101 at output stride 8,
      SGD poly schedule (DeepLab-v2 VOC defaults). Toy preset: the same ASPP head on a tiny
      randomly initialised ViT (timm deit_small_patch16_224 with patch 8, dim 96, depth 4).
      Single-scale inference, no CRF.
-  8. Baseline: MCTformer-V2 only (V1 and the IRN ResNet-50 CAM classifier baseline are not implemented;
-     --mask-method irn borrows only IRN's mask refinement).
+  8. Baselines: MCTformer-V2 (default) and IRN's ResNet-50 CAM network (--classifier irn, Table 1's IRN rows with
+     --mask-method irn; Deviations 19-20). MCTformer-V1 is not implemented.
   9. Classification-stream augmentation for the toy preset is the weak CSD augmentation (no
      RandAugment / erasing, card Sec. 9); the paper preset uses the timm ImageNet recipe.
  10. --amp on CPU is ignored (a note is printed); on CUDA it is bf16 autocast (MCTformer: fp16 with
@@ -90,14 +98,15 @@ Deviations (also marked `Deviation:` at the code):
  11. --max-iters N shortens every training stage to N iterations; warm-ups are not rescaled.
  12. Toy preset only: 64-px crops (card: 96/128) and 6 epochs (card: 20-40) to fit 2 CPU cores in
      minutes (15 epochs gave worse seeds: toy v3, seed 0, --csd off, seed/train 27.57 vs 30.20), and seeds
-     at scale 0.64 (the training scale). No PAR on the seeds (Deviation 17).
+     at scale 0.64 (the training scale). No PAR on the seeds (Deviation 17). The segmentation network trains
+     500 iterations (DeepLab-v2 VOC: 20K): on ground truth it reaches 86.06 seg/val at 500, 83.33 at 250, 88.98
+     at 1000 (toy v4, seed 0, --supervision full); 500 keeps the whole default run near 160 s.
  13. Not implemented: --stage (the pipeline always runs whole; --resume continues it), MCTformer-V1,
-     the IRN *classifier* baseline (IRN's ResNet-50 CAM: Table 1 rows "IRN (ResNet-50)" and "IRN w/ CSD"; the
-     IRN mask refinement of those rows exists as --mask-method irn), paste rescaling, the ignore band, the CDA
-     area filter (card "optional"), and Table 1's "Test" column (no VOC test-server export). No shortcut for
-     lambda1 = lambda2 = 0: stage 1, the prior and the composite and teacher forwards still run. The loss is then
-     L_cls (plus the x_fg term of --cls-on-paste), drop-path draws aside, but L_fg / L_bg are still logged and a
-     non-finite one still stops the run (check_finite; 0 * NaN is NaN); --csd off is the cheap baseline.
+     paste rescaling, the ignore band, the CDA area filter (card "optional"), and Table 1's "Test" column (no VOC
+     test-server export). No shortcut for lambda1 = lambda2 = 0: stage 1, the prior and the composite and teacher
+     forwards still run. The loss is then L_cls (plus the x_fg term of --cls-on-paste), drop-path draws aside, but
+     L_fg / L_bg are still logged and a non-finite one still stops the run (check_finite; 0 * NaN is NaN); --csd
+     off is the cheap baseline.
  14. Eq. (1)'s diagonal N_ii is read as the number of SINGLE-label images of class i (the literal reading
      is "images containing i"): the reading under which the paper's remark "classes with more single-label
      samples are sampled more" holds, and the dev code's (cooccurrence_counts()).
@@ -115,9 +124,31 @@ Deviations (also marked `Deviation:` at the code):
  18. --mask-method irn follows IRNet (jiwoon-ahn/irn, run_sample.py defaults) with cobra.py's IRN code: only the
      boundary (edge) branch is trained (the displacement branch shares nothing with it beyond the frozen
      backbone and gives instance masks only); pairs whose destination falls outside the crop are ignored instead
-     of cropping the source region; the IR labels and the walk start from the MCTformer-V2 seeds (present
-     classes, min-max normalised; the walk's at stride 4, ceil(H/4) x ceil(W/4)) where IRNet uses its own
-     max-normalised CAMs. Toy preset: a random-init frozen resnet18 (cobra.py's toy IRN).
+     of cropping the source region; the IR labels and the walk start from the classifier's seeds (present
+     classes; the walk's at stride 4, ceil(H/4) x ceil(W/4)): with --classifier irn IRNet's own max-normalised
+     CAMs, with MCTformer-V2 its min-max normalised seeds. Toy preset: a random-init frozen resnet18 (cobra.py's
+     toy IRN; with --classifier irn a resnet10t, Deviation 20).
+ 19. --classifier irn follows IRNet's step/train_cam.py and step/make_cam.py (IRN_PRESETS "paper", IRNCAM): timm's
+     resnet50.tv_in1k (torchvision's V1 ImageNet weights, as IRN), strides (2, 2, 2, 1), conv1/bn1 frozen, every BN
+     on its running statistics, stage 2 detached; MLSM on classifier(GAP(features)); SGD with the backbone at
+     0.1 and the classifier at 1.0, weight decay 1e-4, momentum 1e-4 (IRN's effective value: its PolyOptimizer
+     passes the weight decay into SGD's momentum slot; the 0.9 there is the poly power), poly 0.9 per
+     iteration, batch 16, 5 epochs; resize_long (320, 640) + flip + crop 512; seeds at scales (1.0, 0.5, 1.5,
+     2.0) with flips, ReLU(CAM) summed, divided by the per-class max + 1e-5. Differences: (a) the CSD stream's
+     x_s / x_m (and their priors) take IRN's training view too (--cls-aug irn; the paper says only that it
+     follows IRN's settings; for MCTformer-V2 the dev code's weak view is used, IRN's view is already weak);
+     (b) the summed CAM is interpolated straight to the image size (IRN: to the next multiple of 16, then
+     cropped: up to half a CAM cell apart at the far border) and kept in float16 between the passes; (c) the
+     seed threshold is swept on GT (Deviation 5) where IRN evaluates at cam_eval_thres 0.15 (run_sample.py;
+     seed/<split> also records "miou_at_0.15"); (d) IRN's per-epoch validation loss (printed only) is not run.
+ 20. Toy preset with --classifier irn (IRN_PRESETS "toy"): IRN's optimiser, schedule and freezing (the stages 1-2
+     and conv1/bn1 of a random-init net stay random features; BN keeps its initial statistics, the identity) on a
+     random-init resnet10t, the smallest timm ResNet (resnet18 made a CSD step 2.2 s against 1.0 s at 1 thread),
+     for the CAM network and the IRN; output stride 8 (strides (2, 2, 1, 1): layer3 un-strided too), so the 64-px
+     crops give 8 x 8 CAM cells like the toy ViT's patch 8; resize_long (48, 96), IRN's 2x range of long sides
+     centred on the toy ViT's training scale 0.64 (~72 px on the ~115-px toy images); seeds at one scale, 1.0
+     (IRN's four scales, here x 0.64, cost 3.4x the time of scale 1.0 for 45.03 vs 44.47 seed mIoU: toy, 200
+     train images, --csd off).
 
 Run:
   python csd.py                                            (toy data, CPU, minutes)
@@ -126,6 +157,8 @@ Run:
   python csd.py --csd off | --sampling uniform | --sampling cor   (ablation rows 61.7 / 63.1 / 63.8)
   python csd.py --supervision full                         (upper bound: ground-truth masks train the seg network)
   python csd.py --mask-method irn                          (masks from IRN's random walk, Table 1 IRN mask method)
+  python csd.py --classifier irn --mask-method irn --csd off  (Table 1 "IRN (ResNet-50)": seed 48.3, mask 66.5)
+  python csd.py --classifier irn --mask-method irn         (Table 1 "IRN w/ CSD": seed 50.6, mask 68.2)
   torchrun --nproc_per_node=2 csd.py --data VOC2012
 """
 import argparse
@@ -144,6 +177,7 @@ import signal
 import socket
 import sys
 import time
+import types
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +221,10 @@ class Args:
     stop_after: int = 0  # > 0: stop as if interrupted after N iterations of this process (testing aid)
     log_every: int = 50  # iterations between log lines
     ckpt_every: int = 2000  # iterations between checkpoints/last.pt writes
-    # --- classifier: MCTformer-V2 on DeiT-S (card Sec. 3) ---
+    # --- classifier: MCTformer-V2 on DeiT-S (card Sec. 3), or IRN's ResNet-50 CAM network (--classifier irn) ---
+    classifier: str = "mctformer"  # mctformer (MCTformer-V2) | irn: IRN's CAM network on --irn-backbone; IRN_PRESETS then replaces the MCTformer values of the fields not given (Deviations 19-20)
     backbone: str = "deit_small_patch16_224"  # MCTformer models.py
-    patch_size: int = 16  # DeiT-S; toy 8 so full-coverage token masks are not empty
+    patch_size: int = 16  # stride of the score-map grid: the DeiT-S patch (toy 8 so full-coverage token masks are not empty); irn: the ResNet's output stride, 16 (IRN) or 8
     embed_dim: int = 384  # DeiT-S
     depth: int = 12  # DeiT-S
     num_heads: int = 6  # DeiT-S
@@ -202,7 +237,9 @@ class Args:
     warmup_epochs: int = 5  # MCTformer main.py
     warmup_lr: float = 1e-6  # MCTformer main.py
     weight_decay: float = 0.05  # MCTformer main.py
-    cls_aug: str = "timm"  # timm (paper: RandomResizedCrop+RandAugment+erasing) | weak (toy)
+    cls_aug: str = "timm"  # timm (paper: RandomResizedCrop+RandAugment+erasing) | weak (toy) | irn: IRN's resize_long + flip + crop, also for the CSD stream
+    resize_long: tuple = (320, 640)  # --cls-aug irn: random long side (IRN step/train_cam.py; toy --classifier irn: 48 96)
+    cam_momentum: float = 1e-4  # --classifier irn: SGD momentum of the CAM network (IRN: PolyOptimizer passes the weight decay into momentum's slot)
     layer_index: int = 3  # K: class-to-patch attention summed over the last K layers (run.sh: 3)
     seed_par: bool = True  # PAR: refine the seeds with the patch-to-patch attention (MCTformer-V2); toy: off (Deviation 17)
     seed_scales: tuple = (1.0,)  # seed input scales (MCTformer run.sh --scales 1.0); toy: the training scale
@@ -271,19 +308,34 @@ PRESETS = {
         cls_aug="weak", layer_index=4, csd_resize=72,
         seed_par=False,  # Deviation 17: a from-scratch ViT's patch attention is no affinity, PAR only blurs the seeds
         seed_scales=(0.64,),  # ~72/112: the scale the toy classifier is trained at (and 2.4x fewer tokens)
-        seg_backbone="deit_small_patch16_224", seg_crop=64, seg_batch=16, seg_iters=250, seg_lr=1e-3,
+        seg_backbone="deit_small_patch16_224", seg_crop=64, seg_batch=16, seg_iters=500, seg_lr=1e-3,
         seg_optimizer="adamw", seg_rates=(1, 2),
         # IRN: cobra.py's toy values (random-init frozen resnet18; momentum 0.9: momentum-free SGD barely moves in 120 steps)
         irn_backbone="resnet18", irn_crop=128, irn_batch=16, irn_epochs=2, irn_momentum=0.9, irn_radius=5, rw_exp_times=5),
+}
+# --classifier irn: the values of IRN's CAM network (jiwoon-ahn/irn, run_sample.py, step/train_cam.py, step/make_cam.py)
+# for the fields whose Args / preset value is MCTformer-V2's; classifier_preset() applies them to the fields the
+# command line does not give. The CSD fields (lambda1 = 0.01, lambda2 = 0.1, ...) are the same for both (Sec. 4.1).
+IRN_PRESETS = {
+    # IRN train_cam: batch 16, 5 epochs, SGD lr 0.1 (classifier x10, irn_param_groups()), weight decay 1e-4, poly 0.9;
+    # resize_long (320, 640) + flip + crop 512; seeds: make_cam's scales, no PAR (a ResNet has no attention)
+    "paper": dict(crop_size=512, batch_size=16, epochs=5, lr=0.1, weight_decay=1e-4, cls_aug="irn", seed_par=False,
+                  seed_scales=(1.0, 0.5, 1.5, 2.0), amp=False),  # IRN trains in fp32 (MCTformer with AMP)
+    # Deviation 20: IRN's optimiser and schedule on a random-init resnet10t (CAM network and IRN) at output stride 8
+    # (patch_size 8 of the toy preset, 64-px crops); IRN's long-side range scaled to the toy images; one seed scale
+    "toy": dict(epochs=5, lr=0.1, weight_decay=1e-4, cls_aug="irn", resize_long=(48, 96), seed_par=False,
+                seed_scales=(1.0,), irn_backbone="resnet10t"),
 }
 CHOICES = dict(csd=("on", "off"), sampling=("cor", "uniform", "uniform_image"), consistency=("dual", "fg", "bg"),
                csd_map=("patchcam", "fused_par"), bg_kl=("saliency", "full", "bgterm", "rawsum"),
                kl_classes=("all", "present"), token_mask=("full", "majority"), reduce=("sum", "mean"),
                target_pool=("multi", "all"), bg_paste=("source", "intersect"), cor_norm=("row", "softmax"),
-               cls_aug=("timm", "weak"), seg_optimizer=("sgd", "adamw"), mask_method=("crf", "irn"))
+               cls_aug=("timm", "weak", "irn"), classifier=("mctformer", "irn"), seg_optimizer=("sgd", "adamw"),
+               mask_method=("crf", "irn"))
 LIMITS = {"patch_size": ">=1", "embed_dim": ">=1", "depth": ">=1", "num_heads": ">=1", "drop_path": ">=0",
           "crop_size": ">=1", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "min_lr": ">=0", "warmup_epochs": ">=0",
-          "warmup_lr": ">=0", "weight_decay": ">=0", "layer_index": ">=1", "seed_scales": "(0,4]", "sweep_max": "[0,1)",
+          "warmup_lr": ">=0", "weight_decay": ">=0", "resize_long": ">=1", "cam_momentum": "[0,1)", "layer_index": ">=1",
+          "seed_scales": "(0,4]", "sweep_max": "[0,1)",
           "lambda_fg": ">=0", "lambda_bg": ">=0", "kl_temp": ">0", "cor_smoothing": ">=0", "csd_warmup": ">=0",
           "teacher_conf_thr": "(-inf,1)", "csd_resize": ">=1", "seg_crop": ">=1", "seg_batch": ">=1", "seg_iters": ">=1",
           "seg_lr": ">0", "seg_rates": ">=1", "num_vis": ">=0", "ir_fg": "[0,1]", "ir_bg": "[0,1]", "irn_crop": ">0",
@@ -296,7 +348,16 @@ def validate(args):
     check(args.crop_size % args.patch_size == 0, f"--crop-size {args.crop_size} must be a multiple of --patch-size {args.patch_size}")
     check(args.embed_dim % args.num_heads == 0, f"--embed-dim {args.embed_dim} must be divisible by --num-heads {args.num_heads}")
     check(args.layer_index <= args.depth, f"--layer-index must be in 1..--depth ({args.depth}), got {args.layer_index}")
-    check(args.csd_resize >= args.crop_size, f"--csd-resize {args.csd_resize} must be >= --crop-size {args.crop_size}")
+    check(args.cls_aug == "irn" or args.csd_resize >= args.crop_size,  # --cls-aug irn: resize_long, no --csd-resize
+          f"--csd-resize {args.csd_resize} must be >= --crop-size {args.crop_size}")
+    check(len(args.resize_long) == 2 and args.resize_long[0] <= args.resize_long[1],
+          f"--resize-long must be two sides MIN MAX with MIN <= MAX, got {' '.join(map(str, args.resize_long))}")
+    if args.classifier == "irn":  # what MCTformer-V2's attention provides, IRN's ResNet does not
+        check(args.patch_size in (8, 16), f"--classifier irn: --patch-size is the ResNet's output stride, 16 (IRN's "
+              f"strides (2, 2, 2, 1)) or 8 (2, 2, 1, 1); got {args.patch_size}")
+        check(args.csd_map == "patchcam", "--csd-map fused_par needs MCTformer-V2's attention; with --classifier irn "
+              "the score map is the CAM (--csd-map patchcam)")
+        check(not args.seed_par, "--seed-par (PAR) needs MCTformer-V2's attention; drop it with --classifier irn")
     try:
         t = 0.0 if args.prior_threshold == "best" else float(args.prior_threshold)
     except ValueError:
@@ -315,6 +376,16 @@ def validate(args):
     for k in ("batch_size", "seg_batch", "irn_batch"):
         check(getattr(args, k) % env_world() == 0, f"--{k.replace('_', '-')} {getattr(args, k)} (global) is not divisible by the "
               f"{env_world()} processes")
+
+
+def classifier_preset(args, argv=None):
+    """--classifier irn: IRN_PRESETS (paper or toy) on every field the command line (argv, default sys.argv) does not
+    give, so that a flag always wins. A resumed run and --eval-only keep the configuration they stored."""
+    if args.classifier == "mctformer" or args.resume or args.eval_only:
+        return args
+    given = {k for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    values = IRN_PRESETS["toy" if args.preset == "toy" else "paper"]
+    return dataclasses.replace(args, **{k: v for k, v in values.items() if k not in given})
 
 
 # ==================================================================================================
@@ -436,8 +507,10 @@ def create_backbone(name, pretrained, **kwargs):
 
 
 def build_model(args, num_classes, *, init_weights):
-    """The MCTformer-V2 classifier (C foreground classes); init_weights: ImageNet weights (--pretrained) or
-    --weights FILE into the DeiT backbone."""
+    """The classifier (C foreground classes): MCTformer-V2, or IRN's CAM network with --classifier irn; init_weights:
+    ImageNet weights (--pretrained) or --weights FILE into the DeiT / ResNet backbone."""
+    if args.classifier == "irn":
+        return build_irn_cam(args, num_classes, init_weights=init_weights)
     vit = create_backbone(args.backbone, init_weights and args.pretrained and not args.weights, num_classes=0,
                           img_size=args.crop_size, patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth,
                           num_heads=args.num_heads, drop_path_rate=args.drop_path)
@@ -478,6 +551,53 @@ def create_resnet(name, pretrained):
     m = timm_model(name, pretrained, num_classes=0, global_pool="", zero_init_last=False)
     set_layer4_stride1(m)
     return m
+
+
+class IRNCAM(nn.Module):
+    """IRN's CAM network (Ahn et al., CVPR 2019; jiwoon-ahn/irn, net/resnet50_cam.py `Net` / `CAM`): a ResNet at output
+    stride 16 and a bias-free 1x1 conv classifier. x (B, 3, H, W) ->
+    cls_logits (B, C) = classifier(GAP(features)), the only logits of L_cls (no patch logits: loss_cls());
+    patch_cam (B, C, H/16, W/16) = the classifier conv on the features, BEFORE ReLU: the "last output feature map",
+    CSD's score map M of Eq. (2) (csd_score_map()); the seeds take its ReLU (lowres_maps()).
+    patch_size = the output stride: the grid of csd_losses()'s token masks, as MCTformer-V2's patch.
+    """
+
+    def __init__(self, backbone, num_classes, stride):
+        super().__init__()
+        self.backbone, self.num_classes, self.patch_size = backbone, num_classes, stride
+        self.classifier = nn.Conv2d(backbone.num_features, num_classes, 1, bias=False)  # 2048 -> C for ResNet-50
+        # Impl. (jiwoon-ahn/irn, net/resnet50_cam.py Net.train): conv1 and bn1 never train
+        backbone.conv1.requires_grad_(False)
+        backbone.bn1.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.backbone.modules():  # Impl. (jiwoon-ahn/irn, net/resnet50.py FixedBatchNorm): running statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # always (the affine weights still train)
+                m.eval()
+        return self
+
+    def forward(self, x):
+        b = self.backbone
+        x = b.layer1(b.maxpool(b.act1(b.bn1(b.conv1(x)))))  # stage 1: (B, 256, H/4, W/4) for ResNet-50
+        # Impl. (jiwoon-ahn/irn, net/resnet50_cam.py Net.forward): stage 2 detached, so stages 1-2 do not train
+        x = b.layer2(x).detach()  # (B, 512, H/8, W/8)
+        x = b.layer4(b.layer3(x))  # (B, 2048, H/16, W/16)
+        cam = F.conv2d(x, self.classifier.weight)  # (B, C, H/16, W/16), pre-ReLU (IRN `CAM` applies ReLU after it)
+        cls_logits = self.classifier(x.mean((2, 3), keepdim=True)).flatten(1)  # (B, C): conv(GAP(x)), IRN's order
+        return {"cls_logits": cls_logits, "patch_cam": cam}
+
+
+def build_irn_cam(args, num_classes, *, init_weights):
+    """IRN's CAM network on --irn-backbone (IRN: the torchvision ResNet-50 of the boundary branch, resnet50.tv_in1k),
+    strides (2, 2, 2, 1) from create_resnet(); --patch-size 8 (toy, Deviation 20) un-strides layer3 too."""
+    backbone = create_resnet(args.irn_backbone, init_weights and args.pretrained and not args.weights)
+    if args.patch_size == 8:  # strides (2, 2, 1, 1): set_layer4_stride1 applied to layer3, the same surgery
+        set_layer4_stride1(types.SimpleNamespace(layer4=backbone.layer3))
+    if init_weights and args.weights:  # an ImageNet classifier in the file is dropped
+        what = f"--weights {args.weights}"
+        load_weights(backbone, state_dict_of(load_checkpoint(args.weights, "--weights"), what), what, ignore=("fc.",))
+    return IRNCAM(backbone, num_classes, args.patch_size)
 
 
 class IRNEdge(nn.Module):
@@ -527,9 +647,13 @@ def build_irn(args, *, init_weights):
 # ==================================================================================================
 # Losses
 # ==================================================================================================
+LOGIT_KEYS = ("cls_logits", "patch_logits")  # the image-level logits a classifier's output may hold
+
+
 def loss_cls(out, y):
-    """MCTformer-V2: L_cls = MLSM(class-token logits, y) + MLSM(patch logits, y)."""
-    return F.multilabel_soft_margin_loss(out["cls_logits"], y) + F.multilabel_soft_margin_loss(out["patch_logits"], y)
+    """L_cls = sum of MLSM(logits, y) over the image-level logits the classifier outputs. MCTformer-V2:
+    MLSM(class-token logits) + MLSM(patch logits); IRN (step/train_cam.py): MLSM(cls_logits) alone."""
+    return sum(F.multilabel_soft_margin_loss(out[k], y) for k in LOGIT_KEYS if k in out)
 
 
 def reduce_tokens(kl: torch.Tensor, mask: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -593,8 +717,9 @@ def loss_bg(M_s, M_sm_bg, T_bg, *, dummy=0.0, mode="saliency", temp=1.0, reduce=
 
 
 def csd_score_map(out, args, num_classes: int):
-    """M of Eq. (2). Deviation 3: patchcam = the raw V2 patch-CAM logits (no min-max, as the paper stresses);
-    fused_par = the PAR-refined fused map (dev code; gradient reaches only the attention)."""
+    """M of Eq. (2). Deviation 3: patchcam = the raw V2 patch-CAM logits (no min-max, as the paper stresses), with
+    --classifier irn IRN's pre-ReLU CAM; fused_par = the PAR-refined fused map (dev code; gradient reaches only the
+    attention; MCTformer-V2 only)."""
     if args.csd_map == "patchcam":
         return out["patch_cam"]
     return localization_map(out, args.layer_index, num_classes, par=True)
@@ -616,11 +741,9 @@ def csd_losses(model, batch, args, num_classes: int, csd_active: bool):
         l_cls = loss_cls(out, y)
         return {"total": l_cls, "cls": l_cls}
     out = model(torch.cat([x, batch["x_fg"], batch["x_bg"]], 0))  # (3B, ...)
-    out_x = {"cls_logits": out["cls_logits"][:B], "patch_logits": out["patch_logits"][:B]}
-    l_cls = loss_cls(out_x, y)
+    l_cls = loss_cls({k: out[k][:B] for k in LOGIT_KEYS if k in out}, y)
     if args.cls_on_paste:
-        out_fg = {"cls_logits": out["cls_logits"][B:2 * B], "patch_logits": out["patch_logits"][B:2 * B]}
-        l_cls = l_cls + loss_cls(out_fg, batch["y_fg"])
+        l_cls = l_cls + loss_cls({k: out[k][B:2 * B] for k in LOGIT_KEYS if k in out}, batch["y_fg"])
     net = unwrap(model)
     was_training = net.training
     net.eval()
@@ -705,26 +828,43 @@ def loss_irn_affinity(edge_logits, label, radius):
 # ==================================================================================================
 # Pseudo labels
 # ==================================================================================================
-# Seeds (MCTformer-V2 fused + PAR maps), the stage-1 prior and the masks
+# Seeds (MCTformer-V2 fused + PAR maps, or IRN's ReLU CAMs), the stage-1 prior and the masks
+class LowresMaps(list):
+    """lowres_maps()'s result: one (2, Kp, h_s, w_s) map per scale, and `norm`, the per-class normalisation that
+    seed_from_lowres() gives their sum: "minmax" (MCTformer main.py) or "max" (IRN make_cam.py). The maps travel
+    with their normalisation (the seed sweep, the labels, the IR labels and the walk all read the same cache), so
+    every consumer normalises as the classifier that made them; a plain list has no `norm` and is refused."""
+
+    def __init__(self, maps, norm):
+        super().__init__(maps)
+        assert norm in ("minmax", "max"), norm
+        self.norm = norm
+
+
 @torch.no_grad()
-def lowres_maps(model, image: np.ndarray, label: np.ndarray, args, device) -> list:
-    """Token-resolution MCTformer-V2 maps of the present classes, per scale: fused -> PAR for the
-    image and its flip. -> [(2, Kp, h_s, w_s) float16 per scale]; kept small so that the sweep
-    pass and the mask pass share one forward per image."""
+def lowres_maps(model, image: np.ndarray, label: np.ndarray, args, device) -> LowresMaps:
+    """Token-resolution maps of the present classes, per scale, for the image and its flip: MCTformer-V2's fused map
+    (-> PAR), or with --classifier irn IRN's ReLU(CAM) (Impl. jiwoon-ahn/irn, net/resnet50_cam.py `CAM`; the scales
+    bicubic, as make_cam's pil_rescale order 3). -> [(2, Kp, h_s, w_s) float16 per scale]; kept small so that the
+    sweep pass and the mask pass share one forward per image."""
+    irn = args.classifier == "irn"
     keys = torch.as_tensor(np.flatnonzero(label > 0), device=device)
-    maps = []
+    maps = LowresMaps([], "max" if irn else "minmax")
     for scale in args.seed_scales:
-        img = image if scale == 1.0 else augment.rescale(image, scale)[0]
+        img = image if scale == 1.0 else augment.rescale(image, scale, interp="bicubic" if irn else "bilinear")[0]
         x = augment.to_tensor(img).to(device)
         x = torch.stack([x, x.flip(-1)])  # (2, 3, H_s, W_s)
-        m = localization_map(model(x), args.layer_index, model.num_classes, par=args.seed_par)  # (2, K, h, w)
+        out = model(x)
+        m = F.relu(out["patch_cam"]) if irn else \
+            localization_map(out, args.layer_index, model.num_classes, par=args.seed_par)  # (2, K, h, w)
         maps.append(m[:, keys].half().cpu())
     return maps
 
 
 def seed_from_lowres(maps: list, label: np.ndarray, size) -> np.ndarray:
     """Bilinear to image size -> sum over scales and {image, un-flipped flip} -> per-class min-max
-    to [0, 1] (MCTformer main.py, --scales). -> float32 (K, H, W), zero for absent classes."""
+    to [0, 1] (MCTformer main.py, --scales), or for IRN's maps (norm "max") division by the max + 1e-5
+    (IRN make_cam.py, no min subtracted). -> float32 (K, H, W), zero for absent classes."""
     keys = np.flatnonzero(label > 0)
     cam = torch.zeros(len(label), *size)
     if len(keys) == 0:
@@ -733,6 +873,10 @@ def seed_from_lowres(maps: list, label: np.ndarray, size) -> np.ndarray:
     for m in maps:
         up = F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)  # (2, Kp, H, W)
         total = total + up[0] + up[1].flip(-1)
+    if maps.norm == "max":
+        # Impl. (jiwoon-ahn/irn, step/make_cam.py): cam /= adaptive_max_pool2d(cam, (1, 1)) + 1e-5
+        cam[keys] = total / (total.flatten(1).max(1)[0].view(-1, 1, 1) + 1e-5)
+        return cam.numpy()
     lo = total.flatten(1).min(1)[0].view(-1, 1, 1)
     hi = total.flatten(1).max(1)[0].view(-1, 1, 1)
     cam[keys] = (total - lo) / (hi - lo + 1e-5)
@@ -805,8 +949,11 @@ def make_labels(ctx, model, train_set, seed_set, stage, t, use_crf, out_dir):
     res = {}
     if t == "best":  # Deviation 5: the threshold is the sweep argmax against GT
         sweep = evaluate_seeds(cache, each_sample(ctx, seed_set, "seed sweep"), seed_set.num_classes, ctx.args.sweep_max)
-        res = {f"{'stage1_seed' if stage == 'prior' else 'seed'}/{split}{k}": v for k, v in seed_results(sweep, names).items()}
+        key = f"{'stage1_seed' if stage == 'prior' else 'seed'}/{split}"
+        res = {f"{key}{k}": v for k, v in seed_results(sweep, names).items()}
         t = sweep["all"]["best_threshold"]
+        if ctx.args.classifier == "irn" and ctx.args.sweep_max >= 0.15:  # IRN's seed threshold (cam_eval_thres)
+            res[key]["miou_at_0.15"] = round(100 * float(dict(sweep["all"]["curve"])[0.15]), 2)
     t, cm = float(t), miou.ConfusionMatrix(seed_set.num_classes)
     scored = seed_set.ids if stage == "mask" else ()
     write_labels(ctx, cache, train_set, t, out_dir, use_crf, f"{stage} labels", scored, cm, ir=stage == "ir")
@@ -915,7 +1062,8 @@ def infer_edge(irn: IRNEdge, image, crop, device):
 
 def irn_masks(ctx, model, irn, train_set, seed_set, out_dir):
     """--mask-method irn: IRNet's masks for every training image -> out_dir, scored on the seed split. The seeds of
-    `model` at stride 4 (IRNet's strided `cam`: present classes, min-max normalised as seed_map()) walk on the IRN's
+    `model` at stride 4 (IRNet's strided `cam`: present classes, normalised as seed_map(): min-max for MCTformer-V2,
+    max for --classifier irn) walk on the IRN's
     boundary map (random_walk()), then IRNet's background rule (final_mask()). Rank 0 only. -> results."""
     args, split, names = ctx.args, ctx.splits["seed"], seed_set.class_names
     rest = [i for i, name in enumerate(seed_set.ids) if name not in set(train_set.ids)]
@@ -1005,6 +1153,16 @@ def weak_augment(image, masks, rng, crop: int, resize_short: int):
     return image, masks
 
 
+def irn_augment(image, masks, rng, crop: int, long_range):
+    """IRN's train_cam view (Impl. jiwoon-ahn/irn, voc12/dataloader.py VOC12ImageDataset): long side ~ U{long_range}
+    (bicubic image, nearest masks), horizontal flip 0.5, random crop, a short side padded (image: the mean, 0 after
+    normalising, as IRN pads the normalised image with 0; masks: 255). The image and all masks move together."""
+    image, masks, _ = augment.random_resize_long(image, rng, masks=masks, long_range=tuple(long_range), interp="bicubic")
+    image, masks, _ = augment.random_hflip(image, rng, masks=masks)
+    image, masks, _, _ = augment.random_crop(image, rng, crop, masks=masks)
+    return image, masks
+
+
 def make_composites(x_s, x_m, M_fg, R_bg):
     """Copy-paste, position-preserving at scale 1 (both crops are the same size).
     x_s, x_m: (3, H, W); M_fg, R_bg: bool (H, W). -> x_sm^fg, x_sm^bg (3, H, W)."""
@@ -1076,8 +1234,18 @@ class CSDTransform:
             self.sizes = np.array([len(s) for s in self.sources])
             self.eligible = self.sizes > 0
 
+    def geometry(self, image, masks, rng):
+        """The CSD stream's joint augmentation of an image and its prior: the dev code's weak one, or under --cls-aug
+        irn IRN's own training view (Deviation 19: IRN's augmentation is already weak)."""
+        a = self.args
+        if a.cls_aug == "irn":
+            return irn_augment(image, masks, rng, a.crop_size, a.resize_long)
+        return weak_augment(image, masks, rng, a.crop_size, a.csd_resize)
+
     def classification_view(self, image, rng):
         a = self.args
+        if a.cls_aug == "irn":  # IRN step/train_cam.py: resize_long, flip, crop; no colour augmentation
+            return augment.to_tensor(irn_augment(image, (), rng, a.crop_size, a.resize_long)[0])
         if a.cls_aug == "timm":  # Deviation 9: the toy preset uses the weak branch below
             image = random_resized_crop(image, rng, a.crop_size)
             image, _, _ = augment.random_hflip(image, rng)
@@ -1107,8 +1275,8 @@ class CSDTransform:
         s = int(self.sources[c][rng.integers(len(self.sources[c]))])
         src, tgt = self.raw.load(s), self.raw.load(m)
         # Joint weak augmentation of (x_s, its prior) and of (x_m, its prior): masks stay aligned.
-        img_s, (pr_s,) = weak_augment(src["image"], (src[self.prior_key],), rng, crop, a.csd_resize)
-        img_m, (pr_m,) = weak_augment(tgt["image"], (tgt[self.prior_key],), rng, crop, a.csd_resize)
+        img_s, (pr_s,) = self.geometry(src["image"], (src[self.prior_key],), rng)
+        img_m, (pr_m,) = self.geometry(tgt["image"], (tgt[self.prior_key],), rng)
         pr_s, pr_m = torch.from_numpy(pr_s.astype(np.int64)), torch.from_numpy(pr_m.astype(np.int64))
         M_fg = pr_s == c + 1  # foreground of the source class (label values are class index + 1)
         M_bg = (pr_s != c + 1) & (pr_s != data.IGNORE_INDEX)  # not foreground, not padding/ignore
@@ -1123,7 +1291,7 @@ class CSDTransform:
                 "y_s": torch.from_numpy(self.labels[s].copy())}
 
 
-# --- Stages 1 and 2: the classifier (MCTformer-V2 optimiser and schedule) ---
+# --- Stages 1 and 2: the classifier (MCTformer-V2's or IRN's optimiser and schedule) ---
 def param_groups(model, weight_decay):
     """AdamW groups: no decay for 1-D parameters, position embeddings and class tokens (timm)."""
     decay, no_decay = [], []
@@ -1132,6 +1300,14 @@ def param_groups(model, weight_decay):
             continue
         (no_decay if p.ndim <= 1 or "pos_embed" in name or "cls_token" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def irn_param_groups(model, lr, weight_decay):
+    """Impl. (jiwoon-ahn/irn, step/train_cam.py): SGD groups, the backbone at lr and the new classifier at 10 lr, both
+    with the weight decay. conv1 / bn1 are left out (frozen); layer1-2 stay in, as in IRN, but get no gradient."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    return [{"params": backbone, "lr": lr, "weight_decay": weight_decay},
+            {"params": list(model.classifier.parameters()), "lr": 10 * lr, "weight_decay": weight_decay}]
 
 
 def lr_factor(epoch, epochs, args):
@@ -1147,7 +1323,7 @@ def lr_factor(epoch, epochs, args):
 
 
 def train_step(net, batch, it, args, num_classes, csd_active, optimizer, autocast):
-    """One iteration of MCTformer-V2 + CSD: Eq. (6) on the batch and its triplets, then one AdamW step.
+    """One iteration of the classifier + CSD: Eq. (6) on the batch and its triplets, then one AdamW (SGD) step.
     Returns a dict of floats (losses, masked token counts) for the log."""
     with autocast():
         losses = csd_losses(net, batch, args, num_classes, csd_active)
@@ -1160,7 +1336,7 @@ def train_step(net, batch, it, args, num_classes, csd_active, optimizer, autocas
 
 
 def train_classifier(ctx, stage, num_classes, train_labels, csd_on, prior_dir=None):
-    """Stage 1 (csd_on=False: the MCTformer-V2 baseline) or stage 2 (CSD), from the (ImageNet or random) init."""
+    """Stage 1 (csd_on=False: the baseline classifier) or stage 2 (CSD), from the (ImageNet or random) init."""
     args, spec, K = ctx.args, ctx.spec, num_classes - 1
     ctx.reseed(1)  # one salt for both stages: the same initialisation and data order, a paired comparison
     model = build_model(args, K, init_weights=True).to(ctx.device)
@@ -1176,14 +1352,20 @@ def train_classifier(ctx, stage, num_classes, train_labels, csd_on, prior_dir=No
     ipe = len(train_set) // args.batch_size  # iterations per epoch
     total = args.max_iters or args.epochs * ipe  # Deviation 11
     epochs = math.ceil(total / ipe)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
+    if args.classifier == "irn":  # Impl. (jiwoon-ahn/irn, step/train_cam.py, misc/torchutils.py PolyOptimizer)
+        # SGD(params, lr, weight_decay) there puts the weight decay in momentum's slot: --cam-momentum 1e-4 (Deviation 19)
+        optimizer = torch.optim.SGD(irn_param_groups(model, args.lr, args.weight_decay), lr=args.lr, momentum=args.cam_momentum)
+        schedule = lambda it: poly_lr(it, total)  # PolyOptimizer: (1 - step / max_step) ** 0.9, every iteration
+    else:  # MCTformer-V2: AdamW, timm's per-epoch cosine schedule
+        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, eps=1e-8)
+        schedule = lambda it: lr_factor(it // ipe, epochs, args)
     net = ctx.wrap(model).train()
 
     def step(batch, it):
         return train_step(net, batch, it, args, K, csd_on and it // ipe >= args.csd_warmup, optimizer, ctx.autocast)
 
     train_loop(ctx, stage, train_set, args.batch_size, total, step, {"model": model, "optimizer": optimizer},
-               lr=lambda it: lr_factor(it // ipe, epochs, args), salt=1)
+               lr=schedule, salt=1)
     return model
 
 
@@ -1976,6 +2158,7 @@ def main(argv=None):
     -> seg/val, into metrics.json."""
     with run_guard():
         args, spec = parse_args(argv)
+        args = classifier_preset(args, argv)
         validate(args)
         ctx = Context(args, spec)
         splits, full = ctx.splits, args.supervision == "full"
@@ -2048,7 +2231,7 @@ def main(argv=None):
         if ctx.main:
             ctx.results["seg/val"] = evaluate(ctx, segnet, val_set)
             save_vis(ctx, classifier, segnet, seed_set, mask_dir)
-        write_metrics(ctx)
+        write_metrics(ctx, classifier=args.classifier)
 
 
 if __name__ == "__main__":

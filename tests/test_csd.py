@@ -368,7 +368,7 @@ def test_seed_sweep_perfect_maps(toy_root):
         s = ds.load(i)
         keys = np.flatnonzero(s["label"] > 0)
         onehot = torch.from_numpy(np.stack([(s["mask"] == k + 1) for k in keys]).astype(np.float32))  # (Kp, H, W)
-        cache[s["name"]] = [torch.stack([onehot, onehot.flip(-1)]).half()]
+        cache[s["name"]] = csd.LowresMaps([torch.stack([onehot, onehot.flip(-1)]).half()], "minmax")
     res = csd.evaluate_seeds(cache, map(ds.load, range(len(ds))), ds.num_classes, 0.5)
     assert res["all"]["best"]["miou"] == pytest.approx(1.0)
     curve = res["all"]["curve"]
@@ -385,8 +385,8 @@ def test_histogram_sweep_equals_per_image_sweep(toy_root):
         s = ds.load(i)
         keys = np.flatnonzero(s["label"] > 0)
         low = torch.rand(2, len(keys), 5, 6, generator=g).half()
-        cache[s["name"]] = [low]
-        cam = csd.seed_from_lowres([low], s["label"], s["mask"].shape)
+        cache[s["name"]] = csd.LowresMaps([low], "minmax")
+        cam = csd.seed_from_lowres(cache[s["name"]], s["label"], s["mask"].shape)
         ref.update(cam[keys], keys + 1, s["mask"])
     got = csd.evaluate_seeds(cache, map(ds.load, range(len(ds))), ds.num_classes, 0.3)["all"]
     want = ref.compute()

@@ -148,7 +148,8 @@ class FakeSet:
 
 def fake_cache():
     g = torch.Generator().manual_seed(0)
-    return {"a": [torch.rand(2, 2, 2, 3, generator=g).half()], "b": [torch.rand(2, 1, 2, 3, generator=g).half()]}
+    return {"a": csd.LowresMaps([torch.rand(2, 2, 2, 3, generator=g).half()], "minmax"),
+            "b": csd.LowresMaps([torch.rand(2, 1, 2, 3, generator=g).half()], "minmax")}
 
 
 def fake_ctx(args, tmp_path):

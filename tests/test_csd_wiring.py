@@ -347,7 +347,9 @@ def test_lowres_maps_follow_seed_par(seed_par):
     args = args_for(seed_par=seed_par, layer_index=1, seed_scales=(1.0,))
     image = (np.arange(CROP * CROP * 3).reshape(CROP, CROP, 3) % 251).astype(np.uint8)
     label = np.array([1, 0, 1], np.float32)
-    (got,) = csd.lowres_maps(net, image, label, args, torch.device("cpu"))
+    maps = csd.lowres_maps(net, image, label, args, torch.device("cpu"))
+    (got,) = maps
+    assert maps.norm == "minmax"  # MCTformer main.py's normalisation of the summed maps (IRN's is "max")
     with torch.no_grad():
         out = net(net.calls[0]["x"])  # the stub again on the input lowres_maps gave it
     want = ref_localization(out, 1, par=seed_par)[:, [0, 2]]
@@ -875,7 +877,8 @@ def each_sample_stub(ctx, dataset, desc, fn=None, shard=False, limit=0):
 
 def label_cache(ids):
     g = torch.Generator().manual_seed(0)
-    return {n: [torch.rand(2, 2 if i % 2 == 0 else 1, 2, 3, generator=g).half()] for i, n in enumerate(ids)}
+    return {n: csd.LowresMaps([torch.rand(2, 2 if i % 2 == 0 else 1, 2, 3, generator=g).half()], "minmax")
+            for i, n in enumerate(ids)}
 
 
 @pytest.mark.parametrize("use_crf", [False, True])

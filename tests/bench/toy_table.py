@@ -49,9 +49,11 @@ ROWS = {
                   # the paper's 4 stages instead of the toy preset's 3 (Deviation 12)
                   "stages4": ["--num-stages", "4"]},
     "csd": {"baseline": ["--csd", "off"], "uniform": ["--sampling", "uniform"],
-            # MCTformer-V2 seeds + IRN masks, without / with CSD: not Table 1 rows (its "IRN (ResNet-50)" / "IRN w/ CSD"
-            # rows use IRN's own ResNet-50 CAM classifier, not implemented: csd.py Deviations 6, 8, 13, 18)
-            "baseline_irn": ["--csd", "off", "--mask-method", "irn"], "irn": ["--mask-method", "irn"]},
+            # MCTformer-V2 seeds + IRN masks, without / with CSD: not Table 1 rows (csd.py Deviations 6, 18)
+            "baseline_irn": ["--csd", "off", "--mask-method", "irn"], "irn": ["--mask-method", "irn"],
+            # Table 1 "IRN (ResNet-50)" / "IRN w/ CSD": IRN's CAM network and IRN masks (csd.py Deviations 19, 20)
+            "irn_cls_base": ["--classifier", "irn", "--mask-method", "irn", "--csd", "off"],
+            "irn_cls": ["--classifier", "irn", "--mask-method", "irn"]},
 }
 KEYS = ("seg/val", "seg_gtcls/val", "seg_ms/val", "seg_crf/val", "cam_init/train", "cam/train", "cam/val", "cam_ens/train",
         "seed/train", "mask/train", "mask_nocrf/train", "pseudo/train", "pseudo_crf/train", "pseudo_pr/train", "cpl/train")

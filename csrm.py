@@ -1515,10 +1515,13 @@ def load_weights(module, state, what, ignore=()):
     of classes); keys starting with one of `ignore` (an ImageNet classifier) are dropped first."""
     state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore))} if ignore else state
     own = module.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    # BatchNorm's num_batches_tracked (PyTorch >= 0.4.1) is absent from older files such as torchvision's first
+    # ResNet weights; load_state_dict fills it in, so it does not count as missing
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
     check(not missing and not unexpected, f"{what} does not fit {type(module).__name__}: {len(missing)} missing keys "
           f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}; saved for another method or backbone?")
-    for k in own:
+    for k in (k for k in own if k in state):
         check(own[k].shape == state[k].shape,
               f"{what} does not fit: {k} is {tuple(state[k].shape)}, needs {tuple(own[k].shape)} (another number of classes?)")
     module.load_state_dict(state)

@@ -167,6 +167,15 @@ def test_block_loaders_name_the_problem(tmp_path):
     state = {"module.0.weight": torch.ones(3, 4), "module.0.bias": torch.ones(3)}
     cosa.load_weights(net, cosa.state_dict_of({"state_dict": state}, "w"), "w")  # DDP prefix and nesting removed
     assert torch.equal(net[0].weight, torch.ones(3, 4))
+    # a file from before PyTorch 0.4.1 (torchvision's first ResNet weights) has no BatchNorm num_batches_tracked:
+    # it loads; a real missing key still fails in one line. Catches the buffer counted as missing, or any key forgiven.
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    old = {k: torch.full_like(v, 2) for k, v in bn.state_dict().items() if not k.endswith("num_batches_tracked")}
+    cosa.load_weights(bn, old, "--weights old.pth")
+    assert torch.equal(bn[0].running_mean, torch.full((2,), 2.0))
+    with pytest.raises(SystemExit) as e:
+        cosa.load_weights(bn, {k: v for k, v in old.items() if k != "0.running_var"}, "--weights old.pth")
+    assert e.value.code == 2
 
 
 KILLED_WRITER = """

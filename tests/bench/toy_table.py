@@ -40,7 +40,9 @@ ROWS = {
               "no_cam": ["--losses", "cap,sap", "--until", "seed"], "no_cap": ["--losses", "cam,sap", "--until", "seed"],
               "cam": ["--losses", "cam", "--until", "seed"], "cam_cap": ["--losses", "cam,cap", "--until", "seed"],
               # the paper's IRN masks (the toy preset's masks are the CRF-refined seeds: cobra.py Deviation 11)
-              "irn": ["--mask-method", "irn"]},
+              "irn": ["--mask-method", "irn"],
+              # the CNN-only pipeline through the segmentation network (the baseline row stops at the seeds)
+              "cnn": ["--branches", "cnn"]},
     "auxsegnet": {"baseline": ["--variant", "baseline"], "mt": ["--variant", "mt"], "mt_ct": ["--variant", "mt_ct"],
                   # the finer single-stage rows of the paper's Tables 4-5 (auxsegnet.py Deviation 16)
                   "seg_cls": ["--variant", "mt", "--tasks", "seg+cls"], "seg_sal": ["--variant", "mt", "--tasks", "seg+sal"],

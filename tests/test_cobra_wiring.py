@@ -6,13 +6,9 @@ Each test's docstring names the planted bug it catches. COBRA_UNDER_TEST=/path/t
 tests against another copy (mutation testing); by default the repository's cobra.py is imported.
 """
 import contextlib
-import importlib
-import importlib.util
 import inspect
 import itertools
 import math
-import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,19 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _load():
-    path = os.environ.get("COBRA_UNDER_TEST")
-    if not path:
-        return importlib.import_module("cobra")
-    spec = importlib.util.spec_from_file_location("cobra_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["cobra_under_test"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+import under_test
 
 
-cobra = _load()
+cobra = under_test.load("cobra")
 
 
 def args_for(**kw):

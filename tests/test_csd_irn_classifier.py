@@ -8,8 +8,6 @@ Each test's docstring names the planted one-line bugs it catches. CSD_UNDER_TEST
 against another copy (mutation testing); by default the repository's csd.py is imported.
 """
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,21 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import under_test
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    path = os.environ.get("CSD_UNDER_TEST")
-    if not path:
-        return importlib.import_module("csd")
-    spec = importlib.util.spec_from_file_location("csd_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["csd_under_test"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-csd = _load()
+csd = under_test.load("csd")
 CPU = torch.device("cpu")
 
 

@@ -10,11 +10,7 @@ Each test's docstring names the planted bugs it catches. CSD_UNDER_TEST=/path/to
 against another copy (mutation testing); by default the repository's csd.py is imported.
 """
 import contextlib
-import importlib
-import importlib.util
 import math
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,19 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _load():
-    path = os.environ.get("CSD_UNDER_TEST")
-    if not path:
-        return importlib.import_module("csd")
-    spec = importlib.util.spec_from_file_location("csd_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["csd_under_test"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+import under_test
 
 
-csd = _load()
+csd = under_test.load("csd")
 
 C, P, CROP, B = 3, 4, 16, 2  # classes, patch size, crop, batch: 4 x 4 tokens
 

@@ -718,8 +718,10 @@ def test_main_stage_order(toy_root, tmp_path, monkeypatch):
 # Inference: predict_probs (card §7) and evaluate's post-processing
 # ----------------------------------------------------------------------------------------------------------
 class StubSegNet:
-    """seg_init / seg_ref: distinct, sharp (|logits| of several units) 1x1 convolutions of the 4x4-pooled input plus a
-    left-to-right ramp, so neither is flip-equivariant and the view order, the flip-back and the softmax matter."""
+    """seg_init / seg_ref: distinct, sharp (|logits| of several units) 1x1 convolutions of the 8x8-pooled input (the
+    output stride 8; ceil mode: ceil(H/8) cells) plus a left-to-right ramp over the cells, so neither is
+    flip-equivariant nor blind to where the cells fall, and the view order, the flip-back, the softmax and the
+    padding matter."""
 
     def __init__(self, seed=6):
         g = torch.Generator().manual_seed(seed)
@@ -729,21 +731,35 @@ class StubSegNet:
 
     def __call__(self, x):
         self.seen.append(x)
-        f = F.avg_pool2d(x, 4)
+        f = F.avg_pool2d(x, 8, ceil_mode=True)
         ramp = torch.linspace(-1, 1, f.shape[-1])
         return {k: F.conv2d(f, self.w[k]) + self.ramp[k] * ramp for k in self.w}
 
 
-def probs_reference(model, image, scales, flip, key="seg_ref", softmax_views=True, flip_back=True):
-    """Hand-written card §7 inference: per scale (and flipped view, mirrored back) the softmax of the network's
-    `key` logits upsampled bilinearly to the image; the mean of all views. The switches build the wrong variants."""
+def probs_reference(model, image, scales, flip, key="seg_ref", softmax_views=True, flip_back=True, pad="flip-pad-crop"):
+    """Hand-written card §7 inference with Deviation 18: per scale (and flipped view, mirrored back) the view padded
+    at the bottom / right to a multiple of 8, the network's `key` logits upsampled x8 (bilinear), cropped to the view
+    and resized to the image; the softmax of each view; the mean of all views. The switches build the wrong
+    variants; `pad`: pad-then-flip (the mirror's padding at its left), no-pad (the unpadded view's logits stretched
+    to the image, the official protocol), pad-left, stretch (the padded view's logits stretched to the image)."""
     H, W = image.shape[:2]
     views = []
     for s in scales:
         x = aux.image_tensor(image if s == 1.0 else augment.rescale(image, s)[0], "cpu")
+        h, w = x.shape[2:]
+        amount = {"pad-left": (-w % 8, 0, -h % 8, 0), "no-pad": (0, 0, 0, 0)}.get(pad, (0, -w % 8, 0, -h % 8))
         for flipped in (False, True) if flip else (False,):
-            logits = F.interpolate(model(x.flip(-1) if flipped else x)[key], size=(H, W), mode="bilinear",
-                                   align_corners=False)[0]
+            if pad == "pad-then-flip":
+                v = F.pad(x, amount).flip(-1) if flipped else F.pad(x, amount)
+            else:
+                v = F.pad(x.flip(-1) if flipped else x, amount)
+            cells = model(v)[key]
+            if pad in ("no-pad", "stretch"):
+                logits = F.interpolate(cells, size=(H, W), mode="bilinear", align_corners=False)[0]
+            else:
+                up = F.interpolate(cells, size=(8 * cells.shape[2], 8 * cells.shape[3]), mode="bilinear",
+                                   align_corners=False)[:, :, :h, :w]
+                logits = F.interpolate(up, size=(H, W), mode="bilinear", align_corners=False)[0]
             v = torch.softmax(logits, 0) if softmax_views else logits
             views.append(v.flip(-1) if flipped and flip_back else v)
     mean = torch.stack(views).mean(0)
@@ -762,11 +778,11 @@ def test_predict_probs_refined_softmax_mean_over_views():
     got = aux.predict_probs(model, image, "cpu", scales=(1.0, 0.5), flip=True)
     assert got.shape == (NC, H, W)
     np.testing.assert_allclose(got.sum(0), 1.0, atol=1e-5)
-    # the network saw [x, x.flip(-1)] at each scale, the rescaled image at 0.5
-    assert [tuple(x.shape) for x in model.seen] == [(2, 3, H, W), (2, 3, H // 2, W // 2)]
+    # the network saw [x, x.flip(-1)] at each scale, the rescaled image at 0.5 (12 x 16, padded to 16 x 16)
+    assert [tuple(x.shape) for x in model.seen] == [(2, 3, H, W), (2, 3, 16, W // 2)]
     for x, s in zip(model.seen, (1.0, 0.5)):
         ref_x = aux.image_tensor(image if s == 1.0 else augment.rescale(image, s)[0], "cpu")
-        assert torch.equal(x, torch.cat([ref_x, ref_x.flip(-1)]))
+        assert torch.equal(x, F.pad(torch.cat([ref_x, ref_x.flip(-1)]), (0, 0, 0, -ref_x.shape[2] % 8)))
     ref = probs_reference(model, image, (1.0, 0.5), True)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     # the fixture tells the wrong variants apart (each differs from the reference by far more than the tolerance)
@@ -783,6 +799,31 @@ def test_predict_probs_refined_softmax_mean_over_views():
     assert len(model.seen) == 1 and torch.equal(model.seen[0], aux.image_tensor(image, "cpu"))
     np.testing.assert_allclose(one, probs_reference(model, image, (1.0,), False), rtol=1e-5, atol=1e-5)
     assert np.abs(one - probs_reference(model, image, (1.0,), False, key="seg_init")).max() > 0.05
+
+
+@pytest.mark.parametrize("scales", [(1.0,), (1.0, 0.75)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_predict_probs_flips_then_pads_each_view_to_the_stride_and_crops(scales, flip):
+    """Deviation 18, on a 113 x 100 image: the network sees each view flipped first and then padded at the bottom /
+    right to a multiple of 8 (120 x 104; at 0.75, 85 x 75 -> 88 x 80), and predict_probs = the hand-written
+    reference (seg_ref upsampled x8, cropped to the view, resized, softmax, mirror flipped back, mean). Catches:
+    padding before the flip (the mirror's padding at its left), no padding (the official stretch), padding at the
+    top / left, the padded logits stretched instead of cropped, another multiple or upsampling factor than 8;
+    each wrong variant differs from the reference by far more than the tolerance."""
+    g = np.random.default_rng(5)
+    image = np.kron(g.integers(0, 256, (17, 15, 3)), np.ones((7, 7, 1)))[:113, :100].astype(np.uint8)  # 7 px blocks
+    model = StubSegNet()
+    got = aux.predict_probs(model, image, "cpu", scales=scales, flip=flip)
+    assert got.shape == (NC, 113, 100)
+    sizes = [(113, 100), (85, 75)][:len(scales)]
+    assert [tuple(v.shape) for v in model.seen] == [(2 if flip else 1, 3, -(-h // 8) * 8, -(-w // 8) * 8)
+                                                     for h, w in sizes]
+    x = aux.image_tensor(image, "cpu")
+    assert torch.equal(model.seen[0], F.pad(torch.cat([x, x.flip(-1)]) if flip else x, (0, 4, 0, 7)))
+    ref = probs_reference(model, image, scales, flip)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for pad in ["no-pad", "pad-left", "stretch"] + (["pad-then-flip"] if flip else []):
+        assert np.abs(probs_reference(model, image, scales, flip, pad=pad) - ref).max() > 0.05, pad
 
 
 class ListDataset(list):

@@ -422,7 +422,8 @@ def test_train_step_wiring(monkeypatch):
 def test_train_irn_and_seg_steps(monkeypatch):
     """Catches: the IRN loss on the wrong label / radius, the seg loss without ignore_index 255 or on the
     wrong target, the seg head not at 10x lr, the IRN optimizer holding frozen backbone parameters."""
-    args = args_for(irn_batch=2, irn_epochs=1, irn_radius=3, seg_batch=2, seg_iters=5, seg_lr=0.01, irn_lr=0.3)
+    args = args_for(irn_batch=2, irn_epochs=1, irn_radius=3, seg_batch=2, seg_iters=5, seg_lr=0.01, irn_lr=0.3,
+                    seg_optimizer="sgd")  # the DeepLab optimiser (the toy's AdamW: test_train_seg_optimizer)
     seen = _capture_train_loop(monkeypatch, 4)
     rec = {}
     monkeypatch.setattr(cobra, "loss_irn_affinity",
@@ -1211,7 +1212,7 @@ def test_train_seg_schedule_and_data(monkeypatch):
     another folder than seg_label_dir, the seg transform swapped or on the wrong key, the network left in eval
     mode while training, --max-iters ignored."""
     args = args_for(seg_batch=4, seg_iters=9, seg_lr=0.01, momentum=0.25, weight_decay=0.003, seed=11,
-                    epochs=3, irn_epochs=5)
+                    epochs=3, irn_epochs=5, seg_optimizer="sgd")  # DeepLab's SGD (the toy's AdamW: below)
     seen = _capture_train_loop(monkeypatch, 10)
     monkeypatch.setattr(cobra, "seg_label_dir", lambda ctx: "PSEUDO")
     seg = SegStub().eval()
@@ -1280,3 +1281,180 @@ def test_toy_masks_skip_irn_paper_keeps_it():
     paper presets keep IRN. Catches the toy value leaking into the Args default or a paper preset."""
     assert cobra.Args().mask_method == "irn" and cobra.PRESETS["toy"]["mask_method"] == "crf"
     assert all("mask_method" not in cobra.PRESETS[p] for p in ("paper_voc", "paper_coco"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The segmentation network: padding to the stride (Deviation 10), the toy ViT and its AdamW (Deviation 19)
+# ---------------------------------------------------------------------------------------------
+TOY_VIT = {"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}
+
+
+@pytest.mark.parametrize("name, stride, vit_kwargs", [("resnet18", 16, None), ("deit_tiny_patch16_224", 8, TOY_VIT)])
+def test_seg_net_pads_to_the_stride_and_crops(name, stride, vit_kwargs):
+    """SegNet(x) for a 113 x 100 input = the hand-written DeepLab pass on x padded at the bottom / right to the stride
+    multiple (128 x 112 at 16, 120 x 104 at 8), its logits upsampled to the padded size and cropped to 113 x 100; so
+    also = SegNet(padded x) cropped. Catches: no padding (the old stretch of ceil(H/s) cells over H pixels; a ViT
+    cannot even embed 113 rows), padding at the top / left, the padded logits stretched to (H, W) instead of
+    cropped, a crop of the wrong corner, padding to another multiple than feature_info's reduction."""
+    torch.manual_seed(0)
+    seg = cobra.SegNet(name, 5, False, 16, vit_kwargs, 64).eval()
+    assert seg.stride == stride
+    x = torch.randn(1, 3, 113, 100, generator=torch.Generator().manual_seed(1))
+    pad = (0, -100 % stride, 0, -113 % stride)
+    xp = F.pad(x, pad)
+    assert xp.shape[2:] == ((128, 112) if stride == 16 else (120, 104))
+    with torch.no_grad():
+        got = seg(x)
+        feats = seg.backbone(xp)[-1]
+        assert feats.shape[2:] == (xp.shape[2] // stride, xp.shape[3] // stride)  # (8, 7) or (15, 13) cells
+        cells = seg.head(feats)
+        want = F.interpolate(cells, size=xp.shape[2:], mode="bilinear", align_corners=False)[:, :, :113, :100]
+        stretched = F.interpolate(cells, size=(113, 100), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(seg(xp)[:, :, :113, :100], want, atol=1e-6, rtol=0)
+        # the test can fail: stretching the padded cells, or (ResNet) the unpadded image's cells, is another map
+        assert (stretched - want).abs().max() > 1e-3
+        if vit_kwargs is None:
+            old = F.interpolate(seg.head(seg.backbone(x)[-1]), size=(113, 100), mode="bilinear", align_corners=False)
+            assert (old - want).abs().max() > 1e-3
+
+
+class PoolBackbone(nn.Module):
+    """A stride-16 stand-in for the timm backbone: channel 0 mean-pooled over 16 x 16 cells (ceil mode: ceil(H/16)
+    cells, as a padded conv stack gives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info = SimpleNamespace(reduction=lambda: [16], channels=lambda: [1])
+
+    def forward(self, x):
+        return [F.avg_pool2d(x[:, :1], 16, ceil_mode=True)]
+
+
+def test_seg_net_keeps_a_step_edge_in_place(monkeypatch):
+    """An image bright left of column 64, dark from 64 on (32 x 100), through SegNet with a 16 x 16 mean-pool backbone
+    and no head: padded to 112 columns, cells 0-3 are 1 and 4-6 are 0; upsampled x16 (align_corners=False) pixel 63
+    reads 1 - 7.5/16 = 0.53125 and pixel 64 reads 0.46875, so '> 0.5' is the image again, edge at 64. Stretching
+    the 7 cells over 100 pixels (no padding, or padding without the crop) puts the edge at 57; padding at the left
+    at 76; align_corners=True at 65. Catches each of these."""
+    monkeypatch.setattr(cobra, "timm_model", lambda name, pretrained, **kw: PoolBackbone())
+    seg = cobra.SegNet("resnet18", 2, False)
+    seg.head = nn.Identity()
+    assert seg.stride == 16
+    x = torch.zeros(1, 3, 32, 100)
+    x[..., :64] = 1.0
+    out = seg(x)[0, 0]
+    assert out.shape == (32, 100)
+    assert out[:, 63].tolist() == pytest.approx([0.53125] * 32) and out[:, 64].tolist() == pytest.approx([0.46875] * 32)
+    assert ((out > 0.5) == (torch.arange(100) < 64)).all()
+    stretched = F.interpolate(PoolBackbone()(x)[0], size=(32, 100), mode="bilinear", align_corners=False)[0, 0]
+    assert (stretched[0] > 0.5).sum().item() == 57  # the old behaviour: the edge 7 px to the left
+
+
+def test_toy_seg_net_is_the_patch8_vit_at_the_seg_crop(monkeypatch):
+    """Deviation 19: build_model under the toy preset makes SegNet a ViT with 8 x 8 patches, width 96, 4 blocks of 3
+    heads (--seg-backbone-kwargs), its position embedding at the --seg-crop grid (48 / 8 = 6 -> 36 + 1 tokens) and
+    resampled for other sizes, stride 8. Catches: the kwargs not parsed / not passed (16 x 16 patches, width 192),
+    img_size not passed (224 / 8 = 28 -> 785 tokens) or taken from --crop (32 -> 17), dynamic_img_size off,
+    the stride hard-wired to 16."""
+    monkeypatch.setattr(cobra, "CoBra", lambda args, n, timm_init: SimpleNamespace(cnn=None, vit=None))
+    args = args_for(mask_method="crf", seg_crop=48)
+    assert args.seg_backbone == "deit_tiny_patch16_224"
+    _, irn, seg = cobra.build_model(args, 5, init_weights=False)
+    vit = seg.backbone.model
+    assert tuple(vit.patch_embed.patch_size) == (8, 8) and vit.embed_dim == 96
+    assert len(vit.blocks) == 4 and vit.blocks[0].attn.num_heads == 3
+    assert vit.pos_embed.shape == (1, 1 + 6 * 6, 96)
+    assert vit.dynamic_img_size and seg.stride == 8 and irn is None
+    with torch.no_grad():
+        assert seg.backbone(torch.zeros(1, 3, 40, 72))[-1].shape == (1, 96, 5, 9)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_seg_output_stride_reaches_the_resnet(monkeypatch, output_stride):
+    """--seg-output-stride: build_model's ResNet-18 SegNet runs at that stride (a 64 px input -> 64 / s cells) and
+    pads to it. Catches: the stride not passed by build_model (always 16) or hard-wired in SegNet, self.stride not
+    read from the backbone's feature_info."""
+    monkeypatch.setattr(cobra, "CoBra", lambda args, n, timm_init: SimpleNamespace(cnn=None, vit=None))
+    args = args_for(mask_method="crf", seg_backbone="resnet18", seg_backbone_kwargs="", seg_output_stride=output_stride)
+    _, _, seg = cobra.build_model(args, 5, init_weights=False)
+    assert seg.stride == output_stride
+    with torch.no_grad():
+        assert seg.backbone(torch.zeros(1, 3, 64, 64))[-1].shape[2:] == (64 // output_stride,) * 2
+
+
+def test_parse_backbone_kwargs():
+    """'name=int' items, comma-separated, spaces and empty items ignored. Catches: values kept as strings (or
+    spaces kept in them), a trailing comma or a negative integer rejected."""
+    assert cobra.parse_backbone_kwargs("") == {}
+    assert cobra.parse_backbone_kwargs(" patch_size=8, embed_dim = 96,") == {"patch_size": 8, "embed_dim": 96}
+    assert cobra.parse_backbone_kwargs("depth=-1") == {"depth": -1}
+
+
+@pytest.mark.parametrize("text", ["patch_size", "patch_size=eight", "depth=4.5", "patch_size=8;embed_dim=96",
+                                  "patch_size=", "patch_size=--8", "=8", "patchsize=8"])
+def test_bad_seg_backbone_kwargs_fail_in_one_line(monkeypatch, capsys, text):
+    """An item that is not name=integer, or a name the ViT does not take, ends build_model with exit code 2 and one
+    stderr line naming the flag. Catches: a traceback (int('eight'), int('--8') after lstrip("-"), timm's TypeError
+    on 'patchsize'), an empty name passed to timm, a silently dropped item, build_model not parsing the flag."""
+    monkeypatch.setattr(cobra, "CoBra", lambda args, n, timm_init: SimpleNamespace(cnn=None, vit=None))
+    with pytest.raises(SystemExit) as e:
+        cobra.build_model(args_for(mask_method="crf", seg_backbone_kwargs=text), 5, init_weights=False)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--seg-backbone-kwargs" in err
+
+
+@pytest.mark.parametrize("seg_optimizer", ["sgd", "adamw"])
+def test_train_seg_optimizer(monkeypatch, seg_optimizer):
+    """--seg-optimizer sgd: DeepLab's SGD, the backbone at --seg-lr and the head at 10x, momentum 0.9, weight decay
+    --weight-decay; adamw (Deviation 19): AdamW over every SegNet parameter in one group, lr --seg-lr, weight decay
+    0.01. Catches: the switch ignored or inverted, AdamW on the head (or backbone) only, at --lr or with the 10x
+    head, with --weight-decay (0.0007 here) instead of 0.01, SGD's groups or momentum changed."""
+    args = args_for(seg_optimizer=seg_optimizer, seg_lr=0.003, lr=0.05, weight_decay=0.0007)
+    seen = _capture_train_loop(monkeypatch, 10)
+    monkeypatch.setattr(cobra, "seg_label_dir", lambda ctx: "PSEUDO")
+    seg = SegStub()
+    cobra.train_seg(_ctx(args), seg)
+    opt = seen["modules"]["optimizer"]
+    groups = [(g["lr"], g["weight_decay"], _ids(g["params"])) for g in opt.param_groups]
+    if seg_optimizer == "sgd":
+        assert type(opt) is torch.optim.SGD and all(g["momentum"] == 0.9 for g in opt.param_groups)
+        assert groups == [(0.003, 0.0007, _ids(seg.backbone.parameters())),
+                          (pytest.approx(0.03), 0.0007, _ids(seg.head.parameters()))]
+    else:
+        assert type(opt) is torch.optim.AdamW
+        assert groups == [(0.003, 0.01, _ids(seg.parameters()))]
+
+
+def test_seg_network_presets():
+    """The paper presets keep DeepLab's ResNet-101 (torchvision weights) at output stride 16 under SGD; the toy preset
+    is the patch-8 ViT with AdamW on 64 px crops for 500 iterations at lr 1e-3 (Deviation 19). Catches a toy value
+    leaking into the Args defaults or a paper preset, or the toy's lost."""
+    a = cobra.Args()
+    assert (a.seg_backbone, a.seg_output_stride, a.seg_backbone_kwargs, a.seg_optimizer) == \
+        ("resnet101.tv_in1k", 16, "", "sgd")
+    keys = ("seg_backbone", "seg_output_stride", "seg_backbone_kwargs", "seg_optimizer", "seg_crop", "seg_iters",
+            "seg_lr")
+    assert not any(k in cobra.PRESETS[p] for p in ("paper_voc", "paper_coco") for k in keys)
+    toy = {k: cobra.PRESETS["toy"].get(k) for k in keys}
+    assert toy == {"seg_backbone": "deit_tiny_patch16_224", "seg_output_stride": None,
+                   "seg_backbone_kwargs": "patch_size=8,embed_dim=96,depth=4,num_heads=3", "seg_optimizer": "adamw",
+                   "seg_crop": 64, "seg_iters": 500, "seg_lr": 0.001}
+
+
+def test_weights_seg_entry_refused_for_a_vit_seg_backbone(monkeypatch, capsys, tmp_path):
+    """--weights FILE with a 'seg' entry fills a ResNet segmentation backbone; the toy's ViT one (its timm wrapper's
+    keys start with 'model.') is refused in one line, exit 2, instead of failing on 52 missing keys. Catches the
+    check removed or applied to ResNets too."""
+    monkeypatch.setattr(cobra, "CoBra", lambda args, n, timm_init: SimpleNamespace(cnn=None, vit=None))
+    path = tmp_path / "w.pt"
+    torch.save({"seg": {"x": torch.zeros(1)}}, path)
+    with pytest.raises(SystemExit) as e:
+        cobra.build_model(args_for(mask_method="crf", weights=str(path)), 5, init_weights=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "ViT segmentation backbone" in err
+    res = cobra.SegNet("resnet18", 5, False).backbone.state_dict()
+    torch.save({"seg": res}, path)
+    _, _, seg = cobra.build_model(args_for(mask_method="crf", weights=str(path), seg_backbone="resnet18"), 5,
+                                  init_weights=True)
+    assert all(torch.equal(seg.backbone.state_dict()[k], v) for k, v in res.items())

@@ -921,3 +921,39 @@ def test_main_infers_with_the_trained_teacher_and_verifies_on_the_last_refinemen
     pl = out / "pseudo_labels"
     assert seen["pl_root"] == pl
     assert seen["verify"] == pl / folder / "train_aug" and seen["vis"] == pl / folder / "val"
+
+
+# ------------------------------------------------------------------------------------------ verification network
+@pytest.mark.parametrize("seg_optimizer", ["sgd", "adamw"])
+def test_train_verify_optimizer(monkeypatch, seg_optimizer):
+    """--seg-optimizer sgd: PNOC's Nesterov SGD (build_optimizer: backbone at --seg-lr, new layers at --lr-new-mult x,
+    weight decay --seg-wd on weights only, momentum 0.9); adamw (the toy, Deviation 16): AdamW over every seg_net
+    parameter in one group at --seg-lr, weight decay 0.01. Catches: the switch ignored or inverted, AdamW on the
+    head or backbone only, at --lr or with the new-layer multiplier, with --seg-wd instead of 0.01."""
+    rec = Recorder()
+    monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, target=None, **k: [0] * 8)
+    monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "seg_init": "imagenet", "seg_batch": 2, "seg_optimizer": seg_optimizer,
+                        "seg_lr": 0.003, "seg_wd": 7e-4, "lr": 0.02, "lr_new_mult": 5.0})
+    seg_net = nn.Module()
+    seg_net.backbone, seg_net.head = nn.Conv2d(3, 2, 1), nn.Conv2d(2, K, 1)
+    csrm.train_verify(fake_ctx(args), seg_net, Path("pl"), {})
+    opt = rec.loops[0]["modules"]["optimizer"]
+    ids = lambda ps: frozenset(id(p) for p in ps)  # noqa: E731
+    groups = {(round(g["lr"], 9), g["weight_decay"], ids(g["params"])) for g in opt.param_groups}
+    b, h = seg_net.backbone, seg_net.head
+    if seg_optimizer == "sgd":
+        assert type(opt) is torch.optim.SGD
+        assert all(g["momentum"] == 0.9 and g["nesterov"] for g in opt.param_groups)
+        assert groups == {(0.003, 7e-4, ids([b.weight])), (0.003, 0.0, ids([b.bias])),
+                          (0.015, 7e-4, ids([h.weight])), (0.015, 0.0, ids([h.bias]))}
+    else:
+        assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 1
+        assert groups == {(0.003, 0.01, ids(seg_net.parameters()))}
+
+
+def test_verify_optimizer_presets():
+    """Deviation 16: AdamW for the toy only; the Args default and both paper presets keep PNOC's SGD. Catches the toy
+    value leaking into the default or a paper preset, or the toy's lost."""
+    assert csrm.Args().seg_optimizer == "sgd" and csrm.PRESETS["toy"]["seg_optimizer"] == "adamw"
+    assert all(csrm.Args(**csrm.PRESETS[p]).seg_optimizer == "sgd" for p in ("paper_voc", "paper_coco"))

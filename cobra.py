@@ -72,9 +72,9 @@ Deviations (each repeated at the code as `# Deviation:`)
        multiple of the output stride and the logits cropped after upsampling, so that the predictions stay
        aligned with the image at every input size (DeepLab pads to its crop size); training crops are padded the
        same way (the paper preset's 321 px to 336, a mean-colour border that the ASPP's image pooling averages
-       in and the loss never sees). Stretching the ceil(H/s)
-       output cells over H pixels instead shifts the prediction by up to s - 1 pixels (toy v4, seed 0, the same
-       trained ResNet-18 oracle network at output stride 16: 69.54 stretched, 76.55 padded).
+       in and the loss never sees). Stretching the ceil(H/s) output cells over H pixels instead shifts the
+       prediction by up to s - 1 pixels (toy v4, seed 0, the same trained ResNet-18 oracle network at output
+       stride 16: 69.54 stretched, 76.55 padded).
    11. Toy preset only: resnet18 CNN with BN in train mode and zero_init_last=False, a 4-block ViT,
        fixed (not attention-derived) thresholds, one inference scale - random-init attention is flat -
        and SGD momentum 0.9 with the ViT lr x3: from random init, 248 momentum-free steps leave both

@@ -98,10 +98,11 @@ Deviations (also marked `Deviation:` at the code):
  11. --max-iters N shortens every training stage to N iterations; warm-ups are not rescaled.
  12. Toy preset only: 64-px crops (card: 96/128) and 6 epochs (card: 20-40) to fit 2 CPU cores in
      minutes (15 epochs gave worse seeds: toy v3, seed 0, --csd off, seed/train 27.57 vs 30.20), and seeds
-     at scale 0.64 (the training scale). No PAR on the seeds (Deviation 17). The segmentation network trains
-     500 iterations (DeepLab-v2 VOC: 20K): on ground truth it reaches 86.06 seg/val at 500, 83.33 at 250, 88.98
-     at 1000 (toy v4, seed 0, --supervision full); with 500 the whole default run takes 147 s (2 threads, idle; 136 s
-     with 250).
+     at scale 0.64 (the training scale: toy v4, seed 0, seed/train --csd off / default 37.88 / 46.80 at 0.64,
+     39.46 / 42.29 at 0.8, 41.14 / 44.03 at 1.0, 40.23 / 44.44 at 0.64 + 1.0; README, CSD). No PAR on the
+     seeds (Deviation 17). The segmentation network trains 500 iterations (DeepLab-v2 VOC: 20K): on ground truth
+     it reaches 86.06 seg/val at 500, 83.33 at 250, 88.98 at 1000 (toy v4, seed 0, --supervision full); with 500
+     the whole default run takes 147 s (2 threads, idle; 136 s with 250).
  13. Not implemented: --stage (the pipeline always runs whole; --resume continues it), MCTformer-V1,
      paste rescaling, the ignore band, the CDA area filter (card "optional"), and Table 1's "Test" column (no VOC
      test-server export). No shortcut for lambda1 = lambda2 = 0: stage 1, the prior and the composite and teacher

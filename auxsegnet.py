@@ -1518,6 +1518,7 @@ def save_grid(path, rows, captions, cell=128):
             scale = cell / max(im.size)
             size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
             grid.paste(im.resize(size, Image.NEAREST if scale >= 1 else Image.BOX), (c * cell, 16 + r * cell))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # a resumed run whose vis/ was deleted
     grid.save(path)
 # === End of infrastructure ===
 

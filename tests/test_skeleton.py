@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,3 +157,14 @@ def test_every_limit_spec_is_understood(name):
             mod.in_range(0.5, spec)
     assert mod.in_range(1.0, ">=1") and not mod.in_range(1.0, ">1") and mod.in_range(1.0, "(0,1]") \
         and not mod.in_range(1.0, "[0,1)")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_save_grid_recreates_a_missing_folder(name, tmp_path):
+    """A resumed run whose vis/ was deleted still saves its grids (it crashed with FileNotFoundError at the end of a
+    stage). Catches: the mkdir dropped from save_grid."""
+    import importlib
+    mod = importlib.import_module(name[:-3])
+    path = tmp_path / "run" / "vis" / "val.png"
+    mod.save_grid(path, [[np.zeros((4, 6, 3), np.uint8)]], ["image"])
+    assert path.is_file()

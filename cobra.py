@@ -258,7 +258,7 @@ class Args:
     seg_backbone: str = "resnet101.tv_in1k"  # DeepLabV3 R101 substitute for DeepLabV3+ (Sec. 4 R101; torchvision ImageNet weights)
     seg_output_stride: int = 16  # a ResNet backbone's output stride (DeepLabV3(+) training default; not in the paper; a ViT's is its patch)
     seg_backbone_kwargs: str = ""  # extra timm.create_model ints for a vit_* / deit_* backbone, e.g. "patch_size=8,embed_dim=96"
-    seg_optimizer: str = "sgd"  # sgd (DeepLab: momentum 0.9, head 10x lr) | adamw (toy ViT: weight decay 0.01, one lr)
+    seg_optimizer: str = "sgd"  # sgd (DeepLab: momentum 0.9, head 10x lr) | adamw (toy ViT: one lr, weight decay 0.01 instead of --weight-decay)
     seg_crop: int = 321  # DeepLab VOC default (not in the paper)
     seg_batch: int = 10  # DeepLab VOC default
     seg_iters: int = 20000  # DeepLab VOC default

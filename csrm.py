@@ -303,7 +303,7 @@ class Args:
     seg_lr: float = 0.007  # Sec. 4: 0.007 (VOC), 0.004 (COCO)
     seg_wd: float = 4e-5  # PNOC segmentation train: 4e-5
     seg_init: str = "imagenet"  # Sec. 4: imagenet = timm backbone (--pretrained / --seg-weights) | cam = stage-0 backbone
-    seg_optimizer: str = "sgd"  # sgd (PNOC: Nesterov, new layers x lr_new_mult) | adamw (toy, Deviation 16: one lr, wd 0.01)
+    seg_optimizer: str = "sgd"  # sgd (PNOC: Nesterov, new layers x lr_new_mult) | adamw (toy, Deviation 16: one lr, weight decay 0.01 instead of --seg-wd)
     vis: int = 4  # number of val images in vis/val.png
 
 

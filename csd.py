@@ -97,12 +97,14 @@ Deviations (also marked `Deviation:` at the code):
      a GradScaler) with the KLs in fp32.
  11. --max-iters N shortens every training stage to N iterations; warm-ups are not rescaled.
  12. Toy preset only: 64-px crops (card: 96/128) and 6 epochs (card: 20-40) to fit 2 CPU cores in
-     minutes (15 epochs gave worse seeds: toy v3, seed 0, --csd off, seed/train 27.57 vs 30.20), and seeds
-     at scale 0.64 (the training scale: toy v4, seed 0, seed/train --csd off / default 37.88 / 46.80 at 0.64,
-     39.46 / 42.29 at 0.8, 41.14 / 44.03 at 1.0, 40.23 / 44.44 at 0.64 + 1.0; README, CSD). No PAR on the
-     seeds (Deviation 17). The segmentation network trains 500 iterations (DeepLab-v2 VOC: 20K): on ground truth
-     it reaches 86.06 seg/val at 500, 83.33 at 250, 88.98 at 1000 (toy v4, seed 0, --supervision full); with 500
-     the whole default run takes 147 s (2 threads, idle; 136 s with 250).
+     minutes (15 epochs gave worse seeds: toy v3, seed 0, --csd off, seed/train 27.57 vs 30.20), batch 8 (the
+     paper's 64 would leave 90 steps; toy v4, seeds 0-2, seed/train --csd off / default 36.05 / 46.91 at batch 8,
+     36.87 / 44.41 at 16; seed 0 at 4: 31.31 off), and seeds at scale 0.64 (the training scale: toy v4, seed 0,
+     batch 16, seed/train --csd off / default 37.88 / 46.80 at 0.64, 39.46 / 42.29 at 0.8, 41.14 / 44.03 at 1.0,
+     40.23 / 44.44 at 0.64 + 1.0; README, CSD). No PAR on the seeds (Deviation 17). The segmentation network
+     trains 500 iterations (DeepLab-v2 VOC: 20K): on ground truth it reaches 86.06 seg/val at 500, 83.33 at 250,
+     88.98 at 1000 (toy v4, seed 0, --supervision full); the whole default run takes 164 s (2 threads, idle; 147 s
+     at batch 16).
  13. Not implemented: --stage (the pipeline always runs whole; --resume continues it), MCTformer-V1,
      paste rescaling, the ignore band, the CDA area filter (card "optional"), and Table 1's "Test" column (no VOC
      test-server export). No shortcut for lambda1 = lambda2 = 0: stage 1, the prior and the composite and teacher
@@ -120,9 +122,10 @@ Deviations (also marked `Deviation:` at the code):
      epochs 0 and 1 both at f(0) (lr_factor()).
  17. Toy preset only: the seeds skip PAR (--no-seed-par). PAR multiplies the fused map by the summed
      patch-to-patch attention, which in MCTformer's ImageNet-pretrained DeiT is an affinity between similar
-     patches; the toy preset's from-scratch 4-block ViT has no such attention after 372 iterations, and PAR
-     then spreads every map over the image (toy v3, seed 0, --csd off: seed/train 14.26 with PAR, 30.20
-     without; README, CSD section). The paper preset keeps PAR, as MCTformer-V2 does.
+     patches; the toy preset's from-scratch 4-block ViT has no such attention after 372 iterations (batch 16)
+     or 750 (batch 8), and PAR then spreads every map over the image (seed 0, --csd off, seed/train with / without
+     PAR: toy v3, batch 16, 14.26 / 30.20; toy v4, batch 8, 12.54 / 39.50; README, CSD section). The paper preset
+     keeps PAR, as MCTformer-V2 does.
  18. --mask-method irn follows IRNet (jiwoon-ahn/irn, run_sample.py defaults) with cobra.py's IRN code: only the
      boundary (edge) branch is trained (the displacement branch shares nothing with it beyond the frozen
      backbone and gives instance masks only); pairs whose destination falls outside the crop are ignored instead
@@ -305,7 +308,8 @@ PRESETS = {
     "paper_coco": dict(pretrained=True, amp=True, workers=8, log_every=20, ckpt_every=500),
     "toy": dict(  # Deviation 12. card Sec. 9: tiny random-init MCTformer-V2, patch 8, AdamW 1e-3, weak aug; 64 px crops for CPU time
         pretrained=False, workers=0, log_every=20, ckpt_every=500, patch_size=8, embed_dim=96, depth=4, num_heads=3,
-        drop_path=0.0, crop_size=64, epochs=6, batch_size=16, lr=1e-3,
+        drop_path=0.0, crop_size=64, epochs=6, lr=1e-3,
+        batch_size=8,  # 750 classifier steps in 6 epochs, 372 at batch 16: better seeds with CSD (Deviation 12)
         warmup_epochs=0,  # per-epoch stepped warm-up would spend 1 of the 6 epochs at 1e-6
         cls_aug="weak", layer_index=4, csd_resize=72,
         seed_par=False,  # Deviation 17: a from-scratch ViT's patch attention is no affinity, PAR only blurs the seeds
@@ -325,8 +329,8 @@ IRN_PRESETS = {
                   seed_scales=(1.0, 0.5, 1.5, 2.0), amp=False),  # IRN trains in fp32 (MCTformer with AMP)
     # Deviation 20: IRN's optimiser and schedule on a random-init resnet10t (CAM network and IRN) at output stride 8
     # (patch_size 8 of the toy preset, 64-px crops); IRN's long-side range scaled to the toy images; one seed scale
-    "toy": dict(epochs=5, lr=0.1, weight_decay=1e-4, cls_aug="irn", resize_long=(48, 96), seed_par=False,
-                seed_scales=(1.0,), irn_backbone="resnet10t"),
+    "toy": dict(epochs=5, batch_size=16, lr=0.1, weight_decay=1e-4, cls_aug="irn", resize_long=(48, 96),
+                seed_par=False, seed_scales=(1.0,), irn_backbone="resnet10t"),
 }
 CHOICES = dict(csd=("on", "off"), sampling=("cor", "uniform", "uniform_image"), consistency=("dual", "fg", "bg"),
                csd_map=("patchcam", "fused_par"), bg_kl=("saliency", "full", "bgterm", "rawsum"),

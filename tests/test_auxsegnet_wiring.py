@@ -370,6 +370,49 @@ def test_gradient_reach_seg_affinity_row():
     assert reached(model, parts["seg2"]) == {"backbone"} | {f"seg.{m}" for m in BRANCH}
 
 
+def test_param_groups_split_heads_and_base():
+    """param_groups (official get_10x_lr_params) and build_optimizer: the 10x group holds exactly the fc8 / seg / sal
+    parameters; the backbone and the SA module (cross_att) are in the 1x group; every trainable parameter is in
+    exactly one group. Catches: cross_att dropped from the base group (the SA module never trained) or moved to the
+    10x group, a head left out of (or added to) the 10x group, the two groups handed to SGD swapped."""
+    model, _ = tiny("mt_ct")
+    base, heads = model.param_groups()
+    top = {id(p): n.split(".")[0] for n, p in model.named_parameters()}
+    assert {top[id(p)] for p in heads} == {"fc8", "seg", "sal"}
+    assert {top[id(p)] for p in base} == {"backbone", "cross_att"}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(map(id, base + heads)) == sorted(map(id, trainable))  # all of them, each once
+    opt = aux.build_optimizer(model, 0.01, 10.0, 0.0, 0.0)
+    g1, g10 = opt.param_groups
+    assert [id(p) for p in g1["params"]] == [id(p) for p in base] and g1["lr"] == pytest.approx(0.01)
+    assert [id(p) for p in g10["params"]] == [id(p) for p in heads] and g10["lr"] == pytest.approx(0.1)
+
+
+def test_frozen_bn_stays_in_eval_mode_and_untrained():
+    """--freeze-bn (official network/resnet38d.py `train`): model.train() leaves every backbone BatchNorm in eval
+    mode (running statistics untouched by a training forward), with no gradient and in no optimizer group, while the
+    rest of the network (dropout, heads) is in training mode. Catches: the frozen BN switched to train mode with the
+    rest (m.train(mode)), frozen_bn() returning nothing when --freeze-bn is set, the heads left in eval mode."""
+    torch.manual_seed(0)
+    args = aux.Args(variant="mt_ct", backbone="resnet10t", pretrained=False, freeze_bn=True, head_dim=8,
+                    dilations=(1, 1, 1))
+    model = aux.build_model(args, NC, "stage")
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns
+    model.eval()
+    model.train()
+    assert all(not m.training for m in bns)
+    assert model.training and model.dropout7.training and model.seg.training and model.cross_att.training
+    stats = [m.running_mean.clone() for m in bns]
+    with torch.no_grad():
+        model(make_batch()["image"])
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(bns, stats))
+    frozen = {id(p) for m in bns for p in m.parameters()}
+    assert frozen and all(not p.requires_grad for m in bns for p in m.parameters())
+    base, heads = model.param_groups()
+    assert not frozen & {id(p) for p in base + heads}
+
+
 def test_train_step_wiring(monkeypatch):
     """train_step: net(batch image) -> stage_losses -> Eq. (C10) -> zero_grad, backward, one SGD step."""
     model, args = tiny("mt_ct", lambda_cls=0.5, lambda_sal=2.0, lambda_seg=3.0)
@@ -510,6 +553,17 @@ def test_fusion_uses_given_thresholds():
     assert aux.fuse_cam_saliency(cams, sal, np.array([1]), 0.05, 0.01).tolist() == [[1, 1, 1, 1]]
 
 
+def test_fusion_only_present_classes_compete():
+    """Eq. (C14): the argmax runs over the image's present classes only; an absent class with the stronger CAM neither
+    wins a pixel nor makes one 'object'. Catches: the label mask dropped or widened (label >= 0, every class kept),
+    or inverted (absent classes kept), or the class index off by one (k instead of k + 1)."""
+    cams = np.array([[[0.9, 0.9, 0.1]], [[0.5, 0.1, 0.1]], [[0.3, 0.05, 0.0]]], np.float32)  # (3, 1, 3)
+    sal = np.array([[0.5, 0.5, 0.5]], np.float32)
+    # class 0 absent: pixel 0 -> class 1 (label 2); pixel 1: present max 0.1 < 0.2 but salient -> 255
+    assert aux.fuse_cam_saliency(cams, sal, np.array([0, 1, 1])).tolist() == [[2, 255, 255]]
+    assert aux.fuse_cam_saliency(cams, sal, np.array([1, 0, 1])).tolist() == [[1, 1, 255]]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pseudo-label quality (Deviation 15)
 # ----------------------------------------------------------------------------------------------------------
@@ -561,8 +615,8 @@ class FakeCtx:
 
 
 def tiny_args(**kw):
-    return aux.Args(backbone="resnet10t", pretrained=False, freeze_bn=False, head_dim=8, dilations=(1, 1, 1),
-                    workers=0, num_vis=0, crop_size=32, cls_crop_size=24, **kw)
+    return aux.Args(**{**dict(backbone="resnet10t", pretrained=False, freeze_bn=False, head_dim=8, dilations=(1, 1, 1),
+                              workers=0, num_vis=0, crop_size=32, cls_crop_size=24), **kw})
 
 
 def weights_for(args, kind, seed):
@@ -613,8 +667,11 @@ def test_make_pseudo_labels_wiring(s, toy_root, tmp_path, monkeypatch):
     assert ("cam/train" in res) == (s == 0)
 
 
-@pytest.mark.parametrize("s", [0, 2])
+@pytest.mark.parametrize("s", [0, 1, 2])
 def test_train_stage_wiring(s, toy_root, tmp_path, monkeypatch):
+    """Stage s asks for the right weights (cls at s = 0, stage s - 1 after) and loads them (s = 0: backbone + fc8 only;
+    s = 1 included, so `if s > 1` / a stage-0 start skipped at stage 1 is caught), its optimiser groups and schedule,
+    its labels and saliency folders, and hands the step (model, batch, it, args, optimizer) to train_step."""
     args = tiny_args(variant="full", num_stages=4, lr=0.003, head_lr_mult=7.0, momentum=0.4, weight_decay=0.01,
                      batch_size=4, epochs_per_stage=2, poly_power=0.7)
     weights = {"cls": weights_for(args, "cls", 1), "stage0": weights_for(args, "stage", 2),
@@ -681,6 +738,126 @@ def test_train_cls_wiring(toy_root, tmp_path, monkeypatch):
     (a, _), = rec.calls
     assert a[0].shape == (2, 6) and same(a[1], batch["label"]) and set(log) == {"losses/cls", "losses/total"}
     assert ctx.finished[0]["stage"] == "cls"
+
+
+def test_stage_iters_counts_full_batches_and_caps():
+    """A stage runs epochs x floor(n / batch) iterations (drop_last; Deviation 17), capped by --max-iters
+    (Deviation 9). 27 images, batch 4, 3 epochs: 3 x 6 = 18. Catches: epochs * n // batch (20), a ceil (21), the
+    cap ignored or applied as a floor, the epochs dropped."""
+    a = aux.Args()
+    assert aux.stage_iters(a, 27, 4, 3) == 18  # epochs * n // batch would give 20, ceil 21
+    assert aux.stage_iters(a, 27, 4, 1) == 6
+    assert aux.stage_iters(aux.Args(max_iters=5), 27, 4, 3) == 5
+    assert aux.stage_iters(aux.Args(max_iters=50), 27, 4, 3) == 18
+
+
+def record_loop(monkeypatch):
+    """A train_loop that records its arguments and the network's training mode when the loop starts."""
+    seen = {}
+
+    def fake_loop(ctx_, stage, ds, batch_size, total, step, modules, lr=None, salt=0, indices=None):
+        seen.update(stage=stage, ds=ds, batch_size=batch_size, total=total, step=step, modules=modules, lr=lr,
+                    training=modules["model"].training)
+
+    monkeypatch.setattr(aux, "train_loop", fake_loop)
+    return seen
+
+
+def test_train_cls_schedule_and_train_mode(toy_root, tmp_path, monkeypatch):
+    """Pre-training runs in train mode (dropout on; the model comes in eval mode, as after an evaluation), on
+    --cls-batch-size batches (here != --batch-size) for --epochs-cls epochs with the poly factor of --poly-power.
+    Catches: ctx.wrap(model).eval(); --batch-size used for the iteration count or the loader; the poly schedule
+    dropped (lr=None) or its power fixed at 0.9."""
+    args = tiny_args(cls_batch_size=2, batch_size=6, epochs_cls=2, poly_power=0.6)
+    ctx = FakeCtx(args, toy_root, tmp_path, {})
+    seen = record_loop(monkeypatch)
+    torch.manual_seed(0)
+    model = aux.build_model(args, 7, "cls").eval()
+    aux.train_cls(ctx, model)
+    assert seen["stage"] == "cls" and seen["training"] and seen["modules"]["model"] is model
+    assert seen["batch_size"] == 2 and seen["total"] == 2 * (len(seen["ds"]) // 2)
+    assert seen["lr"] is not None
+    for it in (0, 3, 7):
+        assert seen["lr"](it) == pytest.approx(aux.poly_lr(it, seen["total"], 0.6))
+    assert seen["lr"](3) != pytest.approx(aux.poly_lr(3, seen["total"], 0.9))
+
+
+def test_train_cls_step_uses_dropout_logits_and_steps(toy_root, tmp_path, monkeypatch):
+    """The pre-training step: L_cls of cls_logits (dropout then GAP then fc8, as in training) against the image
+    label, one SGD step on its gradient (here lr 0.08 on fc8: cls_lr x head_lr_mult, weight decay 0.002).
+    Catches: the CAM's spatial mean (the un-dropped features) used as the logits, the label of another key, no
+    backward / no optimizer.step / zero_grad after backward."""
+    args = tiny_args(cls_lr=0.02, head_lr_mult=4.0, cls_momentum=0.0, cls_weight_decay=0.002, cls_batch_size=2)
+    ctx = FakeCtx(args, toy_root, tmp_path, {})
+    seen = record_loop(monkeypatch)
+    torch.manual_seed(0)
+    model = aux.build_model(args, 7, "cls")
+    aux.train_cls(ctx, model)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(2, 3, 24, 24, generator=g),
+             "label": torch.tensor([[1.0, 0, 0, 0, 0, 1], [0, 1.0, 0, 0, 0, 0]])}
+    torch.manual_seed(3)
+    out = model(batch["image"])
+    ref = aux.loss_cls(out["cls_logits"], batch["label"])
+    undropped = aux.loss_cls(out["cam"].mean((2, 3)), batch["label"])
+    assert abs(ref.item() - undropped.item()) > 1e-3  # the dropout draw matters
+    w0 = model.fc8.weight.detach().clone()
+    (grad,) = torch.autograd.grad(ref, model.fc8.weight)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 5.0)  # stale gradients must be cleared
+    rec = Recorder(monkeypatch, "loss_cls")
+    torch.manual_seed(3)
+    log = seen["step"](batch, 0)
+    (a, _), = rec.calls
+    torch.testing.assert_close(a[0].detach(), out["cls_logits"].detach(), rtol=1e-4, atol=1e-5)
+    assert same(a[1], batch["label"])
+    assert log["losses/cls"] == pytest.approx(ref.item(), rel=1e-5) and log["losses/total"] == log["losses/cls"]
+    torch.testing.assert_close(model.fc8.weight.detach(), w0 - 0.08 * (grad + 0.002 * w0), rtol=1e-4, atol=1e-6)
+
+
+def test_train_stage_runs_in_train_mode(toy_root, tmp_path, monkeypatch):
+    """A stage trains its network in train mode (dropout, batch statistics). Catches: ctx.wrap(model).eval()."""
+    args = tiny_args(variant="full", num_stages=2, batch_size=4)
+    ctx = FakeCtx(args, toy_root, tmp_path, {"cls": weights_for(args, "cls", 1)})
+    (tmp_path / "pseudo_labels" / "0" / "train").mkdir(parents=True)
+    seen = record_loop(monkeypatch)
+    monkeypatch.setattr(aux, "evaluate", lambda ctx_, model, ds, post=True, vis_path=None: {"seg/val": {"miou": 1.0}})
+    modes = []
+    monkeypatch.setattr(aux, "train_step", lambda net, *a, **k: (modes.append(net.training), {})[1])
+    aux.train_stage(ctx, 0, toy_root / "saliency")
+    assert seen["stage"] == "stage0" and seen["training"]
+    seen["step"]({"image": torch.zeros(1)}, 0)
+    assert modes == [True]
+
+
+@pytest.mark.parametrize("s", [0, 1])
+def test_stage_dataset_reads_this_stages_labels_and_saliency(s, toy_root, tmp_path):
+    """make_stage_dataset: the crops of stage s carry pseudo_labels/<s>/train (seg) and, as the saliency target,
+    SAL_0 (the given folder) at s = 0 and pseudo_labels/<s>/train_saliency at s > 0, cropped at --crop-size.
+    Constant maps (seg 1 / 2 per stage, saliency 33 for SAL_0, 55 / 77 in the stage folders) show which file was
+    read. Catches: the transform given sal0_dir (or the stage's saliency folder) at every stage while the
+    bookkeeping attribute is right, another stage's folder, --cls-crop-size used for the stage crops."""
+    args = tiny_args(crop_size=40, cls_crop_size=24, scale_range=(1.0, 1.0))
+    ctx = FakeCtx(args, toy_root, tmp_path / "run", {})
+    first = data.SegDataset(ctx.spec.root, ctx.splits["train"], dataset=ctx.spec.dataset).load(0)  # what ds[0] reads
+    name, shape = first["name"], first["image"].shape[:2]
+    sal0_dir = tmp_path / "sal0"
+    sal0_dir.mkdir()
+    Image.fromarray(np.full(shape, 33, np.uint8)).save(sal0_dir / f"{name}.png")
+    for stage, (seg_value, sal_value) in enumerate(((1, 55), (2, 77))):
+        root = tmp_path / "run" / "pseudo_labels" / str(stage)
+        (root / "train_saliency").mkdir(parents=True)
+        data.save_mask(root / "train" / f"{name}.png", np.full(shape, seg_value, np.uint8))
+        Image.fromarray(np.full(shape, sal_value, np.uint8)).save(root / "train_saliency" / f"{name}.png")
+    ds = aux.make_stage_dataset(ctx, s, sal0_dir)
+    out = ds[0]
+    assert out["image"].shape[-2:] == (40, 40) and out["seg"].shape == out["sal"].shape == (40, 40)
+    valid = out["sal_valid"] > 0
+    assert valid.any()
+    want_sal = 33 if s == 0 else 77
+    np.testing.assert_allclose(out["sal"][valid].numpy(), want_sal / 255.0, atol=1e-6)
+    assert (out["seg"][valid] == (1 if s == 0 else 2)).all()
 
 
 def test_main_stage_order(toy_root, tmp_path, monkeypatch):
@@ -915,6 +1092,26 @@ def test_evaluate_without_post_skips_views_and_crf(monkeypatch):
                                                   eval_flip=True)
     assert set(res) == {"seg/val"} and not crf_calls and len(bound) == len(samples)
     assert all((tuple(b["scales"]), b["flip"]) == ((1.0,), False) for b in bound)
+
+
+@pytest.mark.parametrize("post", [False, True])
+def test_evaluate_runs_the_network_in_eval_mode(monkeypatch, post):
+    """evaluate puts the network in eval mode before predicting (train_stage hands it the model straight from the
+    training loop, in train mode: dropout, batch statistics). Catches: model.eval() dropped or model.train()."""
+    modes = []
+
+    def fake_probs(model, image, device, scales=(1.0,), flip=False):
+        modes.append(model.training)
+        return np.full((NC,) + image.shape[:2], 1.0 / NC, np.float32)
+
+    monkeypatch.setattr(aux, "predict_probs", fake_probs)
+    samples = ListDataset([{"name": "im", "image": np.zeros((6, 8, 3), np.uint8), "mask": np.zeros((6, 8), np.uint8),
+                            "label": np.ones(NC - 1, np.float32)}])
+    ctx = FakeCtx.__new__(FakeCtx)
+    ctx.args, ctx.device, ctx.main, ctx.rank, ctx.world = aux.Args(workers=0, num_vis=0), torch.device("cpu"), True, 0, 1
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    aux.evaluate(ctx, model, samples, post=post)
+    assert modes and not any(modes)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1458,3 +1458,154 @@ def test_weights_seg_entry_refused_for_a_vit_seg_backbone(monkeypatch, capsys, t
     _, _, seg = cobra.build_model(args_for(mask_method="crf", weights=str(path), seg_backbone="resnet18"), 5,
                                   init_weights=True)
     assert all(torch.equal(seg.backbone.state_dict()[k], v) for k, v in res.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit additions: A_bar in the ViT branch, the IR-label rule, the IRN edge inference, --ir-percentile
+# ---------------------------------------------------------------------------------------------
+def test_vit_attention_is_head_mean_summed_over_layers():
+    """A_bar = sum over the blocks of the head-averaged post-softmax attention (Deviation 5), recomputed here from
+    each block's own input (q, k from its qkv). Catches: the layers averaged (.mean(0)) instead of summed (scales A
+    and so the attention-percentile seed / IR thresholds), the heads max-pooled or summed instead of averaged, the
+    pre-softmax scores kept, one block only (first / last)."""
+    torch.manual_seed(0)
+    vit = cobra.SAKBranch("deit_tiny_patch16_224", 5, 8, False, 32, dim=48, depth=3, heads=3).eval()
+    seen = []
+    for blk in vit.backbone.blocks:
+        with torch.no_grad():
+            blk.attn.qkv.weight.mul_(40)  # peaked, head-dependent attention: mean / max / sum of heads differ
+        blk.attn.register_forward_pre_hook(lambda m, i: seen.append((m, i[0])))
+    with torch.no_grad():
+        out = vit(torch.randn(2, 3, 32, 32))
+    want = 0
+    for m, x in seen:
+        B, T, C = x.shape
+        q, k, _ = m.qkv(x).reshape(B, T, 3, m.num_heads, C // m.num_heads).permute(2, 0, 3, 1, 4)
+        want = want + ((q * m.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)  # (B, T, T) head mean
+    assert len(seen) == 3
+    torch.testing.assert_close(out["attn"], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["attn"].sum(-1), torch.full((2, 5), 3.0))  # each layer's rows sum to 1
+
+
+def test_make_ir_label_bg_needs_both_maps_and_crf_inputs(monkeypatch):
+    """IRNet's rule on the CRF-refined maps: fg = the tau_fg map's class, bg only where BOTH the tau_fg and the tau_bg
+    map say bg, 255 elsewhere. The stub CRF returns a tau_fg map that keeps class 6 where the tau_bg map says bg
+    (pixel 3). Catches: bg taken from the tau_bg map alone (label[bg_conf == 0] = 0 turns pixel 3 to 0), the two
+    thresholds used in the other order, the CRF not given the argmax indices (class ids instead), n_labels = K,
+    another gt_prob / preset than IRNet's, the refined indices not mapped back through the keys."""
+    cam = np.array([[[0.9, 0.4, 0.2, 0.01]], [[0.2, 0.1, 0.6, 0.02]]], np.float32)  # (K=2, 1, 4)
+    keys = np.array([3, 6])
+    img = np.random.default_rng(7).integers(0, 256, (1, 4, 3), dtype=np.uint8)
+    refined = [np.array([[1, 0, 2, 2]]), np.array([[1, 1, 2, 0]])]  # tau_fg call, then tau_bg call
+    rec = []
+
+    def refine(image, labels, n_labels, gt_prob=None, **params):
+        rec.append(dict(image=np.array(image), labels=np.array(labels), n=n_labels, gt_prob=gt_prob, params=params))
+        return refined[len(rec) - 1]
+    monkeypatch.setattr(cobra.crf, "refine_labels", refine)
+    got = cobra.make_ir_label(img, cam, keys, 0.5, 0.15, use_crf=True)
+    assert got.tolist() == [[3, 255, 6, 6]]
+    assert [r["labels"].tolist() for r in rec] == [[[1, 0, 2, 0]], [[1, 1, 2, 0]]]  # fg threshold first
+    assert all(r["n"] == 3 and r["gt_prob"] == 0.7 and r["params"] == cobra.crf.PRESETS["irn"] for r in rec)
+    assert all(np.array_equal(r["image"], img) for r in rec)
+    # no CRF: the thresholded maps themselves
+    assert cobra.make_ir_label(img, cam, keys, 0.5, 0.15, use_crf=False).tolist() == [[3, 255, 6, 0]]
+
+
+class EdgeStub(nn.Module):
+    """Stride-4 'edge logits': 5 x the 4 x 4 average of the first input channel plus 0.1 x the output column (a ramp
+    that flipping does not preserve, so the two views' logits differ after the flip back); records x."""
+
+    def forward(self, x):
+        self.seen = x
+        a = 5 * F.avg_pool2d(x[:, :1], 4)  # (B, 1, h, w)
+        return a + 0.1 * torch.arange(a.shape[-1], dtype=a.dtype)
+
+
+def test_infer_edge_pads_flips_back_and_averages():
+    """The edge map = sigmoid of the mean of the logits of the image and of its mirror (flipped back), both
+    zero-padded at the bottom / right to the crop, cropped to ceil(H/4) x ceil(W/4). With W a multiple of 4 the
+    image part a of the stub's logits is the same in both views after the flip back, and their column ramps r(j) and
+    r(w - 1 - j) differ but average to 0.1 (w - 1) / 2 = 0.2 (w = 5). Catches: the mirror's logits not flipped back,
+    sigmoid before the average, one view only, padding at the top / left or not to the crop, the crop taken from the
+    wrong corner or with H / W swapped."""
+    img = np.random.default_rng(5).integers(0, 256, (12, 20, 3), dtype=np.uint8)  # not mirror-symmetric
+    stub = EdgeStub()
+    got = cobra.infer_edge(stub, img, 32, "cpu")
+    x = cobra.augment.to_tensor(img)
+    assert stub.seen.shape == (2, 3, 32, 32)
+    assert torch.equal(stub.seen[0, :, :12, :20], x) and torch.equal(stub.seen[1, :, :12, :20], x.flip(-1))
+    assert stub.seen[:, :, 12:].abs().sum() == 0 and stub.seen[:, :, :, 20:].abs().sum() == 0
+    a = 5 * F.avg_pool2d(x[None, :1], 4)[0, 0]  # (3, 5)
+    want = torch.sigmoid(a + 0.2)
+    assert got.shape == (3, 5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    ramp = 0.1 * torch.arange(5.0)
+    for wrong in (torch.sigmoid(a + ramp), (torch.sigmoid(a + ramp) + torch.sigmoid(a + ramp.flip(-1))) / 2):
+        assert (wrong - want).abs().max() > 1e-3  # one view only, sigmoid before the average: both observable
+
+
+def test_ir_labels_use_the_percentile_from_args(monkeypatch):
+    """Catches: --ir-percentile not passed to ir_thresholds (the 93 default used whatever the flag says; the test
+    above runs at 93, where that cannot show). On linspace(0, 1, 16) attention: 80th percentile 0.80 -> (1.25,
+    0.75), 93rd 0.93 -> (1.4, 0.9)."""
+    cams = _cams()
+    cams["attn"] = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    args = args_for(ir_thresh="attn", ir_percentile=80.0)
+    ctx, saved, ds = _stage_ctx(monkeypatch, args, cams)
+    rec = {}
+    monkeypatch.setattr(cobra, "make_ir_label", lambda image, cam, keys, fg, bg, use_crf=True:
+                        rec.update(fg=fg, bg=bg) or np.zeros((4, 4), np.uint8))
+    cobra.stage_ir_labels(ctx, ds)
+    assert (rec["fg"], rec["bg"]) == pytest.approx((1.25, 0.75))
+
+
+@pytest.mark.parametrize("method,mask_crf", [("irn", True), ("irn", False), ("crf", False)])
+def test_evaluate_masks_scores_each_folder(monkeypatch, method, mask_crf):
+    """mask/train is scored from pseudo_labels/mask (the CRF-refined masks), mask_nocrf/train from mask_nocrf; with
+    --no-mask-crf on IRN masks mask/train repeats mask_nocrf/train, while --mask-method crf always refines (its
+    mask/ folder is scored even under --no-mask-crf). Here mask/ holds the ground truth, mask_nocrf/ an imperfect
+    mask with an unsure (255) pixel. Catches: the two folders swapped, mask/train skipped for --mask-method crf
+    (the 'or mask_method == crf' dropped), 255 not excluded, the IRN alpha not reported as the threshold."""
+    gt = np.array([[1, 1, 0, 0]], np.uint8)
+    preds = {"mask": gt.copy(), "mask_nocrf": np.array([[1, 255, 1, 0]], np.uint8)}
+    monkeypatch.setattr(cobra.data, "read_mask", lambda path: preds[cobra.Path(path).parts[-3]])
+    stub_each_sample(monkeypatch, [{"name": "a", "image": np.zeros((1, 4, 3), np.uint8), "mask": gt}])
+    ctx = SimpleNamespace(args=args_for(mask_method=method, mask_crf=mask_crf), run_dir=cobra.Path("/r"),
+                          splits={"train": "t"}, main=False)
+    res = cobra.evaluate_masks(ctx, SimpleNamespace(num_classes=2, class_names=["bg", "a"]), 0.42)
+    cm = cobra.miou.ConfusionMatrix(2)
+    cm.update(preds["mask_nocrf"], gt, pred_ignore="exclude")
+    nocrf = 100 * cm.compute()["miou"]
+    assert nocrf < 99
+    assert res["mask_nocrf/train"]["miou"] == pytest.approx(nocrf, abs=0.01)
+    want = 100.0 if (mask_crf or method == "crf") else nocrf
+    assert res["mask/train"]["miou"] == pytest.approx(want, abs=0.01)
+    assert all(("threshold" in e) == (method == "irn") for e in res.values())
+    if method == "irn":
+        assert res["mask/train"]["threshold"] == 0.42
+
+
+@pytest.mark.parametrize("seed_bg,param", [("fixed", 0.3), ("attn-pct", 80)])
+def test_seed_bg_value_follows_the_rule(seed_bg, param):
+    """The background score of the --mask-method crf seeds: stage 3's chosen parameter, itself under the fixed rule,
+    the param-th attention percentile under attn-pct. Catches: the percentile taken under the fixed rule too (a
+    fixed 0.3 read as the 0.3rd percentile), the fixed threshold returned under attn-pct."""
+    attn = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    ctx = SimpleNamespace(args=args_for(seed_bg=seed_bg), state={"done": {"seeds": {"seed_bg": param}}})
+    want = 0.3 if seed_bg == "fixed" else 0.8
+    assert cobra.seed_bg_value(ctx, {"attn": attn}) == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("crf_ok", [False, True])
+def test_ir_labels_crf_follows_availability(monkeypatch, crf_ok):
+    """Catches: stage 4 asking make_ir_label for the CRF whatever crf.available() says (use_crf hard-wired True,
+    pydensecrf missing then fails) or never refining (hard-wired False)."""
+    cams = _cams()
+    ctx, saved, ds = _stage_ctx(monkeypatch, args_for(ir_thresh="fixed"), cams)
+    monkeypatch.setattr(cobra.crf, "available", lambda: crf_ok)
+    rec = {}
+    monkeypatch.setattr(cobra, "make_ir_label", lambda image, cam, keys, fg, bg, use_crf="unset":
+                        rec.update(use_crf=use_crf) or np.zeros((4, 4), np.uint8))
+    cobra.stage_ir_labels(ctx, ds)
+    assert rec["use_crf"] is crf_ok

@@ -315,6 +315,29 @@ def test_csc_regions_from_m_dagger_prime_and_loss_on_on_m(monkeypatch):
     assert run.log["csc/omega"] == pytest.approx(omega.float().mean().item())
 
 
+def test_contrastive_regions_labels_omega_on_the_grid_inside_the_box():
+    """Eq. (9) by hand on a 4x4 grid (M†' constant on the pixels the bilinear 16 -> 4 reads, so it is exact), xi† = 0.5.
+    Rows: nu = 0.95 (d = 0.9, P = 0.33, in Omega) | nu = xi (P -> inf, out) | nu = 0.3 (d = 0.4, P = 1.14: out for
+    eps = 1, in for eps = 1.2) | nu = 0 (background, d = 1, in). The box leaves out the last column. Catches: the
+    box not applied to Omega, eps / alpha / xi not used, Omega from nu instead of P, labels at full size,
+    nearest instead of bilinear down-sampling."""
+    cam = torch.zeros(1, 2, CROP, CROP)
+    cam[0, 0, 0:4, 0:8], cam[0, 1, 0:4, 8:] = 0.95, 0.95
+    cam[0, 0, 4:8, 0:8], cam[0, 1, 4:8, 8:] = 0.5, 0.5
+    cam[0, 0, 8:12, :] = 0.3
+    cam[0, :, 0, :] = 0.0  # bilinear 16 -> 4 reads pixel rows 1-2 of each block, nearest would read row 0
+    box = torch.tensor([[0, CROP, 0, 12]])  # cell centres at x = 2, 6, 10, 14: the last column is outside
+    labels, omega = cosa.contrastive_regions(cam, 0.5, box, GRID)
+    assert labels.tolist() == [[[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 0, 0], [0, 0, 0, 0]]]
+    inside = [True, True, True, False]
+    assert omega.tolist() == [[inside, [False] * 4, [False] * 4, inside]]
+    _, omega_wide = cosa.contrastive_regions(cam, 0.5, box, GRID, eps=1.2)
+    assert omega_wide.tolist() == [[inside, [False] * 4, inside, inside]]
+    # lambda_alpha = 0.4: P(d = 0.9) = 1.02 > 1 (the first row drops out), P(d = 1) = 0.92 (background stays)
+    _, omega_alpha = cosa.contrastive_regions(cam, 0.5, box, GRID, alpha=0.4)
+    assert omega_alpha.tolist() == [[[False] * 4, [False] * 4, [False] * 4, inside]]
+
+
 def test_total_is_eq11_weighted_sum_in_gradient_and_log(monkeypatch):
     """Eq. (11) with summed c2s terms. Catches: any weight missing, swapped (lambda_s2c on c2s, ...), applied
     twice, the c2s terms averaged, a term dropped from the total or the log, a term logged under another key."""
@@ -548,6 +571,62 @@ def test_assign_is_no_grad_and_filtered_even_with_a_trainable_network():
     assert seg.shape == (B, C + 1, CROP, CROP) and seg[:, 1:][labels == 0].abs().sum() > 0
 
 
+class FlipProbe(nn.Module):
+    """A stand-in network that is NOT mirror-equivariant: outputs on the token grid = a fixed linear map of the
+    patch-averaged image plus a left-to-right ramp, so the un-flip of the mirrored view is visible."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.maps = {k: torch.randn(n, 3, generator=g) for k, n in (("cam", C), ("cam_aux", C), ("seg", C + 1))}
+        self.ramps = {k: torch.randn(n, generator=g) for k, n in (("cam", C), ("cam_aux", C), ("seg", C + 1))}
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(x, PATCH)  # (N, 3, h, w)
+        ramp = torch.linspace(-1.0, 1.0, pooled.shape[-1])
+        return {k: torch.einsum("kc,nchw->nkhw", self.maps[k], pooled) + self.ramps[k][:, None, None] * ramp
+                for k in self.maps}
+
+
+def reference_multiscale(net, x, scales, merge, unflip=True):
+    """Alg. 1 l.7-9 by hand: every scale and its mirror, back to the crop size, un-flipped; CAMs ReLU'd, max over
+    the pair, then max / sum over scales; S mean over all views. unflip=False: the mirror's maps left mirrored (the
+    bug the test below must be able to see)."""
+    H, W = x.shape[-2:]
+    up = lambda t: F.interpolate(t, size=(H, W), mode="bilinear", align_corners=False)
+    back = (lambda t: t.flip(-1)) if unflip else (lambda t: t)
+    cams, auxs, segs = [], [], []
+    for s in scales:
+        xs = F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear", align_corners=False)
+        o, m = net(xs), net(xs.flip(-1))
+        cams.append(torch.maximum(up(o["cam"]).relu(), back(up(m["cam"])).relu()))
+        auxs.append(torch.maximum(up(o["cam_aux"]).relu(), back(up(m["cam_aux"])).relu()))
+        segs += [up(o["seg"]), back(up(m["seg"]))]
+    pool = (lambda t: torch.stack(t).amax(0)) if merge == "max" else (lambda t: torch.stack(t).sum(0))
+    return pool(cams), pool(auxs), torch.stack(segs).mean(0)
+
+
+@pytest.mark.parametrize("merge", ["max", "sum"])
+def test_multiscale_predict_unflips_the_mirror_and_merges_the_scales(merge):
+    """Alg. 1 l.7-9, the AN ensemble behind M', M†', S' (the stub tests replace `assign`). Catches: the mirrored
+    view's M / M† / S not flipped back (or the input not mirrored), S summed instead of averaged over the views
+    (S' 2x / 4x sharper in the SPL), the CAM scale merge ignoring --ms-cam-merge, the ReLU dropped; and assign()
+    not min-max normalising / filtering this ensemble."""
+    net = FlipProbe()
+    x = torch.randn(B, 3, CROP, CROP, generator=torch.Generator().manual_seed(4))
+    scales = (1.0, 0.5)
+    cam, cam_aux, seg = cosa.multiscale_predict(net, x, scales, (CROP, CROP), merge)
+    ref_cam, ref_aux, ref_seg = reference_multiscale(net, x, scales, merge)
+    # the test can fail: without the un-flip the reference differs in all three maps
+    assert not any(map(same, reference_multiscale(net, x, scales, merge, unflip=False), (ref_cam, ref_aux, ref_seg)))
+    assert same(cam, ref_cam) and same(cam_aux, ref_aux) and same(seg, ref_seg)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    a_cam, a_aux, a_seg = cosa.assign(net, x, labels, scales, merge)
+    keep = labels[:, :, None, None]
+    assert same(a_cam, cosa.normalise_cam(ref_cam) * keep) and same(a_aux, cosa.normalise_cam(ref_aux) * keep)
+    assert same(a_seg, ref_seg)
+
+
 # ------------------------------------------------------------------- input normalisation, evaluation
 def test_input_normalisation_follows_the_backbone_config_and_the_toy_keeps_imagenet():
     """Deviation 5. Catches: ImageNet mean/std with the 0.5/0.5 checkpoint, the toy preset silently changed,
@@ -619,6 +698,27 @@ def test_cam_ens_is_the_mean_of_m_and_m_dagger(monkeypatch):
     assert res["cam"]["miou_fixed_threshold"] == 100.0
     assert res["cam_ens"]["miou_fixed_threshold"] == 25.0
     assert "optimistic" in res["cam_ens"]["threshold_selection"]
+
+
+def test_evaluate_seg_gtcls_masks_only_the_absent_classes(monkeypatch):
+    """Deviation 6 ("Seg_vd"). Left half: class 1 (present); S scores the absent class 2 highest there, class 1
+    second, and background highest on the right. Unfiltered: class 2 predicted on the left -> mIoU (1 + 0 + 0) / 3;
+    filtered: class 2 at -1e5 -> 100. Catches: the present classes masked instead of the absent ones, the
+    background masked, seg and seg_gtcls swapped."""
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, :4] = 1
+    sample = {"name": "s0", "image": np.zeros((8, 8, 3), np.uint8), "mask": mask, "label": np.array([1.0, 0.0])}
+    dataset = type("DS", (), {"num_classes": 3, "class_names": ["bg", "a", "b"], "__len__": lambda self: 1,
+                              "__getitem__": lambda self, i: sample})()
+    seg = torch.zeros(1, 3, 8, 8)
+    seg[0, 0, :, 4:] = 5.0  # background on the right
+    seg[0, 2, :, :4], seg[0, 1, :, :4] = 5.0, 3.0  # absent class 2 first, present class 1 second on the left
+    monkeypatch.setattr(cosa, "multiscale_predict",
+                        lambda net, x, scales, size, merge: (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8), seg))
+    args = cosa.Args(eval_size=8, eval_scales=(1.0,), eval_batch=1, num_vis=0, input_norm="imagenet")
+    res = cosa.evaluate(nn.Identity(), dataset, args, torch.device("cpu"))
+    assert res["seg_gtcls"]["miou"] == pytest.approx(100.0)
+    assert res["seg"]["miou"] == pytest.approx(100.0 / 3, abs=0.01)
 
 
 def test_eval_every_logs_both_networks_and_restores_train_mode(monkeypatch):

@@ -1,8 +1,10 @@
 """Wiring tests for csd.py: which tensor of which network and view feeds each loss of Eq. (6), teacher mode and
 stop-gradient, the loss weights and thresholds, each component switch, the triplet (x_m, c_s, x_s, M_fg, R_bg),
 the classification view, train_step / optimizer_step, the training stages' optimisers and closures (CSD gate, LR
-schedule, seeds), the label stages (threshold, CRF preset, result keys) and the stage order in main() (crf / irn
-masks, --prior seeds / gt / dir:).
+schedule, seeds; the --classifier irn optimiser), the seeds (flip, scales, min-max / max norm, IRN's ReLU CAM, eval
+mode), the seed sweep against a brute force, the label stages (threshold, CRF preset, result keys), the
+--mask-method irn stages (IR labels, IRN training view and loss, edge inference, random walk wiring, IRNet's
+background rule) and the stage order in main() (crf / irn masks, --prior seeds / gt / dir:).
 
 Hand-made inputs, a small deterministic stub network whose maps depend on train/eval mode (a stand-in for
 drop-path), recording wrappers around the loss functions, and independent reference formulas.
@@ -158,6 +160,18 @@ def test_forwards_student_views_then_teacher_in_eval_no_grad():
     assert not teacher["training"] and not teacher["grad"]
     assert torch.equal(teacher["x"], batch["x_s"])
     assert net.training  # restored
+
+
+def test_teacher_forward_restores_the_mode_it_found():
+    """csd_losses switches the network to eval for the teacher and back to the mode it found (train in training;
+    here eval, the only way to tell them apart). Catches: net.train() / net.train(True) instead of
+    net.train(was_training) after the teacher forward."""
+    net = StubNet().eval()
+    csd.csd_losses(net, hand_batch(), args_for(), C, True)
+    assert not net.training
+    net.train()
+    csd.csd_losses(net, hand_batch(), args_for(), C, True)
+    assert net.training
 
 
 def test_loss_fg_and_loss_bg_inputs(monkeypatch):
@@ -1030,3 +1044,359 @@ def test_main_stage_order_thresholds_and_crf(monkeypatch, toy_root, tmp_path, ex
         expected += [("labels", "mask", "best", mask_crf, mask_dir, 2.0)]
     expected += [("seg", mask_dir)]
     assert calls == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds: seed_from_lowres (flip, scales, normalisation), lowres_maps under --classifier irn, compute_maps
+# ------------------------------------------------------------------------------------------------
+def ref_seed(maps, label, size, norm):
+    """Independent seed: each scale's (image, flip) pair upsampled, the flip un-flipped, all summed, then min-max
+    (MCTformer) or max + 1e-5 (IRN) per present class; absent classes 0."""
+    keys = np.flatnonzero(label > 0)
+    total = sum(F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[0]
+                + F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)[1].flip(-1) for m in maps)
+    out = np.zeros((len(label), *size), np.float32)
+    for j, k in enumerate(keys):
+        t = total[j].numpy()
+        out[k] = (t - t.min()) / (t.max() - t.min() + 1e-5) if norm == "minmax" else t / (t.max() + 1e-5)
+    return out
+
+
+@pytest.mark.parametrize("norm", ["minmax", "max"])
+def test_seed_from_lowres_unflips_sums_scales_and_normalises_per_class(norm):
+    """Two scales of (image, flip) maps, two present classes of three, each class on its own range. Catches: the
+    flipped view added without un-flipping (or dropped), a scale dropped, the maps' own norm ignored (IRN's max
+    norm as min-max or the reverse), one max over all classes instead of per class, maps written to the wrong
+    class channel."""
+    g = torch.Generator().manual_seed(4)
+    m1 = torch.rand(2, 2, 2, 3, generator=g)
+    m1[:, 1] *= 5.0  # class 2 on another range: a global max would change class 0
+    m2 = torch.rand(2, 2, 4, 6, generator=g) + 0.3
+    maps = csd.LowresMaps([m1.half(), m2.half()], norm)
+    label = np.array([1, 0, 1], np.float32)
+    got = csd.seed_from_lowres(maps, label, (8, 12))
+    want = ref_seed([m1.half(), m2.half()], label, (8, 12), norm)
+    assert got.shape == (3, 8, 12) and not got[1].any()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    unflipped = ref_seed([torch.stack([m[0], m[1].flip(-1)]).half() for m in (m1, m2)], label, (8, 12), norm)
+    assert np.abs(unflipped - want).max() > 1e-2  # the flip check is not vacuous
+
+
+def test_lowres_maps_irn_relu_cam_bicubic_scales_and_max_norm():
+    """--classifier irn: the seeds are ReLU(CAM) (IRN's `CAM`; the CAM itself is the pre-ReLU CSD map) of the
+    present classes, from the image and its flip per scale, a rescaled input bicubic, normalised by the max.
+    Catches: the pre-ReLU CAM (negative seeds), the fused attention map, a bilinear rescale, the min-max norm."""
+    net = StubNet().eval()
+    args = args_for(classifier="irn", seed_scales=(1.0, 0.5))
+    image = (np.arange(32 * 32 * 3).reshape(32, 32, 3) * 37 % 251).astype(np.uint8)
+    label = np.array([1, 0, 1], np.float32)
+    maps = csd.lowres_maps(net, image, label, args, torch.device("cpu"))
+    assert maps.norm == "max" and len(maps) == 2 and len(net.calls) == 2
+    bicubic = csd.augment.to_tensor(csd.augment.rescale(image, 0.5, interp="bicubic")[0])
+    bilinear = csd.augment.to_tensor(csd.augment.rescale(image, 0.5, interp="bilinear")[0])
+    assert torch.equal(net.calls[1]["x"][0], bicubic) and not torch.equal(bicubic, bilinear)
+    for call, got in zip(list(net.calls), maps):  # a copy: net(...) below appends to net.calls
+        assert torch.equal(call["x"][1], call["x"][0].flip(-1)) and not call["training"]
+        with torch.no_grad():
+            cam = net(call["x"])["patch_cam"][:, [0, 2]]
+        assert (cam < 0).any()  # the ReLU matters
+        assert torch.allclose(got.float(), F.relu(cam), rtol=1e-2, atol=1e-3)
+
+
+def test_compute_maps_eval_mode_and_shared_ids_once(monkeypatch):
+    """Catches: the seeds computed with the classifier in train mode (drop-path / dropout on, BN batch statistics),
+    an id shared by the train and seed splits computed twice or skipped, another args / device passed."""
+    seen = []
+    monkeypatch.setattr(csd, "each_sample", each_sample_stub)
+    monkeypatch.setattr(csd, "lowres_maps", lambda model, image, label, args, device:
+                        seen.append((model.training, args, device)) or ("maps", float(image[0, 0, 0])))
+    net = StubNet().train()
+    ctx = SimpleNamespace(args=args_for(), device=torch.device("cpu"))
+    cache = csd.compute_maps(ctx, net, [LabelSet(("a", "b")), LabelSet(("b", "c"))], "x")
+    assert list(cache) == ["a", "b", "c"] and cache["c"] == ("maps", 30.0)  # "c" is the 2nd seed image
+    assert [s[0] for s in seen] == [False, False, False]
+    assert all(s[1] is ctx.args and s[2] == ctx.device for s in seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# --mask-method irn stages: IR labels, train_irn, irn_masks
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_crf", [False, True])
+def test_write_labels_ir_branch_thresholds_and_present_classes(monkeypatch, tmp_path, use_crf):
+    """ir=True: make_ir_label(image, seeds of the present classes, their class ids, --ir-fg, --ir-bg, CRF switch),
+    t unused. Catches: --ir-fg and --ir-bg swapped (or the seed threshold t passed), all C channels instead of the
+    present ones, 0-based keys, the CRF switch not passed, the seed label written instead of the IR label."""
+    calls = []
+    monkeypatch.setattr(csd, "each_sample", each_sample_stub)
+
+    def ir_label(image, cam, keys, tau_fg, tau_bg, crf_on=True):
+        calls.append((cam.copy(), keys.copy(), tau_fg, tau_bg, crf_on))
+        return np.full(image.shape[:2], 255, np.uint8)
+
+    monkeypatch.setattr(csd, "make_ir_label", ir_label)
+    ds, cache = LabelSet(), label_cache(["a", "b"])
+    ctx = SimpleNamespace(args=args_for(ir_fg=0.35, ir_bg=0.1))
+    csd.write_labels(ctx, cache, ds, 0.5, tmp_path / "ir", use_crf, "x", ir=True)
+    assert len(calls) == 2
+    for i, (cam, keys, fg, bg, crf_on) in enumerate(calls):
+        s = ds[i]
+        want_keys = np.flatnonzero(s["label"]) + 1
+        assert np.array_equal(keys, want_keys) and (fg, bg, crf_on) == (0.35, 0.1, use_crf)
+        np.testing.assert_array_equal(cam, csd.seed_from_lowres(cache[ds.ids[i]], s["label"], (4, 6))[want_keys - 1])
+        assert (csd.data.read_mask(tmp_path / "ir" / f"{ds.ids[i]}.png") == 255).all()
+
+
+class TinyEdge(nn.Module):
+    """A stand-in IRN: (B, 3, H, W) -> edge logits (B, 1, H/4, W/4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 4, stride=4)
+        self.frozen = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_train_irn_wiring(monkeypatch, toy_root, tmp_path):
+    """IRNet step/train_irn.py: the affinity loss on the IR labels at --irn-radius (not the walk's --rw-radius),
+    SGD(--irn-lr, --irn-momentum, --irn-weight-decay) on the trainable parameters, poly over --irn-epochs x
+    (n // --irn-batch) iterations, the IR-label folder, reseed / salt 2, the IRN returned in eval mode.
+    Catches: --rw-radius in the loss, a swapped optimiser setting, frozen parameters in SGD, the schedule's total."""
+    args = args_for(irn_radius=4, rw_radius=3, irn_lr=0.03, irn_momentum=0.8, irn_weight_decay=2e-4, irn_epochs=2,
+                    irn_batch=4, max_iters=0)
+    (tmp_path / "pseudo_labels" / "ir" / "train").mkdir(parents=True)
+    ctx = fake_ctx(args, toy_root)
+    ctx.run_dir = tmp_path
+    got = capture_loop(monkeypatch)
+    monkeypatch.setattr(csd, "build_irn", lambda a, init_weights: TinyEdge())
+    irn = csd.train_irn(ctx)
+    assert ctx.reseeds == [2] and got["salt"] == 2 and got["batch_size"] == 4 and got["stage"] == "irn"
+    total = 2 * (len(got["ds"]) // 4)
+    assert got["total"] == total and [got["lr"](it) for it in (0, 5)] == [csd.poly_lr(0, total), csd.poly_lr(5, total)]
+    assert got["ds"].extra_dirs["ir"] == tmp_path / "pseudo_labels" / "ir" / "train"
+    opt = got["modules"]["optimizer"]
+    assert got["modules"]["irn"] is irn and type(opt) is torch.optim.SGD
+    (group,) = opt.param_groups
+    assert [id(p) for p in group["params"]] == [id(irn.conv.weight), id(irn.conv.bias)]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.03, 0.8, 2e-4)
+    g = torch.Generator().manual_seed(0)
+    ir = torch.zeros(2, 6, 6, dtype=torch.long)
+    ir[:, :, 3:] = 1
+    ir[0, :2, :2] = 255
+    batch = {"image": torch.randn(2, 3, 24, 24, generator=g), "ir": ir}
+    irn.train()
+    with torch.no_grad():
+        logits = irn(batch["image"])
+        want = csd.loss_irn_affinity(logits, ir, 4).item()
+        other = csd.loss_irn_affinity(logits, ir, 3).item()
+    assert abs(want - other) > 1e-4  # the radius matters on this batch
+    log = got["step"](batch, 0)
+    assert abs(log["losses/irn"] - want) < 1e-5
+
+
+def test_irn_masks_walk_wiring(monkeypatch, tmp_path):
+    """irn_masks: per image the seeds of the present classes at the edge map's size walk on the IRN's edge map
+    (infer_edge in eval mode, --irn-crop) with --rw-radius / --rw-beta / --rw-exp-times, and final_mask gets the
+    WALK with the class ids, the image size and --mask-bg; masks go to out_dir (seed-split images outside the
+    training split next to them) and are scored on the seed split. Catches: all C seed channels (no [keys - 1]),
+    the un-walked seeds to final_mask, --irn-radius as the walk radius, beta / exp swapped, the IRN in train mode,
+    the masks written elsewhere or scored on the training ids."""
+    args = args_for(rw_radius=3, irn_radius=4, rw_beta=7.0, rw_exp_times=2, mask_bg=0.3, irn_crop=24)
+    ctx = SimpleNamespace(args=args, splits={"seed": "trainS"}, run_dir=tmp_path, device=torch.device("cpu"))
+    train_set, seed_set = LabelSet(("a", "b")), LabelSet(("b", "c"))
+    cache = {**label_cache(["a", "b"]), "c": label_cache(["x", "c"])["c"]}  # c: the seed split's 2nd image, one class
+    rec = {"edge": [], "walk": [], "final": [], "cm": []}
+    monkeypatch.setattr(csd, "each_sample", each_sample_stub)
+    monkeypatch.setattr(csd, "compute_maps", lambda ctx_, model, datasets, desc:
+                        rec.update(datasets=datasets, model=model) or cache)
+    edge = torch.tensor([[0.2, 0.7]])  # ceil(4 / 4) x ceil(6 / 4)
+
+    def infer_edge(irn, image, crop, device):
+        rec["edge"].append((irn.training, crop))
+        return edge
+
+    def walk(x, e, radius, beta, exp_times):
+        rec["walk"].append((x.clone(), e, radius, beta, exp_times))
+        return 2 * x + 1
+
+    def final(rw, keys, H, W, bg):
+        rec["final"].append((rw.clone(), keys.copy(), H, W, bg))
+        return np.full((H, W), keys[-1], np.uint8)
+
+    monkeypatch.setattr(csd, "infer_edge", infer_edge)
+    monkeypatch.setattr(csd, "random_walk", walk)
+    monkeypatch.setattr(csd, "final_mask", final)
+    monkeypatch.setattr(csd.miou.ConfusionMatrix, "update", lambda self, lab, gt, **k: rec["cm"].append(gt.copy()))
+    monkeypatch.setattr(csd, "miou_entry", lambda result, names, **kw: kw)
+    irn = TinyEdge().train()
+    out = tmp_path / "masks"
+    res = csd.irn_masks(ctx, "MODEL", irn, train_set, seed_set, out)
+    assert rec["model"] == "MODEL" and rec["datasets"] == [train_set, seed_set]
+    assert rec["edge"] == [(False, 24)] * 3
+    assert len(rec["walk"]) == len(rec["final"]) == 3
+    samples = [(train_set, 0), (train_set, 1), (seed_set, 1)]  # a, b, then the seed-only image c
+    for (ds, i), (x, e, radius, beta, exp_times), (rw, keys, H, W, bg) in zip(samples, rec["walk"], rec["final"]):
+        s = ds[i]
+        want_keys = np.flatnonzero(s["label"]) + 1
+        seed = csd.seed_from_lowres(cache[s["name"]], s["label"], (1, 2))[want_keys - 1]
+        assert torch.allclose(x, torch.from_numpy(seed)) and e is edge and (radius, beta, exp_times) == (3, 7.0, 2)
+        assert torch.allclose(rw, 2 * x + 1) and np.array_equal(keys, want_keys) and (H, W, bg) == (4, 6, 0.3)
+    for name, folder in (("a", out), ("b", out), ("c", tmp_path / "pseudo_labels" / "mask" / "trainS")):
+        assert (folder / f"{name}.png").is_file()
+    assert len(rec["cm"]) == 2  # b and c: the seed split's ids
+    assert set(res) == {"mask/trainS"} and res["mask/trainS"]["bg"] == 0.3
+
+
+def test_train_classifier_irn_branch_sgd_groups_and_poly(monkeypatch, toy_root):
+    """--classifier irn (IRN step/train_cam.py): SGD over irn_param_groups (backbone at --lr, classifier at 10 x --lr,
+    both with --weight-decay) with --cam-momentum, and a per-iteration poly schedule over the whole run. Catches:
+    AdamW / MCTformer's groups under irn, the momentum not passed (0) or 0.9, the 10x classifier group dropped,
+    the cosine per-epoch schedule or poly over the epochs."""
+    class TinyCAM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.classifier = nn.Conv2d(3, 4, 1), nn.Conv2d(4, C, 1, bias=False)
+            self.frozen = nn.Conv2d(1, 1, 1).requires_grad_(False)
+            self.backbone.register_module("frozen", self.frozen)
+
+    args = args_for(classifier="irn", lr=0.05, weight_decay=3e-4, cam_momentum=2e-4, batch_size=4, epochs=2,
+                    max_iters=0)
+    monkeypatch.setattr(csd, "build_model", lambda a, k, init_weights: TinyCAM())
+    got = capture_loop(monkeypatch)
+    labels = csd.data.SegDataset(toy_root, "train").labels()
+    model = csd.train_classifier(fake_ctx(args, toy_root), "stage1", labels.shape[1] + 1, labels, False)
+    opt = got["modules"]["optimizer"]
+    assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 2e-4
+    g0, g1 = opt.param_groups
+    assert [id(p) for p in g0["params"]] == [id(model.backbone.weight), id(model.backbone.bias)]
+    assert [id(p) for p in g1["params"]] == [id(model.classifier.weight)]
+    assert (g0["lr"], g1["lr"], g0["weight_decay"], g1["weight_decay"]) == (0.05, 0.5, 3e-4, 3e-4)
+    total = 2 * (len(labels) // 4)
+    assert got["total"] == total
+    assert [got["lr"](it) for it in range(total)] == [csd.poly_lr(it, total) for it in range(total)]
+
+
+def test_irn_transform_steps_and_label_subsampling(monkeypatch):
+    """IRNet's IRN training view: random rescale U(0.5, 1.5) (bicubic image, the IR label as a mask), flip, crop
+    --irn-crop, all on the sample's rng, then the label reduced x 0.25 by the centre pixel 4i + 2. Catches: the
+    label taken at 4i (or pooled), another ratio range / interpolation, --irn-crop not the crop, the IR label not
+    moved with the image, the rng replaced."""
+    calls = []
+
+    def rescale(image, rng, masks=(), maps=(), ratio_range=None, interp=None):
+        calls.append(("rescale", rng, ratio_range, interp, masks[0] is ir))
+        return image, masks, 1.0
+
+    def flip(image, rng, masks=(), maps=()):
+        calls.append(("flip", rng))
+        return image, masks, False
+
+    def crop(image, rng, size, masks=(), maps=()):
+        calls.append(("crop", rng, size))
+        return image, masks, None, None
+
+    monkeypatch.setattr(csd.augment, "random_rescale", rescale)
+    monkeypatch.setattr(csd.augment, "random_hflip", flip)
+    monkeypatch.setattr(csd.augment, "random_crop", crop)
+    image = np.full((16, 16, 3), 90, np.uint8)
+    ir = (np.arange(256).reshape(16, 16) % 7).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    out = csd.irn_transform(args_for(irn_crop=16))({"image": image, "ir": ir}, rng)
+    assert calls == [("rescale", rng, (0.5, 1.5), "bicubic", True), ("flip", rng), ("crop", rng, 16)]
+    assert torch.equal(out["ir"], torch.from_numpy(ir[2::4, 2::4].astype(np.int64)))
+    assert not torch.equal(out["ir"], torch.from_numpy(ir[::4, ::4].astype(np.int64)))
+    assert torch.equal(out["image"], csd.augment.to_tensor(image))
+
+
+def test_infer_edge_pads_flips_averages_and_crops():
+    """The IRN edge map of one image: the normalised image and its mirror, zero-padded bottom / right to at least
+    the training crop (and a multiple of 16), the two logit maps averaged after un-flipping the mirror's, cropped
+    to (ceil(H/4), ceil(W/4)), then the sigmoid. Catches: the mirror's logits not un-flipped, a probability average
+    instead of a logit average, padding on the top / left, the crop not reaching the training size."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 1, 6, 6, generator=g)
+    seen = []
+
+    def irn(x):
+        seen.append(x)
+        return logits
+
+    image = (np.arange(10 * 13 * 3).reshape(10, 13, 3) * 11 % 251).astype(np.uint8)
+    got = csd.infer_edge(irn, image, 24, torch.device("cpu"))
+    (x,) = seen
+    img = csd.augment.to_tensor(image)
+    assert x.shape == (2, 3, 24, 24)
+    assert torch.equal(x[0, :, :10, :13], img) and torch.equal(x[1, :, :10, :13], img.flip(-1))
+    assert not x[:, :, 10:].any() and not x[:, :, :, 13:].any()
+    a, b = logits[0, 0, :3, :4], logits[1, 0, :3, :4]
+    assert got.shape == (3, 4) and torch.allclose(got, torch.sigmoid(a / 2 + b.flip(-1) / 2))
+    assert not torch.allclose(got, torch.sigmoid(a / 2 + b / 2))
+
+
+def test_make_ir_label_rule_and_crf_per_threshold(monkeypatch):
+    """IRNet's IR labels: confident fg = argmax [--ir-fg, cams] where that is a class, confident bg where argmax
+    [--ir-bg, cams] is background, 255 between; the IRN CRF preset (gt_prob 0.7, n = 1 + K labels) on each
+    threshold's index map separately. Without the CRF bg at --ir-bg implies bg at --ir-fg, so the CRF stub (which
+    turns the --ir-bg map to all background) is what tells 'bg in BOTH maps' from 'bg in the low map'.
+    Catches: the thresholds swapped, ties going to the class, the bg rule ignoring the fg map, the psa preset,
+    the CRF not applied under use_crf (or applied without it)."""
+    cam = np.array([[[0.5, 0.2, 0.01, 0.1, 0.3]], [[0.1, 0.1, 0.02, 0.6, 0.0]]], np.float32)  # (K=2, 1, 5)
+    keys = np.array([1, 3])
+    assert csd.make_ir_label(None, cam, keys, 0.3, 0.05, use_crf=False).tolist() == [[1, 255, 0, 3, 255]]
+    crf_calls = []
+
+    def refine(image, idx, n, **kw):
+        crf_calls.append((idx.copy(), n, kw))
+        return idx if len(crf_calls) == 1 else np.zeros_like(idx)  # the --ir-bg map: all background
+
+    monkeypatch.setattr(csd.crf, "refine_labels", refine)
+    got = csd.make_ir_label(np.zeros((1, 5, 3), np.uint8), cam, keys, 0.3, 0.05, use_crf=True)
+    assert got.tolist() == [[1, 0, 0, 3, 0]]  # the fg map's classes survive; bg wherever both maps say bg
+    (fg_idx, n0, kw0), (bg_idx, n1, kw1) = crf_calls
+    assert fg_idx.tolist() == [[1, 0, 0, 2, 0]] and bg_idx.tolist() == [[1, 1, 0, 2, 1]]
+    assert n0 == n1 == 3 and kw0 == kw1 == {"gt_prob": 0.7, **csd.crf.PRESETS["irn"]}
+
+
+def test_final_mask_global_max_and_background_score():
+    """IRNet's sem_seg rule: the walk x4 (bilinear) cropped to (H, W), divided by its maximum over ALL classes and
+    pixels, argmax over [--mask-bg, r] mapped to the class ids. Catches: a per-class max (a weak class then
+    reaches 1 and beats the background), the background score ignored, 0-based ids, no crop."""
+    rw = torch.tensor([[[1.0, 0.0]], [[0.0, 0.2]]])  # (K=2, 1, 2): class 2 strong on the left, class 5 weak on the right
+    got = csd.final_mask(rw, np.array([2, 5]), 3, 7, 0.25)
+    assert got.shape == (3, 7) and got.dtype == np.uint8
+    assert (got[:, :2] == 2).all() and (got[:, -2:] == 0).all() and set(np.unique(got)) <= {0, 2}
+    got = csd.final_mask(rw, np.array([2, 5]), 3, 7, 0.1)
+    assert (got[:, -2:] == 5).all()  # below 0.2 / 1 the weak class wins
+    assert not csd.final_mask(torch.zeros(1, 1, 2), np.array([4]), 4, 8, 0.25).any()
+
+
+def test_evaluate_seeds_matches_brute_force_per_threshold_and_subset():
+    """The one-pass seed sweep against a brute force: at every threshold t, seeds_to_label(seed, label, t) scored
+    with a ConfusionMatrix, for all images and the single- / multi-label subsets. Min-max seeds hold exact zeros,
+    so a tie at t = 0.00 is tested. Catches: ties at t counted as foreground (searchsorted side), an image in the
+    wrong subset (a single-label image counted as multi or the reverse, a class-free image as single), the last
+    threshold dropped, the background column not receiving the pixels below t."""
+    g = torch.Generator().manual_seed(7)
+    labels = [np.array([0, 1, 0], np.float32), np.array([1, 0, 1], np.float32), np.array([1, 1, 1], np.float32),
+              np.array([0, 0, 1], np.float32), np.zeros(3, np.float32)]  # the last: no class, in no subset
+    samples, cache = [], {}
+    for i, label in enumerate(labels):
+        keys = np.flatnonzero(label) + 1
+        mask = torch.randint(0, len(keys) + 1, (6, 8), generator=g).numpy()
+        mask = np.concatenate([[0], keys])[mask].astype(np.uint8)
+        mask[0, :2] = 255
+        mask[1, :3] = 0  # background in every image (the class-free one is all background)
+        samples.append({"name": f"i{i}", "label": label, "mask": mask})
+        cache[f"i{i}"] = csd.LowresMaps([torch.rand(2, len(keys), 2, 3, generator=g).half()], "minmax")
+    out = csd.evaluate_seeds(cache, iter(samples), 4, 0.2)
+    thresholds = np.round(np.arange(0.0, 0.2 + 1e-9, 0.01), 2)
+    for group, members in (("all", samples), ("single", [samples[0], samples[3]]), ("multi", samples[1:3])):
+        curve = out[group]["curve"]
+        assert [t for t, _ in curve] == thresholds.tolist()
+        for t, got in curve:
+            cm = csd.miou.ConfusionMatrix(4)
+            for s in members:
+                seed = csd.seed_from_lowres(cache[s["name"]], s["label"], (6, 8))
+                cm.update(csd.seeds_to_label(seed, s["label"], t), s["mask"])
+            assert got == pytest.approx(cm.compute()["miou"], abs=1e-12), (group, t)

@@ -59,7 +59,8 @@ CAST = {"depth": 0}  # > 0 inside the autocast context that a test passes to tra
 
 ORIGINAL = {name: getattr(csrm, name) for name in (
     "loss_cls", "loss_seg", "loss_s2c", "loss_unsup", "loss_contrast", "cam_pseudo_labels", "classmix",
-    "restricted_probs", "ema_update", "entropy", "quantile", "negative_rank_mask")}  # before any test wraps them
+    "restricted_probs", "ema_update", "entropy", "quantile", "negative_rank_mask", "tta_cams", "tta_seg",
+    "validate_teacher")}  # before any test wraps them
 
 
 def hand_made(seed=0):
@@ -281,6 +282,12 @@ def test_no_crf_iterations_run_eq6_without_the_crf(monkeypatch):
     assert run.call("cam_pseudo_labels")["crf_params"] is None
 
 
+def test_one_crf_iteration_still_runs_the_crf(monkeypatch):
+    """Catches the per-step CRF gated on another count than --crf-iters > 0 (e.g. '> 1', so that --crf-iters 1
+    silently drops the dCRF of Eq. (6))."""
+    assert Run(monkeypatch, crf_iters=1).call("cam_pseudo_labels")["crf_params"]["n_iters"] == 1
+
+
 @pytest.mark.parametrize("train_crf, on_device", [("torch", True), ("pydensecrf", False), ("auto", False)])
 def test_train_crf_picks_where_the_per_step_crfs_run(monkeypatch, train_crf, on_device):
     """Deviation 27. Catches: --train-crf ignored; auto running the torch CRF on a CPU run (the stubs' tensors
@@ -315,6 +322,172 @@ def test_mix_prob_zero_never_mixes(monkeypatch):
     assert torch.equal(run.call("loss_seg")["PL"], run.t["PL"][:B])
     assert same(run.call("restricted_probs")["S_t"], run.t["seg_te"])
     assert same(run.call("restricted_probs")["y"], run.y(mixed=False))
+
+
+# ------------------------------------------------------------------ the stage helpers train_step stubs out above
+def _eq6_inputs():
+    """Three images, C = 3, CAMs at the crop size (1 x 5, so the align_corners upsampling is the identity), each
+    present class with spatial max 1 (psi = A / (1 + 1e-5)); delta_bg = 0.07, delta_fg = 0.33 as in ARGS.
+      image 0, classes 1 and 3 (two-class branch): px0 c1 = 1 -> 1; px1 c3 = 0.8 beats c1 = 0.5 -> 3; px2 max 0.2
+        in (0.07, 0.33] -> 255; px3 0.05 -> background; px4 c3 = 1 -> 3;
+      image 1, class 2 only (one-class branch): 1 -> 2, 0.2 -> 255, 0.5 -> 2, 0.03 -> 0, 0.1 -> 255;
+      image 2 without labels: background everywhere, whatever its CAMs."""
+    A = torch.zeros(3, C, 1, 5)
+    A[0, 0, 0] = torch.tensor([1.0, 0.5, 0.2, 0.05, 0.0])
+    A[0, 1, 0] = 9.0  # absent class
+    A[0, 2, 0] = torch.tensor([0.0, 0.8, 0.1, 0.0, 1.0])
+    A[1, 1, 0] = torch.tensor([1.0, 0.2, 0.5, 0.03, 0.1])
+    A[1, 0, 0] = A[1, 2, 0] = 5.0  # absent classes
+    A[2] = 3.0
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    rgb = np.zeros((3, 1, 5, 3), np.uint8)
+    want = torch.tensor([[[1, 3, 255, 0, 3]], [[2, 255, 2, 0, 255]], [[0, 0, 0, 0, 0]]])
+    return rgb, y, A, want
+
+
+def test_cam_pseudo_labels_eq6_thresholds_and_maps_hand_computed():
+    """Eq. (6) as assembled in cam_pseudo_labels (Deviation 18), no CRF. Catches: delta_fg / delta_bg swapped in the
+    two-class branch (for thr in (bg_thr, fg_thr)) or in the one-class shortcut, the class painted where the bg
+    map (instead of the fg map) holds it (masked_fill_(bg == j, ...)), the 255 band taken from the fg map, label
+    indices not shifted by the background (top instead of top + 1) or not mapped to class ids, '>=' / '<' in the
+    argmax-over-thresholds, a label-free image getting foreground."""
+    rgb, y, A, want = _eq6_inputs()
+    for on_device in (False, True):
+        PL = ORIGINAL["cam_pseudo_labels"](rgb if not on_device else torch.from_numpy(rgb), y, A, 0.07, 0.33, None,
+                                           on_device=on_device)
+        assert PL.dtype == torch.int64 and torch.equal(PL, want), (on_device, PL.tolist())
+
+
+def test_cam_pseudo_labels_upsample_psi_bilinear_align_corners():
+    """Eq. (2) / Deviation 20: psi is normalised at the CAM resolution, then upsampled bilinearly with
+    align_corners=True (as the seg logits) to the crop. psi = [1, 0] over 2 columns -> 5 columns: [1, .75, .5, .25,
+    0]; with delta_bg = 0.07 and delta_fg = 0.2 the labels are [1, 1, 1, 1, 0] (one class and two classes alike).
+    align_corners=False gives [1, .9, .5, .1, 0] -> [1, 1, 1, 255, 0]; nearest [1, 1, 1, 0, 0]. Catches: another
+    upsampling mode or corner alignment, the normalisation after upsampling at another resolution."""
+    A = torch.zeros(2, C, 1, 2)
+    A[:, 0, 0, 0] = 2.0
+    A[1, 2, 0] = -1.0  # a second present class that is never active (psi = 0): the two-class branch
+    y = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
+    PL = ORIGINAL["cam_pseudo_labels"](np.zeros((2, 1, 5, 3), np.uint8), y, A, 0.07, 0.2, None)
+    assert PL.tolist() == [[[1, 1, 1, 1, 0]], [[1, 1, 1, 1, 0]]]
+
+
+def test_cam_pseudo_labels_use_the_two_crf_refined_maps(monkeypatch):
+    """Eq. (6) with the label dCRF (Deviation 18 / 27): each image's fg map and bg map go through the CRF (host:
+    one refine_labels call per map, through the pool; device: one refine_labels_torch call per image), with
+    gt_prob 0.7, the image's own crop, 1 + #present labels and the given parameters, and the REFINED maps build the
+    labels. The stub CRF rolls each map one pixel to the right, so the labels must be the no-CRF labels rolled.
+    Catches: the CRF output dropped (the unrefined maps assembled), the maps of another image, the fg / bg maps
+    swapped after refinement, another gt_prob or label count, the pool ignored."""
+    _, y, A, want = _eq6_inputs()
+    rgb = np.arange(3 * 5 * 3, dtype=np.uint8).reshape(3, 1, 5, 3)
+    params = {"n_iters": 2, "bi_w": 4}
+    seen, pool_calls = [], []
+
+    def host(image, labels, n_labels, gt_prob=None, **kw):
+        seen.append(("host", image.copy(), labels.copy(), n_labels, gt_prob, kw))
+        return np.roll(labels, 1, -1)
+
+    def device(image, labels, n_labels, gt_prob=None, **kw):
+        seen.append(("device", np.asarray(image.cpu()).copy(), labels.cpu().numpy().copy(), n_labels, gt_prob, kw))
+        return torch.roll(labels, 1, -1)
+    monkeypatch.setattr(csrm.crf, "refine_labels", host)
+    monkeypatch.setattr(csrm.crf, "refine_labels_torch", device)
+    pool = types.SimpleNamespace(map=lambda fn, jobs: pool_calls.append(len(jobs)) or list(map(fn, jobs)))
+    rolled = torch.roll(want, 1, -1)
+    PL = ORIGINAL["cam_pseudo_labels"](rgb, y, A, 0.07, 0.33, params, pool=pool)
+    assert torch.equal(PL, rolled), PL.tolist()
+    assert pool_calls == [3]
+    host_calls = [s for s in seen if s[0] == "host"]
+    assert [s[3] for s in host_calls] == [3, 3, 2, 2, 1, 1] and all(s[4] == 0.7 and s[5] == params for s in host_calls)
+    assert all((s[1] == rgb[i // 2]).all() for i, s in enumerate(host_calls))
+    # the fg map (index 0) then the bg map (index 1) of image 0: label indices, 0 = background
+    assert host_calls[0][2].tolist() == [[1, 2, 0, 0, 2]] and host_calls[1][2].tolist() == [[1, 2, 1, 0, 2]]
+    seen.clear()
+    PL = ORIGINAL["cam_pseudo_labels"](torch.from_numpy(rgb), y, A, 0.07, 0.33, params, on_device=True)
+    assert torch.equal(PL, rolled), PL.tolist()
+    assert [s[3] for s in seen] == [3, 2, 1] and all(s[0] == "device" and s[4] == 0.7 and s[5] == params for s in seen)
+    assert all((s[1] == rgb[i]).all() for i, s in enumerate(seen))
+    assert seen[0][2].tolist() == [[[1, 2, 0, 0, 2]], [[1, 2, 1, 0, 2]]]
+
+
+def test_classmix_pastes_the_partner_classes_from_the_unmixed_images():
+    """ClassMix (Deviation 10) with one foreground class per image, so the choice is forced and every output is
+    hand-computable: image 0 receives image 1's class 3 (M0 = PL_1 == 3), image 1 receives image 0's class 1
+    (M1 = PL_0 == 1, overlapping M0) from the UN-mixed image 0, with one mask shared by image, PL and teacher
+    logits; labels only gain. Catches: S_t / x / PL pasted the other way round (torch.where(M, S_t[a], S_t[b])),
+    the mask from the receiving image, the paste read from the already-mixed partner, the label of the pasted
+    class not added or added at the wrong index (selected instead of selected - 1), 255 or background pasted,
+    the inputs modified in place."""
+    g = torch.Generator().manual_seed(0)
+    x, S_t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, K, 4, 4, generator=g)
+    PL = torch.zeros(2, 4, 4, dtype=torch.long)
+    PL[0, :2, :2] = 1
+    PL[0, 3, :] = 255
+    PL[1, 1:3, 1:3] = 3
+    PL[1, 0, 2:] = 255
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    inputs = [t.clone() for t in (x, y, PL, S_t)]
+    torch.manual_seed(0)
+    x_m, y_m, PL_m, S_m = ORIGINAL["classmix"](x, y, PL, S_t)
+    for before, after in zip(inputs, (x, y, PL, S_t)):
+        assert torch.equal(before, after)
+    M0, M1 = PL[1] == 3, PL[0] == 1
+    assert (M0 & M1).any()  # the overlap tells the un-mixed source from the mixed one
+    assert torch.equal(x_m, torch.stack([torch.where(M0, x[1], x[0]), torch.where(M1, x[0], x[1])]))
+    assert torch.equal(S_m, torch.stack([torch.where(M0, S_t[1], S_t[0]), torch.where(M1, S_t[0], S_t[1])]))
+    assert torch.equal(PL_m, torch.stack([torch.where(M0, PL[1], PL[0]), torch.where(M1, PL[0], PL[1])]))
+    assert y_m.tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+
+
+def test_classmix_pastes_half_of_the_partner_classes():
+    """Deviation 10: a partner with 4 foreground classes pastes 2 of them (half, at least one), a partner with 1
+    pastes it; the pasted classes are exactly the ones added to y. Catches: all classes pasted, one always, the
+    paste mask of other classes than the ones whose labels are added."""
+    y = torch.zeros(2, 6)
+    PL = torch.zeros(2, 4, 4, dtype=torch.long)
+    for j, c in enumerate((1, 2, 4, 6)):
+        PL[0, j, :2] = c
+        y[0, c - 1] = 1
+    PL[1, 2:, 2:] = 5
+    y[1, 4] = 1
+    x, S_t = torch.zeros(2, 3, 4, 4), torch.zeros(2, 7, 4, 4)  # not checked here (the test above pins them)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        _, y_m, PL_m, _ = ORIGINAL["classmix"](x, y, PL, S_t)
+        pasted = set(PL_m[1][PL_m[1] != PL[1]].tolist())
+        assert len(pasted) == 2 and pasted <= {1, 2, 4, 6}
+        assert {c + 1 for c in y_m[1].nonzero()[:, 0].tolist()} == pasted | {5}
+        assert torch.equal(PL_m[0], torch.where(PL[1] == 5, PL[1], PL[0])) and y_m[0, 4] == 1
+
+
+def test_ema_update_copies_through_epoch_w_then_ramped_momentum():
+    """Sec. 3.2.6 mean teacher (Impl.: copy while epoch <= W, then d = min(1 - 1 / (1 + step - W S_e), ema)), with
+    S_e = 10, W = 1, ema = 0.99; step = optimiser steps taken (1-based). Hand values: steps 1 and 20 (epochs 0 and
+    1) copy; step 21 (epoch 2) d = 1 - 1/12; step 500 d = 0.99 (capped). Catches: '<' instead of '<=' in the copy
+    test (EMA already in epoch W), the epoch from step instead of step - 1, the momentum weights swapped
+    (alpha=d), no cap or max instead of min, the student updated instead of the teacher."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "steps_per_epoch": 10, "warmup_epochs": 1, "ema": 0.99})
+    student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
+    teacher.requires_grad_(False)
+
+    def update(step, t_value, s_value):
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.fill_(t_value)
+            for p in student.parameters():
+                p.fill_(s_value)
+        ORIGINAL["ema_update"](teacher, student, step, args)
+        assert all((p == s_value).all() for p in student.parameters())
+        values = torch.cat([p.flatten() for p in teacher.parameters()])
+        assert torch.allclose(values, values[0].expand_as(values))
+        return values[0].item()
+    assert update(1, 5.0, 1.0) == pytest.approx(1.0)
+    assert update(20, 5.0, 1.0) == pytest.approx(1.0)
+    d = 1 - 1 / 12
+    assert update(21, 5.0, 1.0) == pytest.approx(5.0 * d + 1.0 * (1 - d), rel=1e-6)
+    assert update(500, 5.0, 1.0) == pytest.approx(5.0 * 0.99 + 0.01, rel=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters())
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -485,6 +658,55 @@ def test_loss_contrast_class_gap_index_quirk_and_normaliser_hand_computed(quirk)
     want = (orth + 0 + orth) / 3 if quirk else (orth + 0 + same_) / 3
     loss = ORIGINAL["loss_contrast"](rep, rep.clone(), prob4, labels4, low, high, present_u, 1, bank, args)
     assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_loss_contrast_is_zero_with_a_single_valid_class_and_one_pixel_makes_a_class_valid():
+    """Eq. (13) as in U2PL: with at most one class among the reliable pixels L_m is 0 (no contrast to learn), and
+    a class with a single reliable pixel is a valid class. Every pixel is class 0 (R = e0, p_0 = 0.9: all queries)
+    and bank 0 holds e1, so the loop would give log(1 + 50 e^-2) > 0; then one pixel becomes class 3 (R = e3, bank
+    3 holds e3): (log(1 + 50 e^-2) + log(51)) / 2. Catches: 'len(valid_classes) < 1' (or '== 0') instead of
+    '<= 1'; 'n_valid > 1' instead of '> 0' (the one-pixel class dropped, so L_m = 0 again)."""
+    args, _, _, _, low, high, present_u, bank = _gap_setup()
+
+    def loss(labels4):
+        rep = torch.eye(4)[labels4].permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+        prob4 = torch.full((2, 4, 2, 3), 0.1 / 3).scatter_(1, labels4[:, None], 0.9)
+        out = ORIGINAL["loss_contrast"](rep, rep.detach().clone(), prob4, labels4, low, high, present_u, 1, bank, args)
+        assert out.requires_grad
+        return out.item()
+    labels4 = torch.zeros(2, 2, 3, dtype=torch.long)
+    assert loss(labels4) == 0.0
+    labels4[1, 1, 2] = 3
+    orth, same_ = math.log(1 + 50 * math.exp(-2)), math.log(51)
+    assert loss(labels4) == pytest.approx((orth + same_) / 2, rel=1e-5)
+
+
+def test_loss_contrast_queries_only_at_pixels_labelled_with_their_class():
+    """Eq. (13) / Deviation 19: a class-c query is a pixel LABELLED c (PL or Yhat) that is also reliable and has
+    p_c > delta_p. Here a third of the pixels carry a label that is not the teacher's argmax, so their p at the
+    label is < 0.5 = delta_p: they are no query at all, and moving the student's R there leaves L_m unchanged.
+    Catches: the query pool built from low & p_c > delta_p without the label test (low instead of valid), or from
+    the argmax of p instead of the label."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, "query_conf": 0.5, "queries": 64})
+    g = torch.Generator().manual_seed(5)
+    rep, rep_t = torch.randn(2 * B, D, H4, H4, generator=g), torch.randn(2 * B, D, H4, H4, generator=g)
+    prob4 = torch.softmax(torch.randn(2 * B, K, H4, H4, generator=g) * 3, 1)
+    mislabel = torch.rand(2 * B, H4, H4, generator=g) < 0.33
+    labels4 = torch.where(mislabel, (prob4.argmax(1) + 1) % K, prob4.argmax(1))
+    low = high = torch.ones(2 * B, H4, H4, dtype=torch.bool)
+    present_u = torch.ones(B, K, dtype=torch.bool)
+    query = prob4.gather(1, labels4[:, None])[:, 0] > 0.5
+    assert (mislabel & (prob4.amax(1) > 0.5)).sum() >= 5  # pixels a label-free pool would take
+
+    def loss(r):
+        torch.manual_seed(0)
+        bank = csrm.MemoryBank(K, D, 100, 100)
+        ORIGINAL["loss_contrast"](rep, rep_t, prob4, labels4, low, high, present_u, B, bank, args)  # fill the bank
+        torch.manual_seed(1)
+        return ORIGINAL["loss_contrast"](r, rep_t, prob4, labels4, low, high, present_u, B, bank, args).item()
+    moved = rep.clone()
+    moved[(~query)[:, None].expand_as(rep)] += 5.0
+    assert loss(moved) == pytest.approx(loss(rep), abs=1e-6)
 
 
 def test_overfull_enqueue_is_a_random_subset_kept_in_raster_order():
@@ -748,6 +970,138 @@ def test_train_verify_on_the_pseudo_labels_or_the_mask(monkeypatch, supervision)
     assert out["losses/seg"] == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_stages_skip_images_without_foreground_labels(monkeypatch):
+    """Official ignore_bg_images: stage 0 and CSRM read only the images with a foreground label. The stub datasets
+    have no labels at images 1 and 4. Catches: indices=None (every image) in train_csrm or train_cam, the
+    indices of another dataset."""
+    labels = np.ones((6, 3))
+    labels[[1, 4]] = 0
+    monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, target=None, seed=0, **kw: types.SimpleNamespace(
+        kind=kind, labels=lambda: labels))
+    monkeypatch.setattr(csrm.data, "SegDataset", lambda *a, **k: "val_set")
+    monkeypatch.setattr(csrm, "cam_miou", lambda ctx, model, split: {})
+    rec = Recorder()
+    monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
+    student = nn.Conv2d(1, 1, 1)
+    student.pretrained_parameters = lambda: [student.weight]
+    monkeypatch.setattr(csrm, "build_model", lambda args, n, w=None: (student, nn.Conv2d(1, 1, 1)))
+    args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, "crf_workers": 0, "cam_batch": 2})
+    csrm.train_csrm(fake_ctx(args), C)
+    net = types.SimpleNamespace(backbone=nn.Conv2d(1, 1, 1), classifier=nn.Conv2d(1, 1, 1, bias=False))
+    ctx = fake_ctx(args)
+    ctx.wrap = lambda m: types.SimpleNamespace(train=lambda: m)
+    csrm.train_cam(ctx, net)
+    assert [loop["stage"] for loop in rec.loops] == ["csrm", "cam"]
+    assert [list(loop["indices"]) for loop in rec.loops] == [[0, 2, 3, 5]] * 2
+
+
+def test_train_verify_trains_in_train_mode(monkeypatch):
+    """Stage 3. Catches the verification network put in eval mode (ctx.wrap(seg_net).eval(): frozen BN statistics,
+    no dropout) for its training."""
+    rec = Recorder()
+    monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, target=None, **k: [0] * 8)
+    monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "seg_init": "imagenet", "seg_batch": 2})
+    seg_net = nn.Sequential(nn.Conv2d(3, K, 1), nn.Dropout(0.5))
+    seg_net.backbone = seg_net[0]
+    seg_net.eval()
+    csrm.train_verify(fake_ctx(args), seg_net, Path("pl"), {})
+    assert seg_net.training and all(m.training for m in seg_net.modules())
+
+
+class PoolNet(nn.Module):
+    """A stand-in CAM network: the CAM is the 16 x 16 average pool of the input minus 0.5 (so it has negative parts),
+    which commutes with a horizontal flip when the width is a multiple of 16. Records every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, seg=True, rep=True):
+        self.calls.append(dict(shape=tuple(x.shape), seg=seg, rep=rep))
+        cam = F.avg_pool2d(x[:, :C], 16) - 0.5
+        return {"cam": cam}
+
+
+def test_tta_cams_relu_flip_undone_scales_and_pnoc_upsampling():
+    """Sec. 4 inference CAMs (stage 2): sum over scales and flips of ReLU CAMs, each upsampled (bilinear) to (H, W)
+    rounded up to 16 and cropped (PNOC). With a flip-equivariant stand-in network the flipped pass, flipped back,
+    equals the plain one, so flip=True doubles the plain result. Catches: the flipped CAM not flipped back, the
+    ReLU dropped (or applied after the sum), the scales ignored (the network always at 1.0) or not summed, the
+    upsampling straight to (H, W), the R / seg heads requested."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 40, 48, generator=g)
+    net = PoolNet()
+
+    def plain(xs):  # one scale, no flip, written out
+        A = F.relu(F.avg_pool2d(xs[:, :C], 16) - 0.5)
+        return F.interpolate(A, size=(48, 48), mode="bilinear", align_corners=False)[0, :, :40, :48]
+    one = ORIGINAL["tta_cams"](net, x, [1.0], False)
+    assert torch.allclose(one, plain(x), atol=1e-6) and (F.avg_pool2d(x[:, :C], 16) < 0.5).any() and (one > 0).any()
+    assert torch.allclose(ORIGINAL["tta_cams"](net, x, [1.0], True), 2 * plain(x), atol=1e-6)
+    net.calls.clear()
+    two = ORIGINAL["tta_cams"](net, x, [1.0, 0.5], False)
+    assert [c["shape"] for c in net.calls] == [(1, 3, 40, 48), (1, 3, 20, 24)]
+    assert all(c["seg"] is False and c["rep"] is False for c in net.calls)
+    half = F.interpolate(x, size=(20, 24), mode="bicubic", align_corners=False)
+    assert torch.allclose(two, plain(x) + plain(half), atol=1e-6)
+
+
+def test_tta_seg_flip_undone_and_mean_over_scales():
+    """Sec. 4 / Deviation 15 seg_ms/val: seg logits averaged over the scales, flips summed after flipping back, each
+    upsampled to (H, W). Catches: the flipped logits not flipped back, the scales ignored, the sum instead of the
+    mean over scales."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 32, 48, generator=g)
+    calls = []
+
+    def net(inp):
+        calls.append(tuple(inp.shape))
+        return F.avg_pool2d(torch.cat([inp, -inp[:, :1]], 1), 4) - 0.1
+
+    def plain(xs):
+        return F.interpolate(net(xs), size=(32, 48), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(ORIGINAL["tta_seg"](net, x, [1.0], True), 2 * plain(x), atol=1e-6)
+    calls.clear()
+    got = ORIGINAL["tta_seg"](net, x, [1.0, 0.5], False)
+    assert calls == [(1, 3, 32, 48), (1, 3, 16, 24)]
+    half = F.interpolate(x, size=(16, 24), mode="bicubic", align_corners=False)
+    assert torch.allclose(got, (plain(x) + plain(half)) / 2, atol=1e-6)
+
+
+def test_validate_teacher_eval_mode_present_classes_class_ids_and_val_images():
+    """Per-epoch validation (logged). A stand-in teacher gives, in eval mode, a seg map equal to the ground truth and
+    a CAM of the present class (id 2) exactly on its pixels, plus a strong CAM of an ABSENT class everywhere; in
+    train mode a wrong seg map. Only the first --val-images (1) image counts; the second would score 0. Expect
+    val/seg_miou = val/cam_miou = 100. Catches: the teacher in train mode, CAMs of all classes (not the present
+    ones), label indices scored as class ids (keys instead of keys + 1), --val-images ignored."""
+    Hs = 16
+    mask = np.zeros((Hs, Hs), np.int64)
+    mask[:, :8] = 2
+    label = np.array([0.0, 1.0, 0.0], np.float32)
+    samples = [{"image": np.zeros((Hs, Hs, 3), np.uint8), "label": label, "mask": mask},
+               {"image": np.zeros((Hs, Hs, 3), np.uint8), "label": label, "mask": np.full((Hs, Hs), 3, np.int64)}]
+    ds = type("DS", (), {"num_classes": K, "__len__": lambda self: 2, "__getitem__": lambda self, i: samples[i]})()
+
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, x, seg=True, rep=True):
+            self.calls.append((self.training, seg))
+            cam = torch.zeros(1, C, Hs, Hs)
+            cam[0, 1, :, :8] = 1.0
+            cam[0, 0] = 4.0  # absent class
+            seg_map = F.one_hot(torch.as_tensor(mask if not self.training else 3 - mask), K).permute(2, 0, 1)[None]
+            return {"cam": cam, "seg": seg_map.float() * 5}
+    teacher = Teacher().train()
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "val_images": 1})
+    res = ORIGINAL["validate_teacher"](args, teacher, ds, torch.device("cpu"))
+    assert teacher.calls == [(False, True)]
+    assert res["val/seg_miou"] == pytest.approx(100.0) and res["val/cam_miou"] == pytest.approx(100.0)
+
+
 def test_build_model_teacher_is_a_frozen_copy_of_the_student():
     """Catches: a teacher with gradients, a teacher that is not the student's copy, the CAM weights loaded into
     the teacher only."""
@@ -823,6 +1177,24 @@ def test_make_pseudo_labels_without_the_inference_crf(monkeypatch, flags):
     res = csrm.make_pseudo_labels(fake_ctx(args), nn.Conv2d(1, 1, 1), Path("pl"))
     assert crfs == [] and saved == ["pseudo", "pseudo"]  # train, val
     assert {"pseudo/train", "pseudo/val", "cam/train", "cam/val"} == set(res)
+
+
+def test_make_pseudo_labels_scores_train_on_the_seed_ids_only(monkeypatch):
+    """Stage 2 / Deviation 26: the train-split metrics (cam/train, pseudo/train, pseudo_crf/train) are scored on the
+    images of the seed split only (the train split has no ground truth outside it), val on every image. Two
+    images get the same pseudo label (class 1 everywhere); only "a" is in the seed split and its mask is class 1,
+    "b"'s mask is class 2. Catches: every train image scored (pseudo/train = 25 instead of 100), the seed filter
+    applied to val too."""
+    args = csrm.Args(**{**csrm.PRESETS["toy"], "pl_thr": 0.3, "crf_iters": 0, "tta_scales": (1.0,)})
+    samples = [{"name": n, "image": np.zeros((4, 5, 3), np.uint8), "label": np.array([1.0, 0.0, 0.0], np.float32),
+                "mask": np.full((4, 5), c, np.int64)} for n, c in (("a", 1), ("b", 2))]
+    _stub_pl_inputs(monkeypatch, samples)
+    monkeypatch.setattr(csrm.data, "split_ids", lambda *a, **k: ["a"])
+    monkeypatch.setattr(csrm, "tta_cams", lambda model, x, scales, flip: torch.ones(C, 4, 5))
+    monkeypatch.setattr(csrm.data, "save_mask", lambda path, m: None)
+    res = csrm.make_pseudo_labels(fake_ctx(args), nn.Conv2d(1, 1, 1), Path("pl"))
+    assert res["pseudo/train"]["miou"] == 100.0 and res["cam/train"]["miou"] == 100.0
+    assert res["pseudo/val"]["miou"] == 25.0
 
 
 def test_evaluate_seg_val_single_scale_seg_ms_tta_and_the_vis_columns(monkeypatch, tmp_path):

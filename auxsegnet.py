@@ -78,7 +78,7 @@ Deviations (each repeated at the code):
        stage schedule bounds the toy's fully supervised row: toy v4, seed 0, --supervision full reaches 80.64
        seg/val with 3 x 1 epoch and 85.89 with 3 x 2 (--epochs-per-stage 2, ~1.45x the run's seconds, over the
        toy's 300 s); 82.56 with 3 x 2 at batch 4, 75.20 with 3 x 1 at batch 4; AdamW (lr 1e-3 / 2e-3)
-       80.96 / 77.37; SGD lr 0.005 60.74.
+       80.96 / 77.37; SGD lr 0.003 79.87, 0.004 (heads x5) 80.60, 0.005 60.74.
    13. Images smaller than the crop are placed at a random offset inside it (common.augment.random_crop, shared by
        the five scripts); the official tool/exutils.py crop puts them at the top-left corner.
    14. Test-time CRF (--eval-crf): the official code's crf_inference_inf parameters (10 iterations, Gaussian 4/3,

@@ -330,7 +330,8 @@ def test_seed_from_lowres_irn_max_normalisation_by_hand():
 def test_irn_presets_apply_only_to_flags_not_given():
     """classifier_preset(): IRN_PRESETS on every field the command line leaves unset, a given flag wins, MCTformer and
     resumed / --eval-only runs untouched. Catches: the preset overwriting a user flag, IRN values applied to
-    --classifier mctformer, the toy / paper presets swapped."""
+    --classifier mctformer, the toy / paper presets swapped, the toy IRN classifier taking MCTformer's toy batch 8
+    instead of IRN's 16 (the batch_size of IRN_PRESETS["toy"] dropped)."""
     argv = ["--classifier", "irn", "--lr", "0.5", "--seed-scales", "1.0", "0.75"]
     args, _ = csd.parse_args(argv)
     args = csd.classifier_preset(args, argv)
@@ -338,6 +339,7 @@ def test_irn_presets_apply_only_to_flags_not_given():
     assert args.preset == "toy" and args.lr == 0.5 and args.seed_scales == (1.0, 0.75)
     assert (args.cls_aug, args.resize_long, args.irn_backbone, args.epochs) == \
         (toy["cls_aug"], toy["resize_long"], toy["irn_backbone"], toy["epochs"])
+    assert args.batch_size == 16 and csd.PRESETS["toy"]["batch_size"] == 8
     assert toy != csd.IRN_PRESETS["paper"] and args.crop_size == csd.PRESETS["toy"]["crop_size"]
     mct, _ = csd.parse_args([])
     assert csd.classifier_preset(mct, []) == mct and mct.cls_aug == "weak"

@@ -216,11 +216,13 @@ class Args:
     gc_detach: str = "none"  # Tab. 4a stop-gradient inside Seg2CAM only: none | feat (F detached: W learns) | cls (W detached)
     # --- component switches (Table 3) ---
     ablation: str = "full"  # Table 3a row: base | gc | gc_sa | gc_sa_raw | gc_sa_csc | gc_sa_raw_csc | full
-    no_gc: bool = False  # no guided CAMs: lambda_s2c = 0
-    no_sa: bool = False  # no swapping assignments: m = 0, AN = current ON weights
-    no_raw: bool = False  # plain CE in CAM2Seg (w = 1)
-    no_csc: bool = False  # lambda_csc = 0
-    no_dt: bool = False  # fixed threshold --fixed-thr
+    # positive names, so that argparse's --no-X form turns a component off (a field named no_X would read
+    # --no-X as "no_X = False": BooleanOptionalAction negates every flag that starts with --no-)
+    gc: bool = True  # guided CAMs (Seg2CAM); --no-gc: lambda_s2c = 0
+    sa: bool = True  # swapping assignments (EMA AN); --no-sa: m = 0, AN = current ON weights
+    raw: bool = True  # RAW weights in CAM2Seg; --no-raw: plain CE (w = 1)
+    csc: bool = True  # contrastive separation; --no-csc: lambda_csc = 0
+    dt: bool = True  # dynamic threshold; --no-dt: the fixed threshold --fixed-thr
     # --- evaluation (card §7) ---
     eval_size: int = 448  # val images are resized to eval_size^2 (official evaluation_engine.py)
     eval_scales: tuple = (1.0, 0.5, 1.5, 0.75, 1.25)  # official evaluation_engine.py
@@ -249,12 +251,12 @@ PRESETS = {
 }
 # Table 3a rows: which components are OFF
 ABLATIONS = {
-    "base": ("no_gc", "no_sa", "no_raw", "no_csc", "no_dt"),
-    "gc": ("no_sa", "no_raw", "no_csc", "no_dt"),
-    "gc_sa": ("no_raw", "no_csc", "no_dt"),
-    "gc_sa_raw": ("no_csc", "no_dt"),
-    "gc_sa_csc": ("no_raw", "no_dt"),
-    "gc_sa_raw_csc": ("no_dt",),
+    "base": ("gc", "sa", "raw", "csc", "dt"),
+    "gc": ("sa", "raw", "csc", "dt"),
+    "gc_sa": ("raw", "csc", "dt"),
+    "gc_sa_raw": ("csc", "dt"),
+    "gc_sa_csc": ("raw", "dt"),
+    "gc_sa_raw_csc": ("dt",),
     "full": (),
 }
 CHOICES = {"ms_cam_merge": ("max", "sum"), "strong_magnitudes": ("paper", "code"), "csc_sim": ("cosine", "dot"),
@@ -272,7 +274,7 @@ LIMITS = {"crop": ">=16", "batch_size": ">=1", "iters": ">=1", "warmup_iters": "
 def validate(args):
     """The Table 3a row turns its components off; checks that LIMITS cannot express."""
     for switch in ABLATIONS[args.ablation]:
-        setattr(args, switch, True)
+        setattr(args, switch, False)
     check(args.batch_size % env_world() == 0, f"--batch-size {args.batch_size} (global) is not divisible by the "
           f"{env_world()} processes")
     check(not args.crf or crf.available(), "--crf needs pydensecrf (pip install pydensecrf2); or drop --crf")
@@ -762,19 +764,19 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
     # so AdamW's weight decay leaves it alone too)
     losses_on = it >= args.loss_warmup
     # the AN also runs for the last Q warm-up iterations so that the DT queue is warm when losses start
-    run_assign = losses_on or (not args.no_dt and it >= args.loss_warmup - args.queue_len)
+    run_assign = losses_on or (args.dt and it >= args.loss_warmup - args.queue_len)
     log = {}
     grid = (args.crop // model.backbone.patch_embed.patch_size[0],) * 2
     if run_assign:
         with autocast():
             cam_a, cam_aux_a, seg_a = assign(assign_net, x_w, labels, args.pseudo_scales, args.ms_cam_merge)
-        if not args.no_dt:
+        if args.dt:
             # Deviation 11: xi† has its own queue only with --xi-aux separate (official camaux_queue)
             queued = ((cam_a, thresholds[0]),) + (((cam_aux_a, thresholds[1]),) if args.xi_aux == "separate" else ())
             for cam, dt in queued:
                 dt.push(queue_rows(cam, grid))
                 dt.update()
-    if args.no_dt:
+    if not args.dt:
         xi = xi_aux = args.fixed_thr
     else:  # Alg. 1 l.13 solves Eq. (6) with M' only; l.17 repeats l.14-17 for M†' with that xi* (Deviation 11)
         xi = thresholds[0].value
@@ -794,7 +796,7 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
         l_c2s_terms = []
         for cam, thr in ((cam_a, xi), (cam_aux_a, xi_aux)):  # CPL from M' and from M†'; both supervise S
             cpl, nu = cam_pseudo_label(cam, thr, box)  # Eq. (3)
-            ppl = None if args.no_raw else perplexity(nu, thr, args.ppl_alpha, args.ppl_beta)  # Eq. (4)
+            ppl = perplexity(nu, thr, args.ppl_alpha, args.ppl_beta) if args.raw else None  # Eq. (4)
             if args.supervision == "full":  # the fully supervised upper bound: ground truth instead of the CPL
                 cpl, ppl = batch["mask"], None
             l_c2s_terms.append(loss_c2s(seg_up, cpl, ppl))  # Eq. (5)
@@ -809,8 +811,8 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
             cam_s2c = F.conv2d(feat.detach(), weight) if args.gc_detach == "feat" else F.conv2d(feat, weight.detach())
         l_s2c = loss_s2c(cam_s2c, spl)  # Eq. (8)
         # Eq. (2)  the swapped assignments: CPL (from M') -> S and SPL (from S') -> M
-        l_swap = args.lambda_c2s * (l_c2s + l_c2s_aux) + (0.0 if args.no_gc else args.lambda_s2c) * l_s2c
-        if args.no_csc:
+        l_swap = args.lambda_c2s * (l_c2s + l_c2s_aux) + (args.lambda_s2c if args.gc else 0.0) * l_s2c
+        if not args.csc:
             l_csc = torch.zeros((), device=x_s.device)  # Table 3 rows without CSC
         else:  # Deviation 3: on the token grid, cosine l_d, tau_c = 0.1, pairs per image (flags)
             region_labels, omega = contrastive_regions(cam_aux_a, xi_aux, box, out["cam"].shape[-2:],
@@ -827,7 +829,7 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
     total.backward()
     optimizer.step()
     # Sec. 3.2: EMA after every step; --no-sa (m = 0) makes the AN the current ON
-    ema_update(assign_net, model, 0.0 if args.no_sa else args.ema_m)
+    ema_update(assign_net, model, args.ema_m if args.sa else 0.0)
     return log
 
 

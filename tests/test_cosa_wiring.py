@@ -268,7 +268,7 @@ def test_shared_xi_is_the_default_and_feeds_m_dagger(monkeypatch):
 
 def test_no_dt_uses_the_fixed_threshold_for_both_and_no_queue(monkeypatch):
     """Catches: --no-dt still reading the DT, the fixed value used for one CAM only, the queues filled."""
-    run = Run(monkeypatch, no_dt=True)
+    run = Run(monkeypatch, dt=False)
     assert run.dts[0].pushed == [] and run.dts[1].pushed == []
     assert [c["xi"] for c in run.calls["cam_pseudo_label"][:2]] == [FIXED, FIXED]
     assert run.call("contrastive_regions")["xi"] == FIXED
@@ -383,21 +383,21 @@ def test_loss_warmup_only_classification_and_an_runs_for_the_last_q_iterations(m
     assert early.calls["assign"] == [] and early.dts[0].pushed == []
     assert early.events == ["zero_grad", "step", "ema"]  # the EMA runs during the warm-up too
     # without DT the AN is not needed before the losses start
-    assert Run(monkeypatch, it=9, no_dt=True).calls["assign"] == []
-    assert Run(monkeypatch, it=10, no_dt=True).grad == weights(FULL)
+    assert Run(monkeypatch, it=9, dt=False).calls["assign"] == []
+    assert Run(monkeypatch, it=10, dt=False).grad == weights(FULL)
 
 
 # ------------------------------------------------------------------------------- component switches
 def test_no_gc_removes_only_s2c(monkeypatch):
     """Catches: --no-gc zeroing another weight, or leaving lambda_s2c on."""
-    run = Run(monkeypatch, no_gc=True)
+    run = Run(monkeypatch, gc=False)
     assert run.grad == weights(dict(FULL, s2c=0.0))
     assert run.log["losses/total"] == pytest.approx(sum(FULL[k] * CONST[k] for k in TERMS if k != "s2c"))
 
 
 def test_no_csc_removes_only_csc(monkeypatch):
     """Catches: --no-csc ignored, or removing another term."""
-    run = Run(monkeypatch, no_csc=True)
+    run = Run(monkeypatch, csc=False)
     assert run.calls["loss_csc"] == []
     assert run.grad == weights(dict(FULL, csc=0.0))
     assert run.log["losses/csc"] == 0.0
@@ -405,7 +405,7 @@ def test_no_csc_removes_only_csc(monkeypatch):
 
 def test_no_raw_drops_only_the_perplexity_weights(monkeypatch):
     """Catches: --no-raw ignored (P still passed), or changing the CPL / S / other terms."""
-    run = Run(monkeypatch, no_raw=True)
+    run = Run(monkeypatch, raw=False)
     assert [c["ppl"] for c in run.calls["loss_c2s"]] == [None, None]
     cpl, _ = cosa.cam_pseudo_label(run.t["cam_a"], XI, run.t["box"])
     assert torch.equal(run.call("loss_c2s")["cpl"], cpl)
@@ -415,7 +415,7 @@ def test_no_raw_drops_only_the_perplexity_weights(monkeypatch):
 
 def test_no_sa_makes_the_ema_copy_the_online_network(monkeypatch):
     """Catches: --no-sa ignored (m = ema_m) or m = 1 (a frozen AN); the losses unchanged."""
-    run = Run(monkeypatch, no_sa=True)
+    run = Run(monkeypatch, sa=False)
     assert run.call("ema_update")["m"] == 0.0
     assert run.grad == weights(FULL)
 
@@ -434,13 +434,24 @@ def test_ablation_rows_remove_exactly_their_terms(monkeypatch, row):
     args = cosa.Args(ablation=row)
     cosa.validate(args)
     off = set(cosa.ABLATIONS[row])
-    kw = {s: getattr(args, s) for s in ("no_gc", "no_sa", "no_raw", "no_csc", "no_dt")}
-    assert {k for k, v in kw.items() if v} == off
+    kw = {s: getattr(args, s) for s in ("gc", "sa", "raw", "csc", "dt")}
+    assert {k for k, v in kw.items() if not v} == off
     run = Run(monkeypatch, **kw)
-    expected = dict(FULL, s2c=0.0 if "no_gc" in off else FULL["s2c"], csc=0.0 if "no_csc" in off else FULL["csc"])
+    expected = dict(FULL, s2c=0.0 if "gc" in off else FULL["s2c"], csc=0.0 if "csc" in off else FULL["csc"])
     assert run.grad == weights(expected)
-    assert run.call("ema_update")["m"] == (0.0 if "no_sa" in off else 0.97)
-    assert all((c["ppl"] is None) == ("no_raw" in off) for c in run.calls["loss_c2s"])
+    assert run.call("ema_update")["m"] == (0.0 if "sa" in off else 0.97)
+    assert all((c["ppl"] is None) == ("raw" in off) for c in run.calls["loss_c2s"])
+
+
+@pytest.mark.parametrize("switch", ["gc", "sa", "raw", "csc", "dt"])
+def test_no_switch_flags_turn_their_component_off_from_the_command_line(switch):
+    """The README's Table 3b commands (--no-gc, --no-sa, --no-raw, --no-csc, --no-dt). Catches: a switch named no_X,
+    which argparse's BooleanOptionalAction reads as no_X = False for --no-X, so the flag silently does nothing."""
+    args, _ = cosa.parse_args([f"--no-{switch.replace('_', '-')}"])
+    cosa.validate(args)
+    assert getattr(args, switch) is False
+    assert all(getattr(args, s) for s in ("gc", "sa", "raw", "csc", "dt") if s != switch)
+    assert getattr(cosa.parse_args([])[0], switch) is True
 
 
 # ----------------------------------------------------------------------------- stage (train_cosa)
@@ -783,7 +794,7 @@ def s2c_grads(gc_detach, lambda_s2c):
     on = tiny_vit_net(0)
     an = copy.deepcopy(on).requires_grad_(False)
     args = cosa.Args(crop=CROP, loss_warmup=0, pseudo_scales=(1.0,), lambda_c2s=0.0, lambda_s2c=lambda_s2c,
-                     lambda_csc=0.0, no_csc=True, no_dt=True, gc_detach=gc_detach)
+                     lambda_csc=0.0, csc=False, dt=False, gc_detach=gc_detach)
     grads = {}
 
     class Capture:

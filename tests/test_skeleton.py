@@ -168,3 +168,20 @@ def test_save_grid_recreates_a_missing_folder(name, tmp_path):
     path = tmp_path / "run" / "vis" / "val.png"
     mod.save_grid(path, [[np.zeros((4, 6, 3), np.uint8)]], ["image"])
     assert path.is_file()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_boolean_flag_sets_its_field_both_ways(name):
+    """build_parser gives each bool field --X / --no-X (BooleanOptionalAction), which reads EVERY flag starting with
+    --no- as False: a field named no_X could never be set from the command line (cosa.py's --no-gc ... --no-dt did
+    nothing until 2026-12-07). Catches: a bool field whose flag does not reach it, in either direction."""
+    import dataclasses
+    import importlib
+    mod = importlib.import_module(name[:-3])
+    parser = mod.build_parser()
+    for field in dataclasses.fields(mod.Args):
+        if isinstance(field.default, bool):
+            flag = "--" + field.name.replace("_", "-")
+            no_flag = "--no-" + field.name.replace("_", "-")
+            assert getattr(parser.parse_args([flag]), field.name) is True, f"{name}: {flag}"
+            assert getattr(parser.parse_args([no_flag]), field.name) is False, f"{name}: {no_flag}"

@@ -1,7 +1,10 @@
 """CoSA's dynamic threshold (Eq. (6)) as train_step meets it: the trained AN of a finished run on the weak views of
 the run's own TrainTransform (rescale, flip, crop, blur), nu = max_c M' on the token grid exactly as train_step
-queues it, fitted by DynamicThreshold over 50 batches of 8 train images; printed: the GMM, xi, and the CPL's
-foreground recall / background kept / fg-vs-bg IoU at a few thresholds. cosa_dt_tokens.py does the same on whole
+queues it, fitted by DynamicThreshold over 50 batches of 8 train images; printed: the GMM, xi, the CPL's
+foreground recall / background kept / fg-vs-bg IoU at a few thresholds, and where the raw M of each labelled class
+sits on its foreground and background tokens, before normalise_cam's ReLU and min-max. That M is the assignment
+network's on the weak view: without SA (--ablation base, gc) the online network's current weights, whose M Eq. (8)
+trains on the strong view; with SA, their EMA. cosa_dt_tokens.py does the same on whole
 images resized to the crop (no augmentation), which is not what the queue holds.
 
     python tests/bench/cosa_dt_train_views.py runs/cosa/<run> [--scale-min 0.5 --scale-max 2.0]
@@ -39,6 +42,7 @@ tf = cosa.TrainTransform(args.crop, scales, args.strong_magnitudes, with_mask=Tr
 grid = (args.crop // net.backbone.patch_embed.patch_size[0],) * 2
 rng, dt = np.random.default_rng(0), cosa.DynamicThreshold(50, args.dt_init, args.gmm_min)
 fg, bg, absent, pairs = [], [], 0, 0
+raw_fg, raw_bg = [], []  # raw M of the labelled classes at scale 1 (Eq. (8) trains sigmoid(M) towards the SPL)
 with torch.no_grad():
     for i in range(0, 400, 8):
         batch = [tf(ds.load(j), rng) for j in range(i, i + 8)]
@@ -49,6 +53,11 @@ with torch.no_grad():
         m = F.interpolate(torch.stack([b["mask"] for b in batch]).float()[:, None], size=grid, mode="nearest")[:, 0]
         fg.append(nu[(m > 0) & (m < 255)])
         bg.append(nu[m == 0])
+        raw = net(x)["cam"]  # (B, C, g, g): M of the AN on the weak view, before ReLU and min-max
+        for b in range(len(batch)):
+            for c in np.flatnonzero(batch[b]["label"].numpy()):
+                raw_fg.append(raw[b, c][m[b] == c + 1])
+                raw_bg.append(raw[b, c][m[b] == 0])
         for b in batch:  # labelled classes with no pixel in the crop: min-max stretches their noise to 1
             inside = set(np.unique(b["mask"].numpy()).tolist())
             for c in np.flatnonzero(b["label"].numpy()):
@@ -66,3 +75,8 @@ for t in (0.1, 0.2, 0.3, 0.45, 0.6, xi):
           f"fg-vs-bg IoU {kept_fg / (fg.size + kept_bg):.3f}")
 print("hist fg (10 bins):", np.histogram(fg, bins=10, range=(0, 1))[0].tolist())
 print("hist bg (10 bins):", np.histogram(bg, bins=10, range=(0, 1))[0].tolist())
+# where the labelled class's raw M sits: ReLU + min-max (normalise_cam) read every M <= 0 as nu = 0
+raw_fg, raw_bg = torch.cat(raw_fg).numpy(), torch.cat(raw_bg).numpy()
+pct = lambda v: np.percentile(v, [10, 25, 50, 75, 90]).round(2).tolist()
+print(f"raw M of the labelled class at scale 1: fg tokens M > 0 {(raw_fg > 0).mean():.3f}, percentiles 10/25/50/75/90 "
+      f"{pct(raw_fg)}; bg tokens M > 0 {(raw_bg > 0).mean():.3f}, percentiles {pct(raw_bg)}")

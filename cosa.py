@@ -773,9 +773,9 @@ def train_step(online, assign_net, batch, it, args, thresholds, optimizer, autoc
         if args.dt:
             # Deviation 11: xi† has its own queue only with --xi-aux separate (official camaux_queue)
             queued = ((cam_a, thresholds[0]),) + (((cam_aux_a, thresholds[1]),) if args.xi_aux == "separate" else ())
-            for cam, dt in queued:
-                dt.push(queue_rows(cam, grid))
-                dt.update()
+            for cam, threshold in queued:  # threshold: a DynamicThreshold (args.dt is the on/off switch)
+                threshold.push(queue_rows(cam, grid))
+                threshold.update()
     if not args.dt:
         xi = xi_aux = args.fixed_thr
     else:  # Alg. 1 l.13 solves Eq. (6) with M' only; l.17 repeats l.14-17 for M†' with that xi* (Deviation 11)

@@ -54,6 +54,7 @@ with torch.no_grad():
         fg.append(nu[(m > 0) & (m < 255)])
         bg.append(nu[m == 0])
         raw = net(x)["cam"]  # (B, C, g, g): M of the AN on the weak view, before ReLU and min-max
+        # every labelled class, also one whose object lies outside the crop (then bg tokens only), as Eq. (8) sees it
         for b in range(len(batch)):
             for c in np.flatnonzero(batch[b]["label"].numpy()):
                 raw_fg.append(raw[b, c][m[b] == c + 1])

@@ -995,6 +995,34 @@ def test_stages_skip_images_without_foreground_labels(monkeypatch):
     assert [list(loop["indices"]) for loop in rec.loops] == [[0, 2, 3, 5]] * 2
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_train_csrm_optimizer(monkeypatch, optimizer):
+    """The CSRM stage's optimiser (--optimizer; Sec. 4 and Deviation 16): both kinds keep the official groups,
+    pretrained parts at --lr, new layers at --lr-new-mult x --lr, weight decay --wd on weights only; sgd is Nesterov
+    with momentum 0.9, adamw is AdamW. Catches: the switch ignored (SGD either way) or inverted, AdamW in one group
+    (the multiplier lost), --seg-lr / --seg-wd / the verification network's AdamW decay 0.01 used here."""
+    monkeypatch.setattr(csrm, "augmented_split", lambda ctx, kind, target=None, seed=0, **kw: types.SimpleNamespace(
+        kind=kind, labels=lambda: np.ones((4, 3))))
+    monkeypatch.setattr(csrm.data, "SegDataset", lambda *a, **k: "val_set")
+    rec = Recorder()
+    monkeypatch.setattr(csrm, "train_loop", rec.train_loop)
+    student = nn.Conv2d(1, 1, 1)
+    student.pretrained_parameters = lambda: [student.weight]
+    monkeypatch.setattr(csrm, "build_model", lambda args, n, w=None: (student, nn.Conv2d(1, 1, 1)))
+    args = csrm.Args(**{**csrm.PRESETS["toy"], **ARGS, "crf_workers": 0, "optimizer": optimizer, "lr": 0.002,
+                        "lr_new_mult": 5.0, "wd": 3e-4, "seg_lr": 0.5, "seg_wd": 0.7})
+    csrm.train_csrm(fake_ctx(args), C)
+    opt = rec.loops[0]["modules"]["optimizer"]
+    assert type(opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    # the official SGD everywhere by default (Deviation 16: adamw was only tried), and the CLI refuses other names
+    assert csrm.Args().optimizer == "sgd" and all(csrm.Args(**csrm.PRESETS[p]).optimizer == "sgd" for p in csrm.PRESETS)
+    assert csrm.CHOICES["optimizer"] == ("sgd", "adamw")
+    groups = {(round(g["lr"], 9), g["weight_decay"], tuple(id(p) for p in g["params"])) for g in opt.param_groups}
+    assert groups == {(0.002, 3e-4, (id(student.weight),)), (0.01, 0.0, (id(student.bias),))}
+    if optimizer == "sgd":
+        assert all(g["momentum"] == 0.9 and g["nesterov"] for g in opt.param_groups)
+
+
 def test_train_verify_trains_in_train_mode(monkeypatch):
     """Stage 3. Catches the verification network put in eval mode (ctx.wrap(seg_net).eval(): frozen BN statistics,
     no dropout) for its training."""
@@ -1073,8 +1101,12 @@ def test_validate_teacher_eval_mode_present_classes_class_ids_and_val_images():
     """Per-epoch validation (logged). A stand-in teacher gives, in eval mode, a seg map equal to the ground truth and
     a CAM of the present class (id 2) exactly on its pixels, plus a strong CAM of an ABSENT class everywhere; in
     train mode a wrong seg map. Only the first --val-images (1) image counts; the second would score 0. Expect
-    val/seg_miou = val/cam_miou = 100. Catches: the teacher in train mode, CAMs of all classes (not the present
-    ones), label indices scored as class ids (keys instead of keys + 1), --val-images ignored."""
+    val/seg_miou = val/cam_miou = 100. The seg map also puts a weaker ABSENT class on the background (the right
+    half): the plain argmax keeps background there, so val/seg_restricted_miou = 100 too; raised above background,
+    the absent class takes the whole background in the plain argmax (mIoU 33.3) but not in the restricted one (100).
+    Catches: the teacher in train mode, CAMs of all classes (not the present ones), label indices scored as class
+    ids (keys instead of keys + 1), --val-images ignored, the restriction not applied or applied to the wrong
+    classes."""
     Hs = 16
     mask = np.zeros((Hs, Hs), np.int64)
     mask[:, :8] = 2
@@ -1094,12 +1126,19 @@ def test_validate_teacher_eval_mode_present_classes_class_ids_and_val_images():
             cam[0, 1, :, :8] = 1.0
             cam[0, 0] = 4.0  # absent class
             seg_map = F.one_hot(torch.as_tensor(mask if not self.training else 3 - mask), K).permute(2, 0, 1)[None]
-            return {"cam": cam, "seg": seg_map.float() * 5}
+            seg = seg_map.float() * 5
+            seg[0, 1, :, 8:] = self.absent  # class id 1 is absent from the label
+            return {"cam": cam, "seg": seg}
     teacher = Teacher().train()
+    teacher.absent = 2.0
     args = csrm.Args(**{**csrm.PRESETS["toy"], "val_images": 1})
     res = ORIGINAL["validate_teacher"](args, teacher, ds, torch.device("cpu"))
     assert teacher.calls == [(False, True)]
     assert res["val/seg_miou"] == pytest.approx(100.0) and res["val/cam_miou"] == pytest.approx(100.0)
+    assert res["val/seg_restricted_miou"] == pytest.approx(100.0)
+    teacher.absent = 9.0  # now the absent class wins the plain argmax on the background half
+    res = ORIGINAL["validate_teacher"](args, teacher, ds, torch.device("cpu"))
+    assert res["val/seg_miou"] < 50 and res["val/seg_restricted_miou"] == pytest.approx(100.0)
 
 
 def test_build_model_teacher_is_a_frozen_copy_of_the_student():

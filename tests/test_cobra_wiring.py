@@ -367,7 +367,7 @@ def test_train_cobra_gate_schedule_and_optimizer(monkeypatch, model):
     """Catches: the gate computed in iterations or from the wrong epoch count inside train_cobra, the poly
     schedule on the wrong total, the optimizer's momentum / weight decay / groups not from Args."""
     args = args_for(batch_size=3, epochs=4, warmup_epochs=2, momentum=0.25, weight_decay=0.003, lr=0.2,
-                    vit_lr_scale=1.0)
+                    vit_lr_scale=1.0, vit_optimizer="sgd")
     seen = _capture_train_loop(monkeypatch, 10)  # 3 batches per epoch
     gates = []
     monkeypatch.setattr(cobra, "train_step", lambda net, batch, it, a, opt, autocast, aux_on: gates.append(aux_on))
@@ -380,7 +380,53 @@ def test_train_cobra_gate_schedule_and_optimizer(monkeypatch, model):
     opt = seen["modules"]["optimizer"]
     assert all(g["momentum"] == 0.25 and g["weight_decay"] == 0.003 for g in opt.param_groups)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2, 2.0, 0.2, 2.0])
+    assert set(seen["modules"]) == {"model", "optimizer"}
     model.train()
+
+
+@pytest.mark.parametrize("branches", ["both", "vit"])
+def test_train_cobra_vit_adamw(monkeypatch, branches):
+    """Deviation 11 (toy): --vit-optimizer adamw. Catches: the switch ignored, the CNN moved into AdamW or the ViT
+    left in the SGD, a ViT parameter in no optimiser or in two, the AdamW lr not lr x vit_lr_scale (or the 10x head
+    kept), its weight decay not --weight-decay, train_step given only one of the two optimisers."""
+    torch.manual_seed(0)
+    net = cobra.CoBra(args_for(crop=64, branches=branches), num_classes=5)
+    args = args_for(batch_size=3, epochs=1, momentum=0.25, weight_decay=0.003, lr=0.2, vit_lr_scale=0.5,
+                    vit_optimizer="adamw", branches=branches)
+    seen = _capture_train_loop(monkeypatch, 3)
+    given = []
+    monkeypatch.setattr(cobra, "train_step", lambda net, batch, it, a, opts, autocast, aux_on: given.append(opts))
+    cobra.train_cobra(_ctx(args), net)
+    vit = seen["modules"]["optimizer_vit"]
+    assert isinstance(vit, torch.optim.AdamW)
+    assert [g["lr"] for g in vit.param_groups] == pytest.approx([0.1, 0.1])
+    assert all(g["weight_decay"] == 0.003 for g in vit.param_groups)
+    in_vit = {id(p) for g in vit.param_groups for p in g["params"]}
+    assert in_vit == {id(p) for p in net.vit.parameters() if p.requires_grad}
+    if branches == "both":
+        sgd = seen["modules"]["optimizer"]
+        assert type(sgd) is torch.optim.SGD and [g["lr"] for g in sgd.param_groups] == pytest.approx([0.2, 2.0])
+        in_sgd = {id(p) for g in sgd.param_groups for p in g["params"]}
+        assert in_sgd == {id(p) for p in net.cnn.parameters() if p.requires_grad} and not in_sgd & in_vit
+        assert set(seen["modules"]) == {"model", "optimizer", "optimizer_vit"}
+    else:
+        assert set(seen["modules"]) == {"model", "optimizer_vit"}
+    seen["step"]({}, 0)
+    assert given[0] == list(seen["modules"].values())[1:]
+    # the paper keeps the official SGD for the ViT; only the toy preset moves it (at lr 0.05 x 0.02 = 1e-3)
+    assert cobra.Args().vit_optimizer == "sgd" and "vit_optimizer" not in cobra.PRESETS["paper_voc"]
+    toy = cobra.PRESETS["toy"]
+    assert toy["vit_optimizer"] == "adamw" and toy["lr"] * toy["vit_lr_scale"] == pytest.approx(1e-3)
+
+
+def test_update_steps_every_optimizer():
+    """Catches: update stepping or zeroing only the first optimiser (the AdamW ViT of the toy never learns)."""
+    a, b = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.tensor(1.0))
+    opts = [torch.optim.SGD([a], lr=0.5), torch.optim.SGD([b], lr=0.25)]
+    for _ in range(2):
+        log = cobra.update(opts, {"total": 2 * a + 4 * b}, 0)
+    assert (a.item(), b.item()) == pytest.approx((1 - 2 * 0.5 * 2, 1 - 2 * 0.25 * 4))  # grads zeroed between steps
+    assert log == {"losses/total": 0.0}  # the second step's loss, at a = b = 0
 
 
 class StubNet(nn.Module):
@@ -410,7 +456,7 @@ def test_train_step_wiring(monkeypatch):
         return {"cls_cnn": out["cnn_logits"].sum() * 0 + 7.0, "total": 3 * out["vit_cam"].sum()}
     monkeypatch.setattr(cobra, "loss_total", fake_total)
     for aux_on in (False, True):
-        log = cobra.train_step(net, batch, 0, args, opt, contextlib.nullcontext, aux_on)
+        log = cobra.train_step(net, batch, 0, args, [opt], contextlib.nullcontext, aux_on)
         assert rec["aux_on"] is aux_on
     assert net.inputs[0] is batch["image"] and rec["label"] is batch["label"] and rec["args"] is args
     assert all(v.dtype == torch.float32 for v in rec["out"].values())

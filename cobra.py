@@ -294,8 +294,9 @@ PRESETS = {
                 mask_method="crf",  # Deviation 11: a random-init IRN's walk makes masks below their seeds
                 mask_alpha_sweep="off"),  # the toy's seed split is its train split: a second walk of every image
 }
-CHOICES = {"branches": ("cnn", "vit", "both"), "vit_optimizer": ("sgd", "adamw"), "mask_source": ("cnn", "tran", "avg", "max", "fuse"),
-           "mask_method": ("irn", "crf"), "rw_source": ("tran", "same"), "until": ("seed", "mask", "seg"),
+CHOICES = {"branches": ("cnn", "vit", "both"), "vit_optimizer": ("sgd", "adamw"),
+           "mask_source": ("cnn", "tran", "avg", "max", "fuse"), "mask_method": ("irn", "crf"),
+           "rw_source": ("tran", "same"), "until": ("seed", "mask", "seg"),
            "seed_bg": ("attn-pct", "fixed"), "ir_thresh": ("attn", "fixed"), "mask_alpha_sweep": ("report", "use", "off"),
            "seg_output_stride": (8, 16), "seg_optimizer": ("sgd", "adamw")}
 LIMITS = {**{k: ">0" for k in ("batch_size", "epochs", "lr", "tau", "proj_dim", "irn_batch", "irn_epochs", "irn_lr",

@@ -983,8 +983,10 @@ def param_groups(model, args):
 
 
 def build_optimizers(model, args):
-    """Deviation 7: one SGD with the four official groups. Deviation 11 (toy): --vit-optimizer adamw moves the ViT's
-    two groups into an AdamW at one lr (lr x vit_lr_scale; AdamW's per-weight step sizes replace the 10x head).
+    """Deviation 7: one SGD with the four groups of the official two optimizers (identical update); its momentum
+    default 1e-4 is the official effective value (the weight decay passed into the momentum slot). Deviation 11 (toy):
+    --vit-optimizer adamw moves the ViT's two groups into an AdamW at one lr (lr x vit_lr_scale; AdamW's per-weight
+    step sizes replace the 10x head).
     Returns {"optimizer": SGD, "optimizer_vit": AdamW}, without the entries that hold no parameters."""
     groups = param_groups(model, args)
     sgd_groups, vit_groups = groups, []
@@ -1045,10 +1047,7 @@ def train_cobra(ctx, model):
                          transform=cobra_transform(args), seed=args.seed)
     n_batches = len(ds) // args.batch_size
     total = args.max_iters or args.epochs * max(n_batches, 1)  # Deviation 12: --max-iters caps the schedule
-    # Deviation 7: one SGD with the four groups of the official two optimizers (identical update);
-    # momentum = 1e-4 is the official effective value (weight decay passed into the momentum slot).
-    # Deviation 11 (toy): --vit-optimizer adamw moves the ViT's groups into an AdamW.
-    optimizers = build_optimizers(model, args)
+    optimizers = build_optimizers(model, args)  # Deviation 7 (one SGD, official groups); toy: Deviation 11
     net = ctx.wrap(model).train()
 
     def step(batch, it):

@@ -161,8 +161,7 @@ def setup_cobra(mod, args, ctx, toy, gpus):
     model, irn, seg = mod.build_model(args, VOC_CLASSES, init_weights=True)
     del irn, seg  # later stages
     model.to(ctx.device)
-    optimizer = torch.optim.SGD(mod.param_groups(model, args), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizers = list(mod.build_optimizers(model, args).values())  # the paper preset: one SGD (Deviation 7)
     net = ctx.wrap(model).train()
     B = args.batch_size // gpus
     total = args.epochs * (VOC_TRAIN // args.batch_size)
@@ -172,7 +171,7 @@ def setup_cobra(mod, args, ctx, toy, gpus):
         return {"image": t["image"], "label": t["label"]}
 
     return dict(stage="cobra", batch=B, crop=args.crop, iters=total, make_batch=make_batch,
-                step=lambda b: mod.train_step(net, b, total // 2, args, optimizer, ctx.autocast, aux_on=True),
+                step=lambda b: mod.train_step(net, b, total // 2, args, optimizers, ctx.autocast, aux_on=True),
                 host=[])
 
 
